@@ -1,0 +1,92 @@
+"""Layer-by-layer calibration: catch the first decoder layer's inputs, then feed each layer's
+output to the next, so only one layer's activations and statistics live at a time.
+
+Everything the model passes to a decoder layer (hidden states, rotary position embeddings,
+attention mask, positions, ...) is captured as positional and keyword arguments, so the layers
+run exactly as in a plain forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.stats import InputStats, recording
+from compressor.arch import ArchSpec, decoder_layers
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook so the rest of the model does not run."""
+
+
+@dataclass
+class LayerInputs:
+    """The arguments of one decoder layer, per calibration batch."""
+
+    hidden: list[torch.Tensor]  # per batch (B, T, H)
+    args: list[tuple]  # remaining positional args per batch
+    kwargs: list[dict]  # keyword args per batch
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
+                               batch_size: int) -> LayerInputs:
+    first = decoder_layers(model, spec)[0]
+    captured = LayerInputs([], [], [])
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden)
+        captured.args.append(tuple(args[1:]))
+        captured.kwargs.append(dict(kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in blocks.split(batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _as_hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
+    """Run one decoder layer on every batch; returns the next layer's inputs."""
+    hidden = [_as_hidden(layer(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+    return LayerInputs(hidden, inputs.args, inputs.kwargs)
+
+
+def group_modules(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """The first linear of every input group, keyed by that linear's name within the layer."""
+    return {group[0]: layer.get_submodule(group[0]) for group in spec.input_groups}
+
+
+def collect_layer(layer: nn.Module, spec: ArchSpec,
+                  inputs: LayerInputs) -> tuple[dict[str, InputStats], LayerInputs]:
+    """Statistics of every input group of `layer`, and the layer's outputs."""
+    stats: dict[str, InputStats] = {}
+    with recording(group_modules(layer, spec), stats):
+        outputs = run_layer(layer, inputs)
+    return stats, outputs
+
+
+def iterate_layers(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, batch_size: int,
+                   progress: bool = True) -> Iterator[tuple[int, dict[str, InputStats]]]:
+    """Yield (layer index, statistics of its input groups), one layer at a time."""
+    inputs = capture_first_layer_inputs(model, spec, blocks, batch_size)
+    layers = decoder_layers(model, spec)
+    for index in tqdm(range(len(layers)), desc="calibration", disable=not progress):
+        stats, inputs = collect_layer(layers[index], spec, inputs)
+        yield index, stats

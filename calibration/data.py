@@ -1,0 +1,139 @@
+"""Target-domain text sources -> fixed-length token blocks, seeded, disjoint from evaluation.
+
+Sources (all read from the data folder `compressor fetch-example` fills, or a local file):
+  code     Python standard-library files (evaluation uses HumanEval: disjoint)
+  math     ASDiv word problems with answers (evaluation uses GSM8K: disjoint)
+  general  Wikipedia passages of BoolQ, the calibration half of a fixed hash split
+  mix      equal thirds of the three above
+  PATH     any local .jsonl (a "text" field, or the first string field) or .txt file
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+SOURCES = ("code", "math", "general", "mix")
+
+
+class CalibrationDataError(ValueError):
+    pass
+
+
+def is_eval_passage(text: str) -> bool:
+    """Fixed split of the BoolQ passages: 1 in 10 (by content hash) is held out for evaluation."""
+    return hashlib.sha256(text.encode()).digest()[0] % 10 == 0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except FileNotFoundError:
+        raise CalibrationDataError(
+            f"Data file {path} is missing. Run `compressor fetch-example` (or pass --data-dir)."
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CalibrationDataError(f"Cannot read {path} as UTF-8 JSON lines: {error}") from None
+
+
+def code_texts() -> list[str]:
+    stdlib = Path(os.path.dirname(os.__file__))
+    return [path.read_text(encoding="utf-8", errors="replace") for path in sorted(stdlib.glob("*.py"))]
+
+
+def math_texts(data_dir: Path) -> list[str]:
+    rows = read_jsonl(data_dir / "asdiv.jsonl")
+    return [f"{row['passage']} {row['question']}\nAnswer: {row['answer']}" for row in rows]
+
+
+def general_texts(data_dir: Path) -> list[str]:
+    rows = read_jsonl(data_dir / "boolq.jsonl")
+    passages = dict.fromkeys(row["passage"] for row in rows if row.get("passage"))
+    return [text for text in passages if not is_eval_passage(text)]
+
+
+def file_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise CalibrationDataError(f"Calibration file {path} does not exist.")
+    if path.suffix == ".jsonl":
+        texts = []
+        for row in read_jsonl(path):
+            text = row.get("text") if isinstance(row, dict) else None
+            if text is None and isinstance(row, dict):
+                text = next((value for value in row.values() if isinstance(value, str)), None)
+            if text:
+                texts.append(text)
+        return texts
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as error:
+        raise CalibrationDataError(f"Calibration file {path} is not UTF-8 text: {error}") from None
+
+
+def source_texts(source: str, data_dir: Path) -> list[str]:
+    if source == "code":
+        return code_texts()
+    if source == "math":
+        return math_texts(data_dir)
+    if source == "general":
+        return general_texts(data_dir)
+    if source == "mix":
+        raise ValueError("mix is assembled by token_blocks")
+    path = Path(source)
+    if path.suffix in (".jsonl", ".txt"):
+        return file_texts(path)
+    raise CalibrationDataError(
+        f"Unknown calibration source {source!r}: use one of {', '.join(SOURCES)} or a path to a "
+        ".jsonl / .txt file."
+    )
+
+
+def _blocks_from_texts(texts: list[str], tokenizer, n_samples: int, seq_len: int,
+                       rng: random.Random, name: str) -> torch.Tensor:
+    """Shuffle documents, join them with EOS into one stream, cut `n_samples` blocks."""
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    eos = tokenizer.eos_token_id
+    needed = n_samples * seq_len
+    stream: list[int] = []
+    for index in order:
+        stream.extend(tokenizer(texts[index], add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+        if len(stream) >= needed:
+            break
+    if len(stream) < needed:
+        raise CalibrationDataError(
+            f"Calibration source {name!r} has {len(stream)} tokens, fewer than the "
+            f"{n_samples} x {seq_len} = {needed} asked. Lower --samples / --seq-len or add text."
+        )
+    return torch.tensor(stream[:needed], dtype=torch.long).view(n_samples, seq_len)
+
+
+def token_blocks(source: str, tokenizer, n_samples: int, seq_len: int, seed: int,
+                 data_dir: Path) -> torch.Tensor:
+    """(n_samples, seq_len) token ids from `source`, the same for the same arguments."""
+    if n_samples < 1 or seq_len < 2:
+        raise CalibrationDataError(f"Need samples >= 1 and seq_len >= 2, got {n_samples}, {seq_len}.")
+    rng = random.Random(seed)
+    if source != "mix":
+        texts = source_texts(source, data_dir)
+        if not texts:
+            raise CalibrationDataError(f"Calibration source {source!r} is empty.")
+        return _blocks_from_texts(texts, tokenizer, n_samples, seq_len, rng, source)
+    parts = ("code", "math", "general")
+    counts = [n_samples // 3 + (1 if i < n_samples % 3 else 0) for i in range(3)]
+    blocks = [_blocks_from_texts(source_texts(part, data_dir), tokenizer, count, seq_len, rng, part)
+              for part, count in zip(parts, counts) if count]
+    mixed = torch.cat(blocks)
+    return mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed))]
+
+
+def blocks_fingerprint(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.numpy().tobytes()).hexdigest()

@@ -1,0 +1,155 @@
+"""Pure math: choose the rank of every matrix under a global parameter budget.
+
+The budget is the fraction of decoder-linear parameters to remove. A matrix (out x in) kept at
+rank r stores r * (out + in) parameters; it stays dense (rank None) where that is not smaller
+than out * in. Ranks are multiples of `align`.
+  uniform  the same kept fraction for every matrix (the SVD-LLM baseline)
+  global   drop, across all matrices at once, the aligned chunks of bases whose estimated loss
+           cost per parameter saved is smallest (costs from calibration: see sensitivity.py)
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class Shape:
+    out_features: int
+    in_features: int
+
+    @property
+    def dense(self) -> int:
+        return self.out_features * self.in_features
+
+    def low_rank(self, rank: int) -> int:
+        return rank * (self.out_features + self.in_features)
+
+    def stored(self, rank: int | None) -> int:
+        return self.dense if rank is None else self.low_rank(rank)
+
+    def max_useful_rank(self, align: int) -> int:
+        """Largest aligned rank whose factors are smaller than the dense matrix (0 if none)."""
+        rank = (self.dense - 1) // (self.out_features + self.in_features)
+        return rank // align * align
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+        raise BudgetError(f"ratio must be in (0, 1), the fraction of decoder-linear parameters "
+                          f"to remove; got {ratio!r}.")
+
+
+def removed_params(shapes: dict[str, Shape], ranks: dict[str, int | None]) -> int:
+    return sum(shape.dense - shape.stored(ranks[name]) for name, shape in shapes.items())
+
+
+def _check_budget(shapes: dict[str, Shape], ranks: dict[str, int | None], ratio: float,
+                  tolerance: float, align: int) -> None:
+    total = sum(shape.dense for shape in shapes.values())
+    target = ratio * total
+    removed = removed_params(shapes, ranks)
+    if abs(removed - target) > tolerance * target:
+        raise BudgetError(
+            f"Cannot remove {ratio:.1%} of {total:,} parameters within {tolerance:.1%} using ranks "
+            f"aligned to {align}: closest is {removed / total:.2%}. Use a smaller --align or "
+            "another ratio."
+        )
+
+
+def uniform_ranks(shapes: dict[str, Shape], ratio: float, align: int = 8,
+                  tolerance: float = 0.005) -> dict[str, int | None]:
+    """Each matrix keeps (1 - ratio) of its parameters, ranks aligned, total budget met."""
+    check_ratio(ratio)
+    exact = {name: (1 - ratio) * shape.dense / (shape.out_features + shape.in_features)
+             for name, shape in shapes.items()}
+    ranks: dict[str, int | None] = {name: max(align, int(value // align * align))
+                                    for name, value in exact.items()}
+    target = ratio * sum(shape.dense for shape in shapes.values())
+    # Flooring removed too much: give an aligned step back where flooring cut deepest, while
+    # the total stays at or above the target (within tolerance).
+    for name in sorted(shapes, key=lambda n: ranks[n] - exact[n]):
+        step = shapes[name].low_rank(align)
+        if removed_params(shapes, ranks) - step >= target * (1 - tolerance):
+            ranks[name] += align
+    for name, shape in shapes.items():
+        if shape.stored(ranks[name]) >= shape.dense:
+            ranks[name] = None
+    _check_budget(shapes, ranks, ratio, tolerance, align)
+    return ranks
+
+
+def global_ranks(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float,
+                 align: int = 8, tolerance: float = 0.005,
+                 min_rank: int | None = None) -> dict[str, int | None]:
+    """Greedy global allocation: repeatedly drop the tail chunk of `align` bases (of any
+    matrix) with the smallest cost per parameter saved, until the budget is met.
+
+    costs[name][i] is the estimated loss increase of removing basis i of that matrix (bases in
+    decreasing order of importance; a matrix always keeps a prefix). A matrix starts dense; its
+    first move goes to its largest useful rank (that move drops the bases beyond it at once).
+    """
+    check_ratio(ratio)
+    min_rank = align if min_rank is None else min_rank
+    total = sum(shape.dense for shape in shapes.values())
+    target = ratio * total
+    tails = {name: torch.cat([costs[name].double().flip(0).cumsum(0).flip(0),
+                              torch.zeros(1, dtype=torch.float64)]) for name in shapes}
+    ranks: dict[str, int | None] = {name: None for name in shapes}
+
+    def next_move(name: str) -> tuple[float, int] | None:
+        shape, rank = shapes[name], ranks[name]
+        new_rank = shape.max_useful_rank(align) if rank is None else rank - align
+        if new_rank < min_rank:
+            return None
+        saved = shape.stored(rank) - shape.low_rank(new_rank)
+        end = len(tails[name]) - 1 if rank is None else rank
+        cost = float(tails[name][new_rank] - tails[name][min(end, len(tails[name]) - 1)])
+        return cost / saved, new_rank
+
+    heap = []
+    for name in shapes:
+        move = next_move(name)
+        if move is not None:
+            heapq.heappush(heap, (move[0], name, move[1]))
+    removed = 0
+    while removed < target * (1 - tolerance) and heap:
+        _, name, new_rank = heapq.heappop(heap)
+        removed += shapes[name].stored(ranks[name]) - shapes[name].low_rank(new_rank)
+        ranks[name] = new_rank
+        move = next_move(name)
+        if move is not None:
+            heapq.heappush(heap, (move[0], name, move[1]))
+    _check_budget(shapes, ranks, ratio, tolerance, align)
+    return ranks
+
+
+def basis_costs(sigma: torch.Tensor, u: torch.Tensor, w: torch.Tensor, gram: torch.Tensor,
+                out_fisher: torch.Tensor) -> torch.Tensor:
+    """Estimated loss increase 0.5 sigma_i^2 (w_i^T G w_i)(u_i^T diag(F) u_i) per basis.
+
+    sigma (k,), u (out, k), w (k, in), gram G (in, in) mean input Gram, out_fisher F (out,).
+    """
+    input_energy = ((w.double() @ gram.double()) * w.double()).sum(1)  # (k,)
+    output_weight = (u.double().pow(2) * out_fisher.double()[:, None]).sum(0)  # (k,)
+    cost = 0.5 * sigma.double().pow(2) * input_energy * output_weight
+    if not torch.isfinite(cost).all():
+        raise ValueError("NaN/Inf in basis costs; the calibration statistics are broken.")
+    return cost
+
+
+def summarize(shapes: dict[str, Shape], ranks: dict[str, int | None]) -> dict:
+    total = sum(shape.dense for shape in shapes.values())
+    kept = sum(shape.stored(ranks[name]) for name, shape in shapes.items())
+    return {"decoder_linear_params": total, "kept_params": kept,
+            "removed_fraction": 1 - kept / total if total else math.nan}

