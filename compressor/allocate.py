@@ -69,22 +69,30 @@ def _check_budget(shapes: dict[str, Shape], ranks: dict[str, int | None], ratio:
 
 def uniform_ranks(shapes: dict[str, Shape], ratio: float, align: int = 8,
                   tolerance: float = 0.005) -> dict[str, int | None]:
-    """Each matrix keeps (1 - ratio) of its parameters, ranks aligned, total budget met."""
+    """Each matrix keeps the same fraction of its parameters, ranks aligned, budget met.
+
+    Matrices too small for a useful aligned rank stay dense; the others share their part.
+    """
     check_ratio(ratio)
-    exact = {name: (1 - ratio) * shape.dense / (shape.out_features + shape.in_features)
-             for name, shape in shapes.items()}
-    ranks: dict[str, int | None] = {name: max(align, int(value // align * align))
-                                    for name, value in exact.items()}
-    target = ratio * sum(shape.dense for shape in shapes.values())
+    total = sum(shape.dense for shape in shapes.values())
+    target = ratio * total
+    ranks: dict[str, int | None] = {name: None for name in shapes}
+    compressible = [name for name, shape in shapes.items() if shape.max_useful_rank(align) >= align]
+    share = target / max(sum(shapes[name].dense for name in compressible), 1)
+    if share >= 1:
+        raise BudgetError(f"Cannot remove {ratio:.1%}: only {len(compressible)} matrices are large "
+                          f"enough for rank-{align} factors. Lower the ratio or --align.")
+    exact = {name: (1 - share) * shapes[name].dense / (shapes[name].out_features + shapes[name].in_features)
+             for name in compressible}
+    for name in compressible:
+        ranks[name] = min(max(align, int(exact[name] // align * align)), shapes[name].max_useful_rank(align))
     # Flooring removed too much: give an aligned step back where flooring cut deepest, while
     # the total stays at or above the target (within tolerance).
-    for name in sorted(shapes, key=lambda n: ranks[n] - exact[n]):
+    for name in sorted(compressible, key=lambda n: ranks[n] - exact[n]):
         step = shapes[name].low_rank(align)
-        if removed_params(shapes, ranks) - step >= target * (1 - tolerance):
+        if (removed_params(shapes, ranks) - step >= target * (1 - tolerance)
+                and ranks[name] + align <= shapes[name].max_useful_rank(align)):
             ranks[name] += align
-    for name, shape in shapes.items():
-        if shape.stored(ranks[name]) >= shape.dense:
-            ranks[name] = None
     _check_budget(shapes, ranks, ratio, tolerance, align)
     return ranks
 

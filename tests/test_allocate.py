@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from compressor.allocate import BudgetError, Shape, global_ranks, removed_params, uniform_ranks
+
+
+def _shapes():
+    shapes = {}
+    for layer in range(4):
+        shapes.update({
+            f"{layer}.q": Shape(256, 256), f"{layer}.k": Shape(64, 256), f"{layer}.v": Shape(64, 256),
+            f"{layer}.o": Shape(256, 256), f"{layer}.gate": Shape(704, 256),
+            f"{layer}.up": Shape(704, 256), f"{layer}.down": Shape(256, 704),
+        })
+    return shapes
+
+
+def _removed_fraction(shapes, ranks):
+    return removed_params(shapes, ranks) / sum(s.dense for s in shapes.values())
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+def test_uniform_hits_budget_and_alignment(ratio):
+    shapes = _shapes()
+    ranks = uniform_ranks(shapes, ratio, align=8)
+    assert _removed_fraction(shapes, ranks) == pytest.approx(ratio, rel=0.005)
+    assert all(r is None or r % 8 == 0 for r in ranks.values())
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_global_hits_budget_and_alignment_and_follows_costs(ratio):
+    shapes = _shapes()
+    gen = torch.Generator().manual_seed(0)
+    costs = {}
+    for name, shape in shapes.items():
+        k = min(shape.out_features, shape.in_features)
+        decay = torch.linspace(1, 0, k) ** 2 + 1e-3
+        # Layer 0 is a hundred times more sensitive than the others.
+        costs[name] = decay * (100.0 if name.startswith("0.") else 1.0) * (1 + 0.1 * torch.rand(k, generator=gen))
+    ranks = global_ranks(shapes, costs, ratio, align=8)
+    assert _removed_fraction(shapes, ranks) == pytest.approx(ratio, rel=0.005)
+    assert all(r is None or r % 8 == 0 for r in ranks.values())
+    kept = lambda prefix: sum(shapes[n].stored(ranks[n]) for n in shapes if n.startswith(prefix))
+    assert kept("0.") > kept("1.")
+
+
+def test_matrix_stays_dense_where_low_rank_is_not_smaller():
+    shapes = {**_shapes(), "small": Shape(16, 16)}
+    ranks = uniform_ranks(shapes, 0.2, align=8)
+    assert ranks["small"] is None  # rank 8 of a 16x16 would store 256 params: no saving
+    assert Shape(16, 16).max_useful_rank(8) == 0
+    assert _removed_fraction(shapes, ranks) == pytest.approx(0.2, rel=0.005)  # the others took its part
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_ratio_outside_open_interval_is_refused(ratio):
+    with pytest.raises(BudgetError, match=r"ratio must be in \(0, 1\)"):
+        uniform_ranks(_shapes(), ratio)
+
+
+def test_unreachable_budget_is_refused():
+    shapes = {"a": Shape(64, 64)}
+    with pytest.raises(BudgetError, match="Cannot remove"):
+        uniform_ranks(shapes, 0.33, align=32)

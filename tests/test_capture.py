@@ -1,0 +1,35 @@
+import torch
+
+from calibration.capture import capture_first_layer_inputs, collect_layer, run_layer
+from compressor.arch import get_spec
+
+
+def test_layer_by_layer_equals_plain_forward(tiny_model, blocks):
+    spec = get_spec("llama")
+    inputs = capture_first_layer_inputs(tiny_model, spec, blocks, batch_size=3)
+    assert len(inputs.hidden) == 3  # 8 sequences in batches of 3, 3, 2
+    for layer in tiny_model.model.layers:
+        inputs = run_layer(layer, inputs)
+    hidden = torch.cat(inputs.hidden)
+    logits = tiny_model.lm_head(tiny_model.model.norm(hidden))
+    with torch.no_grad():
+        expected = tiny_model(blocks, use_cache=False).logits
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_group_statistics_equal_the_inputs_gram(tiny_model, blocks):
+    spec = get_spec("llama")
+    layer = tiny_model.model.layers[0]
+    seen = []
+    handle = layer.mlp.gate_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    inputs = capture_first_layer_inputs(tiny_model, spec, blocks, batch_size=4)
+    stats, _ = collect_layer(layer, spec, inputs)
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    assert set(stats) == {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"}
+    item = stats["mlp.gate_proj"]  # shared by gate_proj and up_proj
+    assert item.count == blocks.numel()
+    assert torch.allclose(item.gram, x.T @ x, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(item.abs_sum, x.abs().sum(0), rtol=1e-5)
+    # Our hooks are gone; the test's own hook was removed by its handle.
+    assert not layer.mlp.gate_proj._forward_pre_hooks
