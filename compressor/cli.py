@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,10 @@ def format_layers(result) -> str:
     return "\n".join(lines)
 
 
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from compressor.export import check_output, save_compressed
     from compressor.pipeline import compress
@@ -154,7 +159,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
-               "total_seconds": time.perf_counter() - start}
+               "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
     save_compressed(model, tokenizer, args.out, config, summary, args.overwrite, dense=config.dense_export)
     print(format_layers(result))
     print(f"saved: {args.out}")

@@ -53,7 +53,7 @@ class CompressConfig:
         cal = self.calibration
         if cal.samples < 1 or cal.seq_len < 2 or cal.batch_size < 1 or cal.sensitivity_samples < 1:
             raise ConfigError("calibration samples, seq_len, batch_size and sensitivity_samples must be positive.")
-        if cal.sensitivity_samples > cal.samples:
+        if self.allocation == "global" and cal.sensitivity_samples > cal.samples:
             raise ConfigError("calibration.sensitivity_samples cannot exceed calibration.samples.")
         return self
 

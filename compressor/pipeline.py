@@ -178,6 +178,8 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     when a model_id (the checkpoint's fingerprint) is given.
     """
     config.validate()
+    for name, module in linear_modules(model, spec).items():  # fail now, not after calibration
+        check_finite(f"weight of {name}", module.weight)
     timings: dict[str, float] = {}
     params_before = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory(prefix="basis-stats-") as scratch:

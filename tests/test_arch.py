@@ -1,0 +1,56 @@
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from compressor.arch import get_spec, to_llama
+from compressor.load import ModelFolderError, load_model
+
+SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("config", [Qwen2Config(**SIZES), MistralConfig(**SIZES, sliding_window=None)],
+                         ids=["qwen2", "mistral"])
+def test_conversion_to_llama_is_exact(tmp_path, config):
+    torch.manual_seed(0)
+    source = (Qwen2ForCausalLM if config.model_type == "qwen2" else MistralForCausalLM)(config).eval()
+    if config.model_type == "qwen2":
+        # Random init leaves q/k/v biases at zero; make them count.
+        for layer in source.model.layers:
+            torch.nn.init.normal_(layer.self_attn.q_proj.bias)
+            torch.nn.init.normal_(layer.self_attn.v_proj.bias)
+    source.save_pretrained(tmp_path / "src")
+    llama, spec = load_model(tmp_path / "src")
+    assert type(llama).__name__ == "LlamaForCausalLM" and spec.model_type == "llama"
+    ids = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(llama(ids).logits, source(ids).logits, atol=1e-5)
+
+
+def test_unsupported_architecture_lists_supported():
+    with pytest.raises(ValueError, match="Supported: llama, mistral, qwen2"):
+        get_spec("gpt2")
+
+
+def test_unsupported_architecture_folder(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="Unsupported architecture model_type='gpt2'"):
+        load_model(tmp_path)
+
+
+def test_missing_and_non_model_folders(tmp_path):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(ModelFolderError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelFolderError, match="no weights"):
+        load_model(tmp_path)
+
+
+def test_qwen2_sliding_window_is_refused():
+    config = Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=16)
+    with pytest.raises(ValueError, match="sliding-window"):
+        to_llama(Qwen2ForCausalLM(config), get_spec("qwen2"))

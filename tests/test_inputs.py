@@ -1,0 +1,112 @@
+"""Bad input: each gets a clear error naming the problem and the fix."""
+
+import json
+
+import pytest
+import torch
+
+from calibration.cache import StatsCache, stats_key
+from calibration.data import CalibrationDataError, blocks_fingerprint, token_blocks
+from compressor.arch import get_spec
+from compressor.cli import main
+from compressor.config import CalibrationConfig, CompressConfig, ConfigError, load_config
+from compressor.pipeline import calibrate, compress
+
+
+def test_calibration_file_shorter_than_asked(tmp_path, tokenizer):
+    path = tmp_path / "tiny.txt"
+    path.write_text("def f(x): return x")
+    with pytest.raises(CalibrationDataError, match="fewer than the 4 x 64"):
+        token_blocks(str(path), tokenizer, 4, 64, 0, tmp_path)
+
+
+def test_calibration_file_empty_or_missing_or_not_utf8(tmp_path, tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(CalibrationDataError, match="is empty"):
+        token_blocks(str(empty), tokenizer, 1, 8, 0, tmp_path)
+    with pytest.raises(CalibrationDataError, match="does not exist"):
+        token_blocks(str(tmp_path / "missing.txt"), tokenizer, 1, 8, 0, tmp_path)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1") * 100)
+    with pytest.raises(CalibrationDataError, match="not UTF-8"):
+        token_blocks(str(latin), tokenizer, 1, 8, 0, tmp_path)
+    with pytest.raises(CalibrationDataError, match="Unknown calibration source"):
+        token_blocks("poetry", tokenizer, 1, 8, 0, tmp_path)
+
+
+def test_calibration_blocks_are_seeded(tmp_path, tokenizer):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"document number {i} " * 5}) for i in range(50)))
+    a = token_blocks(str(path), tokenizer, 4, 32, 0, tmp_path)
+    assert torch.equal(a, token_blocks(str(path), tokenizer, 4, 32, 0, tmp_path))
+    assert not torch.equal(a, token_blocks(str(path), tokenizer, 4, 32, 1, tmp_path))
+
+
+def test_math_source_without_data_says_how_to_fetch(tmp_path, tokenizer):
+    with pytest.raises(CalibrationDataError, match="compressor fetch-example"):
+        token_blocks("math", tokenizer, 1, 8, 0, tmp_path)
+
+
+def test_stats_cache_key_changes_with_inputs_and_is_reused(tmp_path, tiny_model, blocks):
+    base = stats_key("model-a", blocks_fingerprint(blocks), "code", 8, 32, 0)
+    variants = [stats_key("model-b", blocks_fingerprint(blocks), "code", 8, 32, 0),
+                stats_key("model-a", blocks_fingerprint(blocks[:4]), "code", 4, 32, 0),
+                stats_key("model-a", blocks_fingerprint(blocks), "code", 8, 32, 1),
+                stats_key("model-a", blocks_fingerprint(blocks[:, :16]), "code", 8, 16, 0)]
+    assert len({base["key"], *(v["key"] for v in variants)}) == 5
+    config = CompressConfig(calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4))
+    cache = calibrate(tiny_model, get_spec("llama"), blocks, config, tmp_path, "model-a", progress=False)
+    assert cache.complete
+    first = cache.load_layer(1)["mlp.down_proj"].gram
+    # A second run finds the statistics and does not run the model.
+    again = calibrate(None, get_spec("llama"), blocks, config, tmp_path, "model-a", progress=False)
+    assert torch.equal(again.load_layer(1)["mlp.down_proj"].gram, first)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_nan_weights_are_refused(tiny_model, blocks):
+    with torch.no_grad():
+        tiny_model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    config = CompressConfig(allocation="uniform", tolerance=0.05,
+                            calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+
+
+def test_yaml_with_unknown_key_names_it_and_the_valid_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ratio: 0.3\nrank_mode: fancy\n")
+    with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['rank_mode'\].*valid keys: \[.*'ratio'"):
+        load_config(path)
+    path.write_text("calibration:\n  samples: 4\n  sedd: 1\n")
+    with pytest.raises(ConfigError, match=r"\['sedd'\] in calibration"):
+        load_config(path)
+    path.write_text("ratio: 0.3\nmethod: whiten\ncalibration:\n  samples: 4\n  sensitivity_samples: 2\n")
+    config = load_config(path)
+    assert config.ratio == 0.3 and config.calibration.samples == 4
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
+def test_cli_refuses_ratio_outside_open_interval(tmp_path, model_dir, ratio, capsys):
+    code = main(["compress", "--model", str(model_dir), "--ratio", ratio, "--out", str(tmp_path / "o"),
+                 "--home", str(tmp_path / "home"), "--quiet"])
+    assert code == 2
+    assert "ratio must be in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_existing_output_before_working(tmp_path, model_dir, capsys):
+    (tmp_path / "o").mkdir()
+    code = main(["compress", "--model", str(model_dir), "--ratio", "0.2", "--out", str(tmp_path / "o"),
+                 "--home", str(tmp_path / "home"), "--quiet"])
+    assert code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()
+
+
+def test_cli_missing_model_folder(tmp_path, capsys):
+    code = main(["compress", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                 "--home", str(tmp_path / "home"), "--quiet"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
