@@ -148,7 +148,8 @@ def basis_costs(sigma: torch.Tensor, u: torch.Tensor, w: torch.Tensor, gram: tor
 
     sigma (k,), u (out, k), w (k, in), gram G (in, in) mean input Gram, out_fisher F (out,).
     """
-    input_energy = ((w.double() @ gram.double()) * w.double()).sum(1)  # (k,)
+    # float32 products (ranking needs no more), summed in float64.
+    input_energy = ((w.float() @ gram.float()) * w.float()).double().sum(1)  # (k,)
     output_weight = (u.double().pow(2) * out_fisher.double()[:, None]).sum(0)  # (k,)
     cost = 0.5 * sigma.double().pow(2) * input_energy * output_weight
     if not torch.isfinite(cost).all():

@@ -49,12 +49,17 @@ class Factorization:
 
 @dataclass(frozen=True)
 class Whitening:
-    """S and S^{-1} for one input; S S^T approximates the (damped) input Gram matrix."""
+    """S with S S^T approximating the (damped) input Gram matrix."""
 
-    s: torch.Tensor  # (in, in) float64
-    s_inv: torch.Tensor  # (in, in) float64
+    s: torch.Tensor  # (in, in) float64; lower triangular unless the eigen fallback was used
     damping: float  # relative damping finally used
     used_eigh: bool  # True when Cholesky failed and the eigen-decomposition was used
+
+    def right_solve(self, vt: torch.Tensor) -> torch.Tensor:
+        """vt S^{-1} without forming the inverse: (k, in) -> (k, in)."""
+        if self.used_eigh:  # S = Q diag(sqrt(lambda)) is not triangular
+            return torch.linalg.solve(self.s, vt, left=False)
+        return torch.linalg.solve_triangular(self.s, vt, upper=False, left=False)
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -81,24 +86,16 @@ def whitening(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
         damp = damping * 10**attempt
         s, info = torch.linalg.cholesky_ex(gram + damp * scale * eye)
         if int(info) == 0:
-            s_inv = torch.linalg.solve_triangular(s, eye, upper=False)
-            return Whitening(s, s_inv, damp, used_eigh=False)
+            return Whitening(s, damp, used_eigh=False)
     log.warning("Gram matrix is not positive definite even with damping %.0e; using its "
                 "eigen-decomposition with clamped eigenvalues", damp)
     values, vectors = torch.linalg.eigh(gram)
     values = values.clamp_min(damping * scale)
-    s = vectors * values.sqrt()
-    s_inv = (vectors / values.sqrt()).T
-    return Whitening(s, s_inv, damping, used_eigh=True)
+    return Whitening(vectors * values.sqrt(), damping, used_eigh=True)
 
 
-def _svd_with_transform(weight: torch.Tensor, s: torch.Tensor | None, s_inv: torch.Tensor | None,
-                        method: str) -> Factorization:
-    w64 = weight.double()
-    transformed = w64 if s is None else w64 @ s
-    u, sigma, vt = torch.linalg.svd(transformed, full_matrices=False)
-    w_basis = vt if s_inv is None else vt @ s_inv
-    return Factorization(u.float(), sigma.float(), w_basis.float(), method)
+def _svd_of(transformed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.linalg.svd(transformed, full_matrices=False)
 
 
 def decompose(weight: torch.Tensor, method: str, gram: torch.Tensor | None = None,
@@ -110,20 +107,25 @@ def decompose(weight: torch.Tensor, method: str, gram: torch.Tensor | None = Non
     abs_mean: mean |x| per input channel (in,), needed by `asvd`.
     """
     check_finite("weight", weight)
+    w64 = weight.double()
     if method == "svd":
-        return _svd_with_transform(weight, None, None, method)
-    if method == "asvd":
+        u, sigma, w_basis = _svd_of(w64)
+    elif method == "asvd":
         if abs_mean is None:
             raise ValueError("asvd needs the mean absolute activation of the input")
         check_finite("mean |activation|", abs_mean)
         scale = abs_mean.double().clamp_min(1e-6).pow(asvd_alpha)
-        return _svd_with_transform(weight, torch.diag(scale), torch.diag(1.0 / scale), method)
-    if method == "whiten":
+        u, sigma, vt = _svd_of(w64 * scale)
+        w_basis = vt / scale
+    elif method == "whiten":
         if gram is None:
             raise ValueError("whiten needs the Gram matrix of the input")
         white = whitening(gram, damping)
-        return _svd_with_transform(weight, white.s, white.s_inv, method)
-    raise ValueError(f"Unknown decomposition method {method!r}; choose one of {', '.join(METHODS)}")
+        u, sigma, vt = _svd_of(w64 @ white.s)
+        w_basis = white.right_solve(vt)
+    else:
+        raise ValueError(f"Unknown decomposition method {method!r}; choose one of {', '.join(METHODS)}")
+    return Factorization(u.float(), sigma.float(), w_basis.float(), method)
 
 
 def output_error(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,

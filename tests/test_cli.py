@@ -1,0 +1,52 @@
+"""The command line end to end on a tiny model, with tiny data files made here."""
+
+import json
+
+import yaml
+
+from compressor.cli import main
+
+
+def _data_dir(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": f"def add_{i}(a, b):\n", "canonical_solution": f"    return a + b + {i}\n"} for i in range(6)]
+    (data / "humaneval.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    rows = [{"question": f"Tom has {i} apples and buys 3. How many?", "answer": f"{i} + 3 = {i + 3}\n#### {i + 3}"}
+            for i in range(6)]
+    (data / "gsm8k_test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    # Enough distinct passages that some fall in the held-out hash split.
+    rows = [{"passage": f"Passage {i} tells about a river that flows north.", "question": "q"} for i in range(60)]
+    (data / "boolq.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return data
+
+
+def test_compress_then_eval(tmp_path, model_dir, capsys):
+    data = _data_dir(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 200)
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump({"method": "whiten", "tolerance": 0.02,
+                                      "calibration": {"samples": 6, "seq_len": 32, "batch_size": 3,
+                                                      "sensitivity_samples": 2}}))
+    out = tmp_path / "out"
+    common = ["--home", str(tmp_path / "home"), "--data-dir", str(data), "--quiet"]
+    code = main(["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3",
+                 "--config", str(config), "--out", str(out), *common])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "model.layers.2.mlp.down_proj" in printed and "removed" in printed
+    summary = json.loads((out / "compression_summary.json").read_text())
+    assert abs(summary["summary"]["removed_fraction"] - 0.3) < 0.3 * 0.02
+    assert summary["peak_rss_bytes"] > 0
+    saved = yaml.safe_load((out / "compression.yaml").read_text())
+    assert saved["ratio"] == 0.3 and saved["calibration"]["samples"] == 6 and saved["allocation"] == "global"
+    # Statistics were cached under a content key.
+    assert len(list((tmp_path / "home" / "stats").iterdir())) == 1
+
+    code = main(["eval", "--model", str(out), "--limit", "4", "--json", str(tmp_path / "ppl.json"), *common])
+    assert code == 0
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    assert set(result["perplexity"]) == {"code", "math", "general"}
+    assert all(v["perplexity"] > 1 for v in result["perplexity"].values())
+    assert result["bytes_on_disk"] > 0
