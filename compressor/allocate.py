@@ -98,38 +98,47 @@ def uniform_ranks(shapes: dict[str, Shape], ratio: float, align: int = 8,
 
 
 def global_ranks(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float,
-                 align: int = 8, tolerance: float = 0.005,
-                 min_rank: int | None = None) -> dict[str, int | None]:
-    """Greedy global allocation: repeatedly drop the tail chunk of `align` bases (of any
-    matrix) with the smallest cost per parameter saved, until the budget is met.
+                 align: int = 8, tolerance: float = 0.005, min_rank: int | None = None,
+                 groups: dict[str, str] | None = None) -> dict[str, int | None]:
+    """Greedy allocation: repeatedly drop the tail chunk of `align` bases with the smallest
+    cost per parameter saved, until `ratio` of the parameters is removed.
 
     costs[name][i] is the estimated loss increase of removing basis i of that matrix (bases in
     decreasing order of importance; a matrix always keeps a prefix). A matrix starts dense; its
     first move goes to its largest useful rank (that move drops the bases beyond it at once).
+    groups (matrix name -> group name), when given, makes each group remove `ratio` of its own
+    parameters: bases then compete only within a group (e.g. all q_proj of all layers).
     """
     check_ratio(ratio)
     min_rank = align if min_rank is None else min_rank
-    total = sum(shape.dense for shape in shapes.values())
-    target = ratio * total
+    groups = groups or {name: "all" for name in shapes}
+    ranks: dict[str, int | None] = {}
+    for group in dict.fromkeys(groups.values()):
+        members = {name: shapes[name] for name in shapes if groups[name] == group}
+        ranks.update(_greedy(members, costs, ratio, align, tolerance, min_rank))
+    _check_budget(shapes, ranks, ratio, tolerance, align)
+    return ranks
+
+
+def _greedy(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float, align: int,
+            tolerance: float, min_rank: int) -> dict[str, int | None]:
+    target = ratio * sum(shape.dense for shape in shapes.values())
+    # tails[name][r] = total cost of the bases from r on (what keeping rank r drops).
     tails = {name: torch.cat([costs[name].double().flip(0).cumsum(0).flip(0),
-                              torch.zeros(1, dtype=torch.float64)]) for name in shapes}
+                              torch.zeros(1, dtype=torch.float64)]).tolist() for name in shapes}
     ranks: dict[str, int | None] = {name: None for name in shapes}
 
-    def next_move(name: str) -> tuple[float, int] | None:
+    def next_move(name: str) -> tuple[float, str, int] | None:
         shape, rank = shapes[name], ranks[name]
         new_rank = shape.max_useful_rank(align) if rank is None else rank - align
         if new_rank < min_rank:
             return None
         saved = shape.stored(rank) - shape.low_rank(new_rank)
-        end = len(tails[name]) - 1 if rank is None else rank
-        cost = float(tails[name][new_rank] - tails[name][min(end, len(tails[name]) - 1)])
-        return cost / saved, new_rank
+        dropped_from = len(tails[name]) - 1 if rank is None else rank
+        return (tails[name][new_rank] - tails[name][dropped_from]) / saved, name, new_rank
 
-    heap = []
-    for name in shapes:
-        move = next_move(name)
-        if move is not None:
-            heapq.heappush(heap, (move[0], name, move[1]))
+    heap = [move for move in map(next_move, shapes) if move is not None]
+    heapq.heapify(heap)
     removed = 0
     while removed < target * (1 - tolerance) and heap:
         _, name, new_rank = heapq.heappop(heap)
@@ -137,8 +146,7 @@ def global_ranks(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio
         ranks[name] = new_rank
         move = next_move(name)
         if move is not None:
-            heapq.heappush(heap, (move[0], name, move[1]))
-    _check_budget(shapes, ranks, ratio, tolerance, align)
+            heapq.heappush(heap, move)
     return ranks
 
 

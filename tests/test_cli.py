@@ -26,7 +26,7 @@ def test_compress_then_eval(tmp_path, model_dir, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x * 2\n" * 200)
     config = tmp_path / "settings.yaml"
-    config.write_text(yaml.safe_dump({"method": "whiten", "tolerance": 0.02,
+    config.write_text(yaml.safe_dump({"method": "whiten", "allocation": "global", "tolerance": 0.02,
                                       "calibration": {"samples": 6, "seq_len": 32, "batch_size": 3,
                                                       "sensitivity_samples": 2}}))
     out = tmp_path / "out"
