@@ -40,6 +40,19 @@ def _output_grad_hooks(modules: dict[str, nn.Module], fisher: dict[str, torch.Te
             handle.remove()
 
 
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No weight gradients (time and memory): only activations need them here."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 def output_fisher(model: nn.Module, modules: dict[str, nn.Module], blocks: torch.Tensor,
                   batch_size: int = 1, progress: bool = True) -> dict[str, torch.Tensor]:
     """Mean over tokens of (dLoss/dy)^2 per output channel, for each named module."""
@@ -48,7 +61,7 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], blocks: torch
     was_training = model.training
     model.eval()
     n_tokens = 0
-    with _output_grad_hooks(modules, fisher):
+    with _output_grad_hooks(modules, fisher), _frozen(model):
         for batch in tqdm(blocks.split(batch_size), desc="sensitivity", disable=not progress):
             with torch.no_grad():
                 embeds = embed(batch)

