@@ -13,7 +13,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -82,15 +81,12 @@ class StatsCache:
         return {group: InputStats(tensors[f"{group}.gram"], tensors[f"{group}.abs_sum"], int(count))
                 for group, count in counts.items()}
 
-    def fisher_path(self, n_samples: int) -> Path:
-        return self.path / f"fisher_{n_samples}.safetensors"
+    def load_json(self, name: str):
+        path = self.path / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
-    def load_fisher(self, n_samples: int) -> dict[str, torch.Tensor] | None:
-        path = self.fisher_path(n_samples)
-        return load_file(path) if path.exists() else None
-
-    def save_fisher(self, n_samples: int, fisher: dict[str, torch.Tensor]) -> None:
-        path = self.fisher_path(n_samples)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file({name: value.contiguous() for name, value in fisher.items()}, tmp)
+    def save_json(self, name: str, value) -> None:
+        path = self.path / f"{name}.json"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(value, indent=1))
         tmp.rename(path)

@@ -1,81 +1,67 @@
-"""How much the language-model loss cares about each linear's output.
+"""How much the model's output cares about each linear, measured, not estimated.
 
-For every linear, the mean squared gradient of the LM loss with respect to each output channel
-(the diagonal of the output Fisher), measured by backward passes on calibration data. With it,
-the loss increase from removing a basis sigma u w^T of that linear is estimated as
-    0.5 * sigma^2 * (w^T G w) * (u^T diag(F) u),
-which is comparable across layers and matrices, unlike raw or per-matrix normalised energies.
-Only activations need gradients (weights stay frozen), so a backward costs about a forward x2.
+For every decoder linear m, the linear alone is replaced by a truncated version (the caller
+says how), the rest of the network is run from that layer's cached dense inputs, and the
+KL divergence of the next-token distribution from the dense model's is recorded:
+    sensitivity[m] = mean over positions of KL(p_dense || p_with_m_truncated).
+Local (gradient / Fisher) estimates under-price large truncations of attention projections,
+whose softmax saturates; a measured end-to-end effect does not. Cost: one partial forward per
+linear from its own layer on, with logits on a subset of positions.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-
-@contextmanager
-def _output_grad_hooks(modules: dict[str, nn.Module], fisher: dict[str, torch.Tensor]) -> Iterator[None]:
-    handles = []
-
-    def make_hook(name: str):
-        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            def grad_hook(grad: torch.Tensor) -> None:
-                sq = grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(0).double()
-                fisher[name] = fisher[name] + sq if name in fisher else sq
-            if output.requires_grad:
-                output.register_hook(grad_hook)
-        return forward_hook
-
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+from calibration.capture import LayerInputs, capture_first_layer_inputs, run_layer
+from compressor.arch import ArchSpec, decoder_layers
 
 
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """No weight gradients (time and memory): only activations need them here."""
-    flags = [(param, param.requires_grad) for param in model.parameters()]
-    try:
-        for param, _ in flags:
-            param.requires_grad_(False)
-        yield
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
+def _log_probs(model: nn.Module, spec: ArchSpec, inputs: LayerInputs, positions: torch.Tensor) -> torch.Tensor:
+    hidden = torch.cat(inputs.hidden)[:, positions]  # (B, P, H)
+    logits = model.get_output_embeddings()(model.get_submodule(spec.norm_path)(hidden))
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
-def output_fisher(model: nn.Module, modules: dict[str, nn.Module], blocks: torch.Tensor,
-                  batch_size: int = 1, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Mean over tokens of (dLoss/dy)^2 per output channel, for each named module."""
-    fisher: dict[str, torch.Tensor] = {}
-    embed = model.get_input_embeddings()
-    was_training = model.training
-    model.eval()
-    n_tokens = 0
-    with _output_grad_hooks(modules, fisher), _frozen(model):
-        for batch in tqdm(blocks.split(batch_size), desc="sensitivity", disable=not progress):
-            with torch.no_grad():
-                embeds = embed(batch)
-            embeds.requires_grad_(True)
-            # Loss summed over tokens, so each token contributes its own gradient.
-            logits = model(inputs_embeds=embeds, use_cache=False).logits[:, :-1]
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
-            if not torch.isfinite(loss):
-                raise ValueError("NaN/Inf loss on calibration data; the model is broken.")
-            loss.backward()
-            n_tokens += batch[:, 1:].numel()
-    model.train(was_training)
-    missing = set(modules) - set(fisher)
-    if missing:
-        raise RuntimeError(f"No gradient reached {sorted(missing)[:3]}; cannot measure sensitivity.")
-    return {name: value / n_tokens for name, value in fisher.items()}
+@torch.no_grad()
+def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
+                           truncated_weight: Callable[[str], torch.Tensor | None],
+                           n_positions: int = 128, progress: bool = True) -> dict[str, float]:
+    """KL(dense || only m truncated) per linear m, keyed by full module name.
+
+    truncated_weight(name) gives the weight to try for that linear, or None to skip it.
+    """
+    layers = decoder_layers(model, spec)
+    stride = max(1, (blocks.shape[1] - 1) // n_positions)
+    positions = torch.arange(blocks.shape[1] - 1, 0, -stride).flip(0)[-n_positions:]
+    layer_inputs = [capture_first_layer_inputs(model, spec, blocks, len(blocks))]
+    for layer in layers:
+        layer_inputs.append(run_layer(layer, layer_inputs[-1]))
+    reference = _log_probs(model, spec, layer_inputs[-1], positions)
+
+    sensitivity: dict[str, float] = {}
+    jobs = [(index, name) for index in range(len(layers)) for name in spec.linear_names]
+    for index, name in tqdm(jobs, desc="sensitivity", disable=not progress):
+        full_name = f"{spec.layers_path}.{index}.{name}"
+        weight = truncated_weight(full_name)
+        if weight is None:
+            continue
+        module = layers[index].get_submodule(name)
+        original = module.weight.data
+        module.weight.data = weight.to(original.dtype)
+        try:
+            hidden = layer_inputs[index]
+            for layer in layers[index:]:
+                hidden = run_layer(layer, hidden)
+        finally:
+            module.weight.data = original
+        log_probs = _log_probs(model, spec, hidden, positions)
+        kl = (reference.exp() * (reference - log_probs)).sum(-1).mean()
+        if not torch.isfinite(kl):
+            raise ValueError(f"NaN/Inf output with {full_name} truncated; the model is broken.")
+        sensitivity[full_name] = float(kl)
+    return sensitivity

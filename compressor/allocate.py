@@ -150,19 +150,35 @@ def _greedy(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: flo
     return ranks
 
 
-def basis_costs(sigma: torch.Tensor, u: torch.Tensor, w: torch.Tensor, gram: torch.Tensor,
-                out_fisher: torch.Tensor) -> torch.Tensor:
-    """Estimated loss increase 0.5 sigma_i^2 (w_i^T G w_i)(u_i^T diag(F) u_i) per basis.
+def basis_energy(sigma: torch.Tensor, w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Output energy sigma_i^2 (w_i^T G w_i) of each basis on inputs with mean Gram G.
 
-    sigma (k,), u (out, k), w (k, in), gram G (in, in) mean input Gram, out_fisher F (out,).
+    sigma (k,), w (k, in), gram (in, in). For whitened bases w_i^T G w_i = 1 (up to damping), so
+    this is sigma_i^2; for svd / asvd it puts every basis on the same output-error scale.
     """
     # float32 products (ranking needs no more), summed in float64.
     input_energy = ((w.float() @ gram.float()) * w.float()).double().sum(1)  # (k,)
-    output_weight = (u.double().pow(2) * out_fisher.double()[:, None]).sum(0)  # (k,)
-    cost = 0.5 * sigma.double().pow(2) * input_energy * output_weight
-    if not torch.isfinite(cost).all():
-        raise ValueError("NaN/Inf in basis costs; the calibration statistics are broken.")
-    return cost
+    energy = sigma.double().pow(2) * input_energy
+    if not torch.isfinite(energy).all():
+        raise ValueError("NaN/Inf in basis energies; the calibration statistics are broken.")
+    return energy
+
+
+def measured_costs(energy: dict[str, torch.Tensor], probe_ranks: dict[str, int | None],
+                   sensitivity: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Per-basis loss costs: each matrix's energies scaled by its measured sensitivity.
+
+    lambda_m = KL measured with m truncated to its probe rank / output energy dropped there,
+    so cost_i = lambda_m * energy_i is on the same (KL) scale for every matrix. Matrices not
+    probed (too small to compress) get the largest lambda, i.e. are the last to be cut.
+    """
+    scale = {}
+    for name, rank in probe_ranks.items():
+        if rank is not None and name in sensitivity:
+            dropped = float(energy[name][rank:].sum())
+            scale[name] = max(sensitivity[name], 1e-12) / max(dropped, 1e-30)
+    top = max(scale.values(), default=1.0)
+    return {name: values * scale.get(name, top) for name, values in energy.items()}
 
 
 def summarize(shapes: dict[str, Shape], ranks: dict[str, int | None]) -> dict:

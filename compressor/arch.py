@@ -38,6 +38,7 @@ class ArchSpec:
     layers_path: str  # attribute path of the decoder layers' ModuleList
     input_groups: tuple[tuple[str, ...], ...]  # linears (relative to a layer) sharing an input
     to_llama_config: Callable[[PretrainedConfig], LlamaConfig]
+    norm_path: str = "model.norm"  # final norm before the LM head
     # Biases the LLaMA form has but this architecture lacks; they are exactly zero there.
     zero_biases: tuple[str, ...] = ()
 

@@ -24,7 +24,7 @@ class CalibrationConfig:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 8
-    sensitivity_samples: int = 16  # sequences for the loss-sensitivity pass (global allocation)
+    sensitivity_samples: int = 2  # sequences for the measured-sensitivity pass (global allocation)
 
 
 @dataclass
@@ -34,6 +34,7 @@ class CompressConfig:
     method: str = "whiten"  # svd | asvd | whiten
     allocation: str = "uniform"  # uniform | global (global does not beat uniform yet: see reports/)
     align: int = 8
+    probe_ratio: float = 0.4  # global: each linear's sensitivity is measured truncated to this
     tolerance: float = 0.005  # relative tolerance on the removed-parameter budget
     damping: float = 1e-4  # Cholesky damping, relative to the Gram matrix's mean diagonal
     asvd_alpha: float = 0.5
@@ -48,6 +49,8 @@ class CompressConfig:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}.")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}.")
+        if not 0.0 < self.probe_ratio < 1.0:
+            raise ConfigError(f"probe_ratio must be in (0, 1); got {self.probe_ratio}.")
         if self.align < 1:
             raise ConfigError(f"align must be >= 1; got {self.align}.")
         cal = self.calibration

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from calibration.cache import StatsCache, stats_key
 from calibration.capture import iterate_layers
 from calibration.data import blocks_fingerprint, token_blocks
-from calibration.sensitivity import output_fisher
-from compressor.allocate import Shape, basis_costs, global_ranks, summarize, uniform_ranks
+from calibration.sensitivity import truncation_sensitivity
+from compressor.allocate import Shape, basis_energy, global_ranks, measured_costs, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
 from compressor.decompose import Factorization, check_finite, decompose, output_error
@@ -39,7 +39,7 @@ class Bases:
 
     factors: dict[str, Factorization]
     shapes: dict[str, Shape]
-    costs: dict[str, torch.Tensor] = field(default_factory=dict)  # only for global allocation
+    energy: dict[str, torch.Tensor] = field(default_factory=dict)  # output energy per basis
 
 
 @dataclass
@@ -98,19 +98,34 @@ def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Co
     return cache
 
 
+def probe_ranks(bases: Bases, config: CompressConfig) -> dict[str, int | None]:
+    return uniform_ranks(bases.shapes, config.probe_ratio, config.align, tolerance=0.05)
+
+
 def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
-                  config: CompressConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+                  bases: Bases, config: CompressConfig, progress: bool = True) -> dict[str, float]:
+    """Measured KL of truncating each linear alone to its probe rank (cached per method)."""
     n = config.calibration.sensitivity_samples
-    fisher = cache.load_fisher(n)
-    if fisher is None:
-        fisher = output_fisher(model, linear_modules(model, spec), blocks[:n], 1, progress)
-        cache.save_fisher(n, fisher)
-    return fisher
+    key = f"sensitivity_{config.method}_{config.probe_ratio:g}_{config.align}_{n}"
+    cached = cache.load_json(key)
+    if cached is not None:
+        return cached
+    ranks = probe_ranks(bases, config)
+
+    def truncated(name: str) -> torch.Tensor | None:
+        if ranks[name] is None:
+            return None
+        up, down = bases.factors[name].factors(ranks[name])
+        return up @ down
+
+    measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress)
+    cache.save_json(key, measured)
+    return measured
 
 
 def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: CompressConfig,
-              fisher: dict[str, torch.Tensor] | None = None, progress: bool = True) -> Bases:
-    """Decompose every decoder linear; with `fisher`, also estimate each basis's loss cost."""
+              progress: bool = True) -> Bases:
+    """Decompose every decoder linear into its bases, with each basis's output energy."""
     groups = group_of(spec)
     bases = Bases({}, {})
     layers = decoder_layers(model, spec)
@@ -126,17 +141,18 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
                                asvd_alpha=config.asvd_alpha, damping=config.damping)
             bases.factors[full_name] = factor
             bases.shapes[full_name] = Shape(*weight.shape)
-            if fisher is not None:
-                bases.costs[full_name] = basis_costs(factor.sigma, factor.u, factor.w, gram, fisher[full_name])
+            bases.energy[full_name] = basis_energy(factor.sigma, factor.w, gram)
     return bases
 
 
-def allocate(bases: Bases, config: CompressConfig) -> dict[str, int | None]:
+def allocate(bases: Bases, config: CompressConfig,
+             sensitivity: dict[str, float] | None = None) -> dict[str, int | None]:
     if config.allocation == "uniform":
         return uniform_ranks(bases.shapes, config.ratio, config.align, config.tolerance)
-    if not bases.costs:
-        raise ValueError("global allocation needs basis costs: run factorize with sensitivities")
-    return global_ranks(bases.shapes, bases.costs, config.ratio, config.align, config.tolerance)
+    if sensitivity is None:
+        raise ValueError("global allocation needs the measured sensitivities")
+    costs = measured_costs(bases.energy, probe_ranks(bases, config), sensitivity)
+    return global_ranks(bases.shapes, costs, config.ratio, config.align, config.tolerance)
 
 
 @torch.no_grad()
@@ -188,16 +204,16 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         start = time.perf_counter()
         cache = calibrate(model, spec, blocks, config, root, model_id or "in-memory", progress)
         timings["calibration"] = time.perf_counter() - start
-        fisher = None
+        start = time.perf_counter()
+        bases = factorize(model, spec, cache, config, progress)
+        timings["decomposition"] = time.perf_counter() - start
+        sensitivity = None
         if config.allocation == "global":
             start = time.perf_counter()
-            fisher = sensitivities(model, spec, cache, blocks, config, progress)
+            sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress)
             timings["sensitivity"] = time.perf_counter() - start
         start = time.perf_counter()
-        bases = factorize(model, spec, cache, config, fisher, progress)
-        timings["decomposition"] = time.perf_counter() - start
-        start = time.perf_counter()
-        ranks = allocate(bases, config)
+        ranks = allocate(bases, config, sensitivity)
         reports = apply_ranks(model, spec, bases, ranks, cache)
         timings["allocation_and_replace"] = time.perf_counter() - start
     summary = summarize(bases.shapes, ranks)

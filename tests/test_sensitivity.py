@@ -1,29 +1,35 @@
 import torch
 
-from calibration.sensitivity import output_fisher
+from calibration.sensitivity import truncation_sensitivity
 from compressor.arch import get_spec
-from compressor.pipeline import linear_modules
 
 
-def test_output_fisher_matches_autograd_and_removes_its_hooks(tiny_model, blocks):
-    modules = linear_modules(tiny_model, get_spec("llama"))
-    fisher = output_fisher(tiny_model, modules, blocks[:2], batch_size=1, progress=False)
-    assert set(fisher) == set(modules)
-    name = "model.layers.1.mlp.down_proj"
-    assert fisher[name].shape == (modules[name].out_features,)
-    assert all(not m._forward_hooks for m in modules.values())
-    assert all(p.grad is None for p in tiny_model.parameters())  # weights untouched
+def test_measured_sensitivity_equals_a_direct_forward(tiny_model, blocks):
+    spec = get_spec("llama")
+    name = "model.layers.1.self_attn.q_proj"
+    module = tiny_model.get_submodule(name)
+    original = module.weight.detach().clone()
+    halved = original * 0.5
 
-    # Reference: the squared gradient of the summed loss at that output, by autograd directly.
-    expected = torch.zeros(modules[name].out_features, dtype=torch.float64)
-    for row in blocks[:2]:
-        outputs = {}
-        handle = modules[name].register_forward_hook(lambda m, a, out: outputs.setdefault("y", out))
-        embeds = tiny_model.get_input_embeddings()(row[None]).detach().requires_grad_(True)
-        logits = tiny_model(inputs_embeds=embeds).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), row[1:], reduction="sum")
-        (grad,) = torch.autograd.grad(loss, outputs["y"])
-        handle.remove()
-        expected += grad.double().pow(2).reshape(-1, grad.shape[-1]).sum(0)
-    expected /= 2 * (blocks.shape[1] - 1)
-    assert torch.allclose(fisher[name], expected, rtol=1e-4)
+    def truncated(full_name):
+        if full_name == name:
+            return halved
+        if full_name.endswith("v_proj"):
+            return None  # skipped
+        return tiny_model.get_submodule(full_name).weight.detach().clone()  # unchanged: KL 0
+
+    measured = truncation_sensitivity(tiny_model, spec, blocks[:2], truncated, n_positions=8, progress=False)
+    assert not any(key.endswith("v_proj") for key in measured)
+    assert torch.equal(module.weight, original)  # restored
+    assert all(abs(value) < 1e-6 for key, value in measured.items() if key != name)
+
+    # Direct: the whole model with the weight halved, KL at the same positions.
+    positions = torch.arange(blocks.shape[1] - 1, 0, -((blocks.shape[1] - 1) // 8)).flip(0)[-8:]
+    with torch.no_grad():
+        reference = torch.log_softmax(tiny_model(blocks[:2]).logits[:, positions], -1)
+        module.weight.copy_(halved)
+        changed = torch.log_softmax(tiny_model(blocks[:2]).logits[:, positions], -1)
+        module.weight.copy_(original)
+    expected = float((reference.exp() * (reference - changed)).sum(-1).mean())
+    assert measured[name] > 0
+    assert abs(measured[name] - expected) < 1e-5 * max(1.0, expected)
