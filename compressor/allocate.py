@@ -165,20 +165,26 @@ def basis_energy(sigma: torch.Tensor, w: torch.Tensor, gram: torch.Tensor) -> to
 
 
 def measured_costs(energy: dict[str, torch.Tensor], probe_ranks: dict[str, int | None],
-                   sensitivity: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Per-basis loss costs: each matrix's energies scaled by its measured sensitivity.
+                   sensitivity: dict[str, float], gamma: float = 2.0) -> dict[str, torch.Tensor]:
+    """Per-basis loss costs on one scale for every matrix, anchored on measurements.
 
-    lambda_m = KL measured with m truncated to its probe rank / output energy dropped there,
-    so cost_i = lambda_m * energy_i is on the same (KL) scale for every matrix. Matrices not
-    probed (too small to compress) get the largest lambda, i.e. are the last to be cut.
+    A matrix truncated to rank r is modelled to cost
+        KL_m(r) = KL_m(probe) * (E_m(r) / E_m(probe)) ** gamma,
+    E_m(r) the output energy it drops: exact at the measured probe rank, and superlinear
+    (gamma > 1) around it, because errors compound faster than their energy grows when a
+    matrix is cut deep. Basis i costs KL_m(i) - KL_m(i + 1). Matrices not probed (too small
+    to compress) get the largest cost scale, i.e. are the last to be cut.
     """
-    scale = {}
-    for name, rank in probe_ranks.items():
-        if rank is not None and name in sensitivity:
-            dropped = float(energy[name][rank:].sum())
-            scale[name] = max(sensitivity[name], 1e-12) / max(dropped, 1e-30)
+    tails = {name: torch.cat([values.double().flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+             for name, values in energy.items()}
+    scale = {name: max(sensitivity[name], 1e-12) / max(float(tails[name][rank]), 1e-30) ** gamma
+             for name, rank in probe_ranks.items() if rank is not None and name in sensitivity}
     top = max(scale.values(), default=1.0)
-    return {name: values * scale.get(name, top) for name, values in energy.items()}
+    costs = {}
+    for name, tail in tails.items():
+        modelled = scale.get(name, top) * tail.pow(gamma)  # KL_m(r) for r = 0..k
+        costs[name] = modelled[:-1] - modelled[1:]
+    return costs
 
 
 def summarize(shapes: dict[str, Shape], ranks: dict[str, int | None]) -> dict:

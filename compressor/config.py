@@ -32,9 +32,10 @@ class CompressConfig:
     version: int = CONFIG_VERSION
     ratio: float = 0.2  # fraction of decoder-linear parameters removed
     method: str = "whiten"  # svd | asvd | whiten
-    allocation: str = "uniform"  # uniform | global (global does not beat uniform yet: see reports/)
+    allocation: str = "global"  # uniform | global
     align: int = 8
     probe_ratio: float = 0.4  # global: each linear's sensitivity is measured truncated to this
+    cost_exponent: float = 2.0  # global: KL_m(r) ~ KL_m(probe) * (energy dropped ratio) ** this
     tolerance: float = 0.005  # relative tolerance on the removed-parameter budget
     damping: float = 1e-4  # Cholesky damping, relative to the Gram matrix's mean diagonal
     asvd_alpha: float = 0.5
@@ -51,6 +52,8 @@ class CompressConfig:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}.")
         if not 0.0 < self.probe_ratio < 1.0:
             raise ConfigError(f"probe_ratio must be in (0, 1); got {self.probe_ratio}.")
+        if self.cost_exponent < 1.0:
+            raise ConfigError(f"cost_exponent must be >= 1; got {self.cost_exponent}.")
         if self.align < 1:
             raise ConfigError(f"align must be >= 1; got {self.align}.")
         cal = self.calibration

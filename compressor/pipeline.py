@@ -151,7 +151,7 @@ def allocate(bases: Bases, config: CompressConfig,
         return uniform_ranks(bases.shapes, config.ratio, config.align, config.tolerance)
     if sensitivity is None:
         raise ValueError("global allocation needs the measured sensitivities")
-    costs = measured_costs(bases.energy, probe_ranks(bases, config), sensitivity)
+    costs = measured_costs(bases.energy, probe_ranks(bases, config), sensitivity, config.cost_exponent)
     return global_ranks(bases.shapes, costs, config.ratio, config.align, config.tolerance)
 
 

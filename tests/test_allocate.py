@@ -62,3 +62,18 @@ def test_unreachable_budget_is_refused():
     shapes = {"a": Shape(64, 64)}
     with pytest.raises(BudgetError, match="Cannot remove"):
         uniform_ranks(shapes, 0.33, align=32)
+
+
+def test_measured_costs_are_anchored_on_the_probe_and_superlinear():
+    from compressor.allocate import measured_costs
+
+    energy = {"a": torch.tensor([8.0, 4.0, 2.0, 1.0]), "b": torch.tensor([1.0, 1.0])}
+    costs = measured_costs(energy, {"a": 2, "b": None}, {"a": 0.5}, gamma=3.0)
+    # Dropping the probe's tail (bases 2, 3) costs exactly the measured KL.
+    assert float(costs["a"][2:].sum()) == pytest.approx(0.5)
+    # Superlinear: dropping twice the energy costs 2**3 times more.
+    dropped_double = energy["a"][1:].sum() / energy["a"][2:].sum()
+    assert float(costs["a"][1:].sum()) == pytest.approx(0.5 * float(dropped_double) ** 3)
+    assert (costs["a"] >= 0).all()
+    # Not probed: priced with the largest scale, so it is cut last.
+    assert float(costs["b"].sum()) > 0
