@@ -1,8 +1,9 @@
-"""Runs the stages: calibrate -> decompose -> score -> allocate -> replace linears.
+"""Runs the stages: calibrate -> decompose -> measure sensitivity -> allocate -> replace.
 
     stats   = calibrate(...)                 per-layer input statistics (cached on disk)
-    bases   = factorize(...)                 every linear's bases (+ loss cost per basis)
-    ranks   = allocate(bases, config)        uniform or global, under the parameter budget
+    bases   = factorize(...)                 every linear's bases and their output energies
+    kl      = sensitivities(...)             global only: measured effect of each linear (cached)
+    ranks   = allocate(bases, config, kl)    uniform or global, under the parameter budget
     reports = apply_ranks(model, bases, ...) LowRankLinear in place of the chosen linears
 
 Each stage is a plain function so benchmarks can reuse one factorization for many budgets.
@@ -106,7 +107,8 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
                   bases: Bases, config: CompressConfig, progress: bool = True) -> dict[str, float]:
     """Measured KL of truncating each linear alone to its probe rank (cached per method)."""
     n = config.calibration.sensitivity_samples
-    key = f"sensitivity_{config.method}_{config.probe_ratio:g}_{config.align}_{n}"
+    key = (f"sensitivity_{config.method}_probe{config.probe_ratio:g}_align{config.align}_n{n}"
+           f"_damp{config.damping:g}_alpha{config.asvd_alpha:g}")
     cached = cache.load_json(key)
     if cached is not None:
         return cached
