@@ -86,6 +86,9 @@ def whitening(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
         damp = damping * 10**attempt
         s, info = torch.linalg.cholesky_ex(gram + damp * scale * eye)
         if int(info) == 0:
+            if attempt:
+                log.warning("Gram matrix needed damping %.0e (asked %.0e) to be positive definite",
+                            damp, damping)
             return Whitening(s, damp, used_eigh=False)
     log.warning("Gram matrix is not positive definite even with damping %.0e; using its "
                 "eigen-decomposition with clamped eigenvalues", damp)
