@@ -98,24 +98,18 @@ def uniform_ranks(shapes: dict[str, Shape], ratio: float, align: int = 8,
 
 
 def global_ranks(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float,
-                 align: int = 8, tolerance: float = 0.005, min_rank: int | None = None,
-                 groups: dict[str, str] | None = None) -> dict[str, int | None]:
+                 align: int = 8, tolerance: float = 0.005,
+                 min_rank: int | None = None) -> dict[str, int | None]:
     """Greedy allocation: repeatedly drop the tail chunk of `align` bases with the smallest
     cost per parameter saved, until `ratio` of the parameters is removed.
 
     costs[name][i] is the estimated loss increase of removing basis i of that matrix (bases in
     decreasing order of importance; a matrix always keeps a prefix). A matrix starts dense; its
     first move goes to its largest useful rank (that move drops the bases beyond it at once).
-    groups (matrix name -> group name), when given, makes each group remove `ratio` of its own
-    parameters: bases then compete only within a group (e.g. all q_proj of all layers).
     """
     check_ratio(ratio)
     min_rank = align if min_rank is None else min_rank
-    groups = groups or {name: "all" for name in shapes}
-    ranks: dict[str, int | None] = {}
-    for group in dict.fromkeys(groups.values()):
-        members = {name: shapes[name] for name in shapes if groups[name] == group}
-        ranks.update(_greedy(members, costs, ratio, align, tolerance, min_rank))
+    ranks = _greedy(shapes, costs, ratio, align, tolerance, min_rank)
     _check_budget(shapes, ranks, ratio, tolerance, align)
     return ranks
 
