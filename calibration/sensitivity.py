@@ -46,7 +46,7 @@ def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tenso
     sensitivity: dict[str, float] = {}
     jobs = [(index, name) for index in range(len(layers)) for name in spec.linear_names]
     for index, name in tqdm(jobs, desc="sensitivity", disable=not progress):
-        full_name = f"{spec.layers_path}.{index}.{name}"
+        full_name = spec.full_name(index, name)
         weight = truncated_weight(full_name)
         if weight is None:
             continue

@@ -46,6 +46,10 @@ class ArchSpec:
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.input_groups for name in group)
 
+    def full_name(self, layer_index: int, linear_name: str) -> str:
+        """Module name of a decoder linear in the whole model, e.g. model.layers.3.mlp.up_proj."""
+        return f"{self.layers_path}.{layer_index}.{linear_name}"
+
 
 def _base_llama_kwargs(config: PretrainedConfig) -> dict:
     kwargs = {key: getattr(config, key) for key in _LLAMA_KEYS if getattr(config, key, None) is not None}

@@ -23,7 +23,7 @@ from transformers import LlamaForCausalLM
 from compressor import modeling_basis_llama
 from compressor.config import CompressConfig, save_config
 from compressor.modeling_basis_llama import (
-    FORMAT_VERSION, BasisLlamaConfig, BasisLlamaForCausalLM, LowRankLinear,
+    FORMAT_VERSION, BasisLlamaConfig, BasisLlamaForCausalLM, LowRankLinear, replace_module,
 )
 
 AUTO_MAP = {
@@ -91,9 +91,7 @@ def to_basis_model(model: LlamaForCausalLM, compression: dict) -> BasisLlamaForC
 def to_dense_model(model: nn.Module) -> nn.Module:
     """Multiply every LowRankLinear back into an nn.Linear (in place); returns the model."""
     for name in list(low_rank_ranks(model)):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, getattr(parent, child).to_dense())
+        replace_module(model, name, model.get_submodule(name).to_dense())
     return model
 
 

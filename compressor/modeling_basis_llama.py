@@ -56,18 +56,22 @@ class BasisLlamaConfig(LlamaConfig):
         return self.compression.get("ranks", {})
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the dotted `name` points inside `root`."""
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child_name, new)
+
+
 def swap_low_rank(model: nn.Module, ranks: dict[str, int]) -> None:
     """Replace each named nn.Linear by an (uninitialised) LowRankLinear of the given rank."""
     for name, rank in ranks.items():
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        dense = getattr(parent, child_name)
+        dense = model.get_submodule(name)
         if not isinstance(dense, nn.Linear):
             raise ValueError(f"{name} is {type(dense).__name__}, expected nn.Linear")
         low_rank = LowRankLinear(dense.in_features, dense.out_features, int(rank),
                                  bias=dense.bias is not None, device=dense.weight.device,
                                  dtype=dense.weight.dtype)
-        setattr(parent, child_name, low_rank)
+        replace_module(model, name, low_rank)
 
 
 class BasisLlamaForCausalLM(LlamaForCausalLM):

@@ -29,7 +29,7 @@ from compressor.allocate import Shape, basis_energy, global_ranks, measured_cost
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
 from compressor.decompose import Factorization, check_finite, decompose, output_error
-from compressor.modeling_basis_llama import LowRankLinear
+from compressor.modeling_basis_llama import LowRankLinear, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def linear_modules(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
     modules = {}
     for index, layer in enumerate(decoder_layers(model, spec)):
         for name in spec.linear_names:
-            modules[f"{spec.layers_path}.{index}.{name}"] = layer.get_submodule(name)
+            modules[spec.full_name(index, name)] = layer.get_submodule(name)
     return modules
 
 
@@ -134,7 +134,7 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
     for index in tqdm(range(len(layers)), desc=f"decompose ({config.method})", disable=not progress):
         stats = cache.load_layer(index)
         for name in spec.linear_names:
-            full_name = f"{spec.layers_path}.{index}.{name}"
+            full_name = spec.full_name(index, name)
             weight = layers[index].get_submodule(name).weight.detach()
             item = stats[groups[name]]
             gram = item.mean_gram()
@@ -166,7 +166,7 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
     for index, layer in enumerate(decoder_layers(model, spec)):
         stats = cache.load_layer(index)
         for name in spec.linear_names:
-            full_name = f"{spec.layers_path}.{index}.{name}"
+            full_name = spec.full_name(index, name)
             dense = layer.get_submodule(name)
             shape, rank = bases.shapes[full_name], ranks[full_name]
             report = LayerReport(full_name, shape.out_features, shape.in_features, rank,
@@ -181,8 +181,7 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
                 low_rank.down.weight.copy_(down)
                 if dense.bias is not None:
                     low_rank.up.bias.copy_(dense.bias)
-                parent_name, _, child = name.rpartition(".")
-                setattr(layer.get_submodule(parent_name), child, low_rank)
+                replace_module(layer, name, low_rank)
             reports.append(report)
     return reports
 
