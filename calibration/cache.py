@@ -90,3 +90,13 @@ class StatsCache:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(value, indent=1))
         tmp.rename(path)
+
+    def load_tensors(self, name: str) -> dict | None:
+        path = self.path / f"{name}.safetensors"
+        return load_file(path) if path.exists() else None
+
+    def save_tensors(self, name: str, tensors: dict) -> None:
+        path = self.path / f"{name}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({key: value.contiguous() for key, value in tensors.items()}, tmp)
+        tmp.rename(path)

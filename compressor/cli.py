@@ -17,6 +17,7 @@ log = logging.getLogger("compressor")
 # CLI flag -> (section, key) of CompressConfig; a flag left unset keeps the YAML / default value.
 FLAG_TO_CONFIG = {
     "ratio": (None, "ratio"), "method": (None, "method"), "allocation": (None, "allocation"),
+    "score": (None, "score"), "gradient_samples": ("calibration", "gradient_samples"),
     "align": (None, "align"), "dense": (None, "dense_export"),
     "target": ("calibration", "source"), "samples": ("calibration", "samples"),
     "seq_len": ("calibration", "seq_len"), "seed": ("calibration", "seed"),
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--method", help="svd | asvd | whiten")
     compress.add_argument("--allocation", help="uniform | global")
     compress.add_argument("--align", type=int, help="ranks are multiples of this")
+    compress.add_argument("--score", help="energy | taylor: how each basis is scored for the target")
     compress.add_argument("--sensitivity-samples", type=int, help="sequences for the sensitivity pass")
+    compress.add_argument("--gradient-samples", type=int, help="sequences for the taylor gradients")
     compress.add_argument("--dense", action="store_const", const=True,
                           help="export the factors multiplied back, as a stock LlamaForCausalLM")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -131,12 +134,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def format_layers(result) -> str:
-    lines = [f"{'layer':<40} {'shape':>11} {'rank':>9} {'params kept':>12} {'out err':>8}"]
+    lines = [f"{'layer':<40} {'shape':>11} {'rank':>9} {'params kept':>12} {'out err':>8} "
+             f"{'score dropped':>13} {'reordered':>9}"]
     for layer in result.layers:
         rank = "dense" if layer.rank is None else f"{layer.rank}/{layer.full_rank}"
         kept = layer.params_after / layer.params_before
+        dropped = "-" if layer.score_dropped is None else f"{layer.score_dropped:.3g}"
         lines.append(f"{layer.name:<40} {layer.out_features:>5}x{layer.in_features:<5} {rank:>9} "
-                     f"{kept:>11.1%} {layer.output_error:>8.4f}")
+                     f"{kept:>11.1%} {layer.output_error:>8.4f} {dropped:>13} {layer.out_of_order:>9}")
     summary = result.summary
     lines.append(f"decoder-linear parameters: {summary['decoder_linear_params']:,} -> "
                  f"{summary['kept_params']:,} (removed {summary['removed_fraction']:.2%}, asked "
@@ -160,7 +165,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
                "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
-    save_compressed(model, tokenizer, args.out, config, summary, args.overwrite, dense=config.dense_export)
+    save_compressed(model, tokenizer, args.out, config, summary, args.overwrite,
+                    dense=config.dense_export, scores=result.scores)
     print(format_layers(result))
     print(f"saved: {args.out}")
     return 0

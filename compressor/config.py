@@ -9,6 +9,7 @@ import yaml
 
 from compressor.allocate import ALLOCATIONS, check_ratio
 from compressor.decompose import METHODS
+from compressor.scoring import SCORES
 
 CONFIG_VERSION = 1
 
@@ -24,7 +25,8 @@ class CalibrationConfig:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 8
-    sensitivity_samples: int = 2  # sequences for the measured-sensitivity pass (global allocation)
+    sensitivity_samples: int = 2  # sequences for the measured-sensitivity pass (global, energy)
+    gradient_samples: int = 8  # sequences whose loss gradients give the taylor scores
 
 
 @dataclass
@@ -33,6 +35,7 @@ class CompressConfig:
     ratio: float = 0.2  # fraction of decoder-linear parameters removed
     method: str = "whiten"  # svd | asvd | whiten
     allocation: str = "global"  # uniform | global
+    score: str = "energy"  # energy | taylor: which bases the target needs (scoring.py)
     align: int = 8
     probe_ratio: float = 0.4  # global: each linear's sensitivity is measured truncated to this
     cost_exponent: float = 2.0  # global: KL_m(r) ~ KL_m(probe) * (energy dropped ratio) ** this
@@ -50,6 +53,8 @@ class CompressConfig:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}.")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}.")
+        if self.score not in SCORES:
+            raise ConfigError(f"score must be one of {', '.join(SCORES)}; got {self.score!r}.")
         if not 0.0 < self.probe_ratio < 1.0:
             raise ConfigError(f"probe_ratio must be in (0, 1); got {self.probe_ratio}.")
         if self.cost_exponent < 1.0:
@@ -57,10 +62,15 @@ class CompressConfig:
         if self.align < 1:
             raise ConfigError(f"align must be >= 1; got {self.align}.")
         cal = self.calibration
-        if cal.samples < 1 or cal.seq_len < 2 or cal.batch_size < 1 or cal.sensitivity_samples < 1:
-            raise ConfigError("calibration samples, seq_len, batch_size and sensitivity_samples must be positive.")
-        if self.allocation == "global" and cal.sensitivity_samples > cal.samples:
-            raise ConfigError("calibration.sensitivity_samples cannot exceed calibration.samples.")
+        if min(cal.samples, cal.batch_size, cal.sensitivity_samples, cal.gradient_samples) < 1 or cal.seq_len < 2:
+            raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples and "
+                              "gradient_samples must be positive.")
+        used = {"sensitivity_samples": self.score == "energy" and self.allocation == "global",
+                "gradient_samples": self.score == "taylor"}
+        for key in (key for key, in_use in used.items() if in_use):
+            if getattr(cal, key) > cal.samples:
+                raise ConfigError(f"calibration.{key} ({getattr(cal, key)}) cannot exceed "
+                                  f"calibration.samples ({cal.samples}).")
         return self
 
 

@@ -25,7 +25,8 @@ METHODS = ("svd", "asvd", "whiten")
 
 @dataclass
 class Factorization:
-    """All bases of one weight, sorted by sigma (descending), in float32."""
+    """All bases of one weight, most important first (sigma descending unless a score
+    reordered them: see scoring.reorder), in float32."""
 
     u: torch.Tensor  # (out, k) left singular vectors
     sigma: torch.Tensor  # (k,) singular values of W S

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -96,8 +97,11 @@ def to_dense_model(model: nn.Module) -> nn.Module:
 
 
 def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: CompressConfig,
-                    summary: dict, overwrite: bool = False, dense: bool = False) -> Path:
-    compression = {"method": config.method, "allocation": config.allocation, "ratio": config.ratio}
+                    summary: dict, overwrite: bool = False, dense: bool = False,
+                    scores: dict[str, torch.Tensor] | None = None) -> Path:
+    """scores: per-basis costs and orders from the pipeline, saved as basis_scores.safetensors."""
+    compression = {"method": config.method, "allocation": config.allocation, "score": config.score,
+                   "ratio": config.ratio}
     with atomic_folder(out_dir, overwrite) as tmp:
         if dense:
             to_dense_model(model).save_pretrained(tmp)
@@ -108,4 +112,7 @@ def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: C
         tokenizer.save_pretrained(tmp)
         save_config(config, tmp / "compression.yaml")
         (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if scores:
+            save_file({name: tensor.contiguous() for name, tensor in scores.items()},
+                      tmp / "basis_scores.safetensors")
     return Path(out_dir)

@@ -1,9 +1,11 @@
-"""Runs the stages: calibrate -> decompose -> measure sensitivity -> allocate -> replace.
+"""Runs the stages: calibrate -> decompose -> score -> allocate -> replace.
 
     stats   = calibrate(...)                 per-layer input statistics (cached on disk)
     bases   = factorize(...)                 every linear's bases and their output energies
-    kl      = sensitivities(...)             global only: measured effect of each linear (cached)
-    ranks   = allocate(bases, config, kl)    uniform or global, under the parameter budget
+    costs   = score_bases(...)               per-basis loss costs for the target (see scoring.py):
+                energy: measured sensitivity of each linear (global only; cached)
+                taylor: gradient-based estimate per basis (cached); bases reordered by it
+    ranks   = allocate(bases, config, costs) uniform or global, under the parameter budget
     reports = apply_ranks(model, bases, ...) LowRankLinear in place of the chosen linears
 
 Each stage is a plain function so benchmarks can reuse one factorization for many budgets.
@@ -24,12 +26,14 @@ from tqdm.auto import tqdm
 from calibration.cache import StatsCache, stats_key
 from calibration.capture import iterate_layers
 from calibration.data import blocks_fingerprint, token_blocks
+from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
 from compressor.allocate import Shape, basis_energy, global_ranks, measured_costs, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
 from compressor.decompose import Factorization, check_finite, decompose, output_error
 from compressor.modeling_basis_llama import LowRankLinear, replace_module
+from compressor.scoring import reorder, taylor_scores
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,8 @@ class Bases:
     factors: dict[str, Factorization]
     shapes: dict[str, Shape]
     energy: dict[str, torch.Tensor] = field(default_factory=dict)  # output energy per basis
+    # Position -> index in singular-value order, for matrices whose bases a score reordered.
+    order: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +59,8 @@ class LayerReport:
     params_before: int
     params_after: int
     output_error: float  # relative ||dW X||^2 / ||W X||^2 on calibration inputs
+    score_dropped: float | None = None  # summed cost (estimated loss increase) of dropped bases
+    out_of_order: int = 0  # kept bases that are not among the `rank` largest singular values
 
 
 @dataclass
@@ -61,6 +69,8 @@ class CompressionResult:
     layers: list[LayerReport]
     summary: dict
     timings: dict[str, float]
+    # "<linear>.score": cost of each basis in kept order; "<linear>.order": its singular-value index
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"summary": self.summary, "timings_s": self.timings,
@@ -125,6 +135,43 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
     return measured
 
 
+def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: Bases,
+              config: CompressConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean and mean-square gradient of every basis coefficient (cached per method)."""
+    n = config.calibration.gradient_samples
+    key = f"gradients_{config.method}_n{n}_damp{config.damping:g}_alpha{config.asvd_alpha:g}"
+    cached = cache.load_tensors(key)
+    if cached is not None:
+        return cached
+    measured = coefficient_gradients(
+        model, blocks[:n], {name: (f.u, f.w) for name, f in bases.factors.items()}, progress)
+    tensors = {}
+    for name, item in measured.items():
+        tensors[f"{name}.mean"], tensors[f"{name}.mean_square"] = item.mean, item.mean_square
+    cache.save_tensors(key, tensors)
+    return tensors
+
+
+def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
+                bases: Bases, config: CompressConfig, progress: bool = True) -> dict[str, torch.Tensor] | None:
+    """Per-basis loss costs on one scale across matrices (None: uniform energy needs none).
+
+    With `taylor` the bases of every matrix are reordered (in place) by decreasing score.
+    """
+    if config.score == "energy":
+        if config.allocation == "uniform":
+            return None
+        sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress)
+        return measured_costs(bases.energy, probe_ranks(bases, config), sensitivity, config.cost_exponent)
+    grads = gradients(model, cache, blocks, bases, config, progress)
+    costs = {}
+    for name, factor in bases.factors.items():
+        scores = taylor_scores(factor.sigma, grads[f"{name}.mean"], grads[f"{name}.mean_square"])
+        bases.factors[name], costs[name], bases.order[name] = reorder(factor, scores)
+        bases.energy[name] = bases.energy[name][bases.order[name]]
+    return costs
+
+
 def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: CompressConfig,
               progress: bool = True) -> Bases:
     """Decompose every decoder linear into its bases, with each basis's output energy."""
@@ -148,18 +195,17 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
 
 
 def allocate(bases: Bases, config: CompressConfig,
-             sensitivity: dict[str, float] | None = None) -> dict[str, int | None]:
+             costs: dict[str, torch.Tensor] | None = None) -> dict[str, int | None]:
     if config.allocation == "uniform":
         return uniform_ranks(bases.shapes, config.ratio, config.align, config.tolerance)
-    if sensitivity is None:
-        raise ValueError("global allocation needs the measured sensitivities")
-    costs = measured_costs(bases.energy, probe_ranks(bases, config), sensitivity, config.cost_exponent)
+    if costs is None:
+        raise ValueError("global allocation needs per-basis costs (score_bases)")
     return global_ranks(bases.shapes, costs, config.ratio, config.align, config.tolerance)
 
 
 @torch.no_grad()
 def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str, int | None],
-                cache: StatsCache) -> list[LayerReport]:
+                cache: StatsCache, costs: dict[str, torch.Tensor] | None = None) -> list[LayerReport]:
     """Replace every linear with a rank by a LowRankLinear; report its output error."""
     groups = group_of(spec)
     reports = []
@@ -175,6 +221,10 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
                 up, down = bases.factors[full_name].factors(rank)
                 gram = stats[groups[name]].mean_gram().float()
                 report.output_error = output_error(dense.weight.float(), up, down, gram)
+                if costs is not None:
+                    report.score_dropped = float(costs[full_name][rank:].sum())
+                if full_name in bases.order:
+                    report.out_of_order = int((bases.order[full_name][:rank] >= rank).sum())
                 low_rank = LowRankLinear(shape.in_features, shape.out_features, rank,
                                          bias=dense.bias is not None, dtype=dense.weight.dtype)
                 low_rank.up.weight.copy_(up)
@@ -208,17 +258,17 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         start = time.perf_counter()
         bases = factorize(model, spec, cache, config, progress)
         timings["decomposition"] = time.perf_counter() - start
-        sensitivity = None
-        if config.allocation == "global":
-            start = time.perf_counter()
-            sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress)
-            timings["sensitivity"] = time.perf_counter() - start
         start = time.perf_counter()
-        ranks = allocate(bases, config, sensitivity)
-        reports = apply_ranks(model, spec, bases, ranks, cache)
+        costs = score_bases(model, spec, cache, blocks, bases, config, progress)
+        timings["scoring"] = time.perf_counter() - start
+        start = time.perf_counter()
+        ranks = allocate(bases, config, costs)
+        reports = apply_ranks(model, spec, bases, ranks, cache, costs)
         timings["allocation_and_replace"] = time.perf_counter() - start
     summary = summarize(bases.shapes, ranks)
     summary["model_params_before"] = params_before
     summary["model_params_after"] = sum(p.numel() for p in model.parameters())
     summary["ratio_asked"] = config.ratio
-    return CompressionResult(ranks, reports, summary, timings)
+    scores = {} if costs is None else {f"{name}.score": cost.float() for name, cost in costs.items()}
+    scores.update({f"{name}.order": order for name, order in bases.order.items()})
+    return CompressionResult(ranks, reports, summary, timings, scores)

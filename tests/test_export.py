@@ -14,31 +14,36 @@ from compressor.modeling_basis_llama import BasisLlamaForCausalLM, LowRankLinear
 from compressor.pipeline import compress
 
 
-def _compress(model, blocks, allocation="uniform", ratio=0.3):
-    config = CompressConfig(ratio=ratio, allocation=allocation, tolerance=0.02, calibration=CalibrationConfig(
-        samples=len(blocks), seq_len=blocks.shape[1], batch_size=4, sensitivity_samples=4))
+def _compress(model, blocks, allocation="uniform", ratio=0.3, score="energy"):
+    config = CompressConfig(ratio=ratio, allocation=allocation, score=score, tolerance=0.02,
+                            calibration=CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1],
+                                                          batch_size=4, sensitivity_samples=4,
+                                                          gradient_samples=4))
     result = compress(model, get_spec("llama"), blocks, config, progress=False)
     return config, result
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "global"])
-def test_export_round_trip(tmp_path, tiny_model, tokenizer, blocks, allocation):
+@pytest.mark.parametrize("allocation,score", [("uniform", "energy"), ("global", "energy"),
+                                              ("uniform", "taylor"), ("global", "taylor")])
+def test_export_round_trip(tmp_path, tiny_model, tokenizer, blocks, allocation, score):
     params_before = sum(p.numel() for p in tiny_model.parameters())
-    config, result = _compress(tiny_model, blocks, allocation)
+    config, result = _compress(tiny_model, blocks, allocation, score=score)
     assert result.summary["removed_fraction"] == pytest.approx(0.3, rel=0.02)
     assert any(isinstance(m, LowRankLinear) for m in tiny_model.modules())
     with torch.no_grad():
         expected = tiny_model(blocks).logits
     out = tmp_path / "compressed"
-    save_compressed(tiny_model, tokenizer, out, config, result.to_dict())
+    save_compressed(tiny_model, tokenizer, out, config, result.to_dict(), scores=result.scores)
 
     names = sorted(os.listdir(out))
+    assert ("basis_scores.safetensors" in names) == ((allocation, score) != ("uniform", "energy"))
     assert "model.safetensors" in names and "modeling_basis_llama.py" in names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary folder left
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == "basis_llama"
     assert saved["compression"]["format_version"] == 1
+    assert saved["compression"]["score"] == score
     assert saved["compression"]["ranks"] == {k: v for k, v in result.ranks.items() if v is not None}
 
     loaded = AutoModelForCausalLM.from_pretrained(out)
