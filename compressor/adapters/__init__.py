@@ -1,0 +1,194 @@
+"""Re-added trainable bases on top of a (compressed) model: LoRA, NOLA and Tied-LoRA.
+
+    adapters = add_adapters(model, AdapterConfig(method="nola", rank=8, num_basis=1024))
+    ... train adapters.parameters() ...
+    save_adapter(adapters, out_dir, base_model={...})   # adapter_config.json + adapter_model.safetensors
+    adapters = load_adapter(model, out_dir)             # on a freshly loaded base
+    adapters.merge(model)                               # fold into the factors: [U | B] [V ; A]
+
+One file per method (lora.py, nola.py, tied_lora.py); each builds its AdaptedLinear modules
+and any parameters they share. This module holds what is common: attaching, saving, loading.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compressor.adapters import lora, nola, tied_lora
+from compressor.adapters.base import ADAPTER_FORMAT_VERSION, AdaptedLinear, AdapterConfig, PerForwardCache
+from compressor.arch import ArchSpec, decoder_layers, get_spec
+from compressor.modeling_basis_llama import replace_module
+
+METHODS = {"lora": lora, "nola": nola, "tied-lora": tied_lora}
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+__all__ = ["AdapterConfig", "AdapterError", "AdapterSet", "METHODS", "add_adapters", "load_adapter",
+           "save_adapter", "validate_config"]
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def validate_config(config: AdapterConfig, spec: ArchSpec) -> AdapterConfig:
+    if config.version != ADAPTER_FORMAT_VERSION:
+        raise AdapterError(f"Adapter format version {config.version} is not supported "
+                           f"(expected {ADAPTER_FORMAT_VERSION}).")
+    if config.method not in METHODS:
+        raise AdapterError(f"Unknown adapter method {config.method!r}; choose one of {', '.join(METHODS)}.")
+    if config.rank < 1 or config.num_basis < 1:
+        raise AdapterError(f"rank and num_basis must be >= 1; got {config.rank}, {config.num_basis}.")
+    if not 0.0 <= config.dropout < 1.0:
+        raise AdapterError(f"dropout must be in [0, 1); got {config.dropout}.")
+    unknown = sorted(set(config.target_modules) - set(spec.linear_names))
+    if unknown or not config.target_modules:
+        raise AdapterError(f"Unknown target module(s) {unknown or '(none given)'}; valid: {', '.join(spec.linear_names)}.")
+    return config
+
+
+class AdapterSet(nn.Module):
+    """The adapted linears of one model, the parameters they share, and the hooks they need."""
+
+    def __init__(self, config: AdapterConfig, modules: dict[str, AdaptedLinear], shared: nn.ModuleDict):
+        super().__init__()
+        self.config = config
+        self.names = list(modules)
+        self.adapted = nn.ModuleDict({name.replace(".", "/"): module for name, module in modules.items()})
+        self.shared = shared
+        self._hooks: list = []
+
+    def module(self, name: str) -> AdaptedLinear:
+        return self.adapted[name.replace(".", "/")]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What is trained and saved: each linear's own parameters and the shared ones."""
+        state = {}
+        for name in self.names:
+            for key, param in self.module(name).named_parameters(recurse=False):
+                state[f"{name}.{key}"] = param
+        for group, module in self.shared.items():
+            for key, param in module.named_parameters():
+                state[f"shared.{group}.{key}"] = param
+        return state
+
+    def num_trainable(self) -> int:
+        return sum(param.numel() for param in self.trainable_state().values())
+
+    def target_shapes(self) -> dict[str, list[int]]:
+        return {name: [self.module(name).out_features, self.module(name).in_features] for name in self.names}
+
+    def clear_caches(self, *_) -> None:
+        for module in self.shared.values():
+            if isinstance(module, PerForwardCache):
+                module.clear()
+
+    def attach_hooks(self, model: nn.Module) -> None:
+        self._hooks = [model.register_forward_pre_hook(self.clear_caches),
+                       model.register_forward_hook(self.clear_caches)]
+
+    def detach_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def remove(self, model: nn.Module) -> nn.Module:
+        """Put the original base linears back (the update is discarded)."""
+        for name in self.names:
+            replace_module(model, name, self.module(name).base)
+        self.detach_hooks()
+        self.clear_caches()
+        return model
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold every update into its base linear (low-rank stays low-rank) and detach."""
+        for name in self.names:
+            replace_module(model, name, self.module(name).merged())
+        self.detach_hooks()
+        self.clear_caches()
+        return model
+
+
+def _targets(model: nn.Module, spec: ArchSpec, config: AdapterConfig) -> dict[str, nn.Module]:
+    return {spec.full_name(index, name): layer.get_submodule(name)
+            for index, layer in enumerate(decoder_layers(model, spec)) for name in config.target_modules}
+
+
+def add_adapters(model: nn.Module, config: AdapterConfig, spec: ArchSpec | None = None) -> AdapterSet:
+    """Wrap the target linears of `model` (in place); every base parameter is frozen."""
+    spec = spec or get_spec("llama")
+    validate_config(config, spec)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    modules, shared = METHODS[config.method].attach(_targets(model, spec, config), config)
+    for name, module in modules.items():
+        replace_module(model, name, module)
+    adapters = AdapterSet(config, modules, shared)
+    adapters.attach_hooks(model)
+    return adapters
+
+
+def save_adapter(adapters: AdapterSet, out_dir: Path, base_model: dict | None = None,
+                 overwrite: bool = False, extra: dict | None = None) -> Path:
+    """adapter_config.json (config, shapes, base model identity) + adapter_model.safetensors."""
+    from compressor.export import atomic_folder
+
+    record = {**asdict(adapters.config), "target_shapes": adapters.target_shapes(),
+              "trainable_parameters": adapters.num_trainable(), "base_model": base_model or {},
+              **(extra or {})}
+    record["target_modules"] = list(adapters.config.target_modules)
+    tensors = {key: param.detach().contiguous() for key, param in adapters.trainable_state().items()}
+    with atomic_folder(out_dir, overwrite) as tmp:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "method": adapters.config.method})
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+    return Path(out_dir)
+
+
+def read_adapter_config(adapter_dir: Path) -> tuple[AdapterConfig, dict]:
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_FILE} is missing.")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise AdapterError(f"{path} is not valid JSON: {error}") from None
+    names = {f.name for f in fields(AdapterConfig)}
+    config = AdapterConfig(**{key: value for key, value in record.items() if key in names})
+    config.target_modules = tuple(config.target_modules)
+    return config, record
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path, base_model: dict | None = None,
+                 spec: ArchSpec | None = None) -> AdapterSet:
+    """Attach a saved adapter to `model`, refusing one made for a different base model."""
+    spec = spec or get_spec("llama")
+    config, record = read_adapter_config(adapter_dir)
+    validate_config(config, spec)
+    saved_fingerprint = record.get("base_model", {}).get("fingerprint")
+    given_fingerprint = (base_model or {}).get("fingerprint")
+    if saved_fingerprint and given_fingerprint and saved_fingerprint != given_fingerprint:
+        raise AdapterError(f"Adapter {adapter_dir} was trained on a different base model "
+                           f"({record['base_model'].get('path', 'unknown path')}); load it on that model.")
+    for name, base in _targets(model, spec, config).items():
+        expected = record.get("target_shapes", {}).get(name)
+        if expected != [base.out_features, base.in_features]:
+            raise AdapterError(f"Adapter {adapter_dir} does not fit this model: {name} is "
+                               f"{base.out_features}x{base.in_features} here, {expected} in the adapter.")
+    adapters = add_adapters(model, config, spec)
+    tensors = load_file(Path(adapter_dir) / WEIGHTS_FILE)
+    state = adapters.trainable_state()
+    if set(tensors) != set(state):
+        missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+        adapters.remove(model)  # leave the model as it came
+        raise AdapterError(f"Adapter weights do not match its config: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}.")
+    with torch.no_grad():
+        for key, param in state.items():
+            param.copy_(tensors[key])
+    return adapters

@@ -1,0 +1,125 @@
+import copy
+
+import pytest
+import torch
+
+from compressor.adapters import AdapterConfig, AdapterError, METHODS, add_adapters, load_adapter, save_adapter
+from compressor.adapters.nola import NolaBases, random_bases
+from compressor.arch import get_spec
+from compressor.config import CalibrationConfig, CompressConfig
+from compressor.modeling_basis_llama import LowRankLinear
+from compressor.pipeline import compress
+
+SPEC = get_spec("llama")
+
+
+@pytest.fixture
+def compressed(tiny_model, blocks):
+    config = CompressConfig(ratio=0.3, allocation="uniform", tolerance=0.02, calibration=CalibrationConfig(
+        samples=len(blocks), seq_len=blocks.shape[1], batch_size=4))
+    compress(tiny_model, SPEC, blocks, config, progress=False)
+    return tiny_model
+
+
+def _randomize(adapters, seed=3):
+    """Trained-looking values, so the update is not zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adapters.trainable_state().values():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05 + param)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_trainable_parameter_counts_match_the_formulas(compressed, method):
+    config = AdapterConfig(method=method, rank=4, num_basis=32)
+    targets = [(compressed.get_submodule(SPEC.full_name(i, n)).out_features,
+                compressed.get_submodule(SPEC.full_name(i, n)).in_features)
+               for i in range(3) for n in SPEC.linear_names]
+    adapters = add_adapters(compressed, config)
+    trainable = [p for p in compressed.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) + sum(
+        p.numel() for p in adapters.shared.parameters()) == adapters.num_trainable()
+    r = 4
+    expected = {
+        "lora": sum(r * (o + i) for o, i in targets),
+        "nola": 2 * 32 * len(targets),
+        "tied-lora": sum(r * (o + i) for o, i in set(targets)) + sum(r + o for o, _ in targets),
+    }[method]
+    assert adapters.num_trainable() == expected == METHODS[method].count_parameters(targets, config)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_update_starts_at_zero_and_merge_equals_the_unmerged_forward(compressed, blocks, method):
+    with torch.no_grad():
+        before = compressed(blocks).logits
+    adapters = add_adapters(compressed, AdapterConfig(method=method, rank=4, num_basis=32))
+    with torch.no_grad():
+        assert torch.allclose(compressed(blocks).logits, before, atol=1e-6)
+    _randomize(adapters)
+    with torch.no_grad():
+        adapted = compressed(blocks).logits
+        assert not torch.allclose(adapted, before, atol=1e-3)
+        base_rank = adapters.module("model.layers.0.mlp.up_proj").base.rank
+        adapters.merge(compressed)
+        merged = compressed(blocks).logits
+    assert torch.allclose(merged, adapted, atol=1e-5)
+    up = compressed.get_submodule("model.layers.0.mlp.up_proj")
+    assert isinstance(up, LowRankLinear) and up.rank == base_rank + 4  # [U | B] [V ; A]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_save_and_load_give_the_same_model(tmp_path, compressed, blocks, method):
+    fresh = copy.deepcopy(compressed)
+    adapters = add_adapters(compressed, AdapterConfig(method=method, rank=4, num_basis=32, seed=7))
+    _randomize(adapters)
+    with torch.no_grad():
+        expected = compressed(blocks).logits
+    save_adapter(adapters, tmp_path / "adapter", base_model={"fingerprint": "abc"})
+    loaded = load_adapter(fresh, tmp_path / "adapter", base_model={"fingerprint": "abc"})
+    with torch.no_grad():
+        assert torch.equal(fresh(blocks).logits, expected)
+    assert loaded.num_trainable() == adapters.num_trainable()
+
+
+def test_nola_regenerates_the_same_bases_without_touching_the_global_rng(tmp_path, compressed, blocks):
+    fresh = copy.deepcopy(compressed)
+    state = torch.get_rng_state()
+    first = random_bases(5, "A", 8, 4, 64)
+    assert torch.equal(first, random_bases(5, "A", 8, 4, 64))  # any call
+    assert not torch.equal(first, random_bases(6, "A", 8, 4, 64))  # another seed, another basis
+    assert torch.equal(NolaBases(5, 8).get("A", 4, 64, torch.device("cpu")), first)
+    adapters = add_adapters(compressed, AdapterConfig(method="nola", rank=4, num_basis=8, seed=5))
+    _randomize(adapters)
+    with torch.no_grad():
+        compressed(blocks)
+    assert torch.equal(torch.get_rng_state(), state)  # only private generators were used
+    assert adapters.shared["bases"]._cache == {}  # nothing kept between forwards
+
+    save_adapter(adapters, tmp_path / "nola")
+    names = {p.name for p in (tmp_path / "nola").iterdir()}
+    assert names == {"adapter_config.json", "adapter_model.safetensors"}  # seed + coefficients only
+    loaded = load_adapter(fresh, tmp_path / "nola")
+    name = "model.layers.2.mlp.down_proj"
+    with torch.no_grad():
+        for saved, restored in zip(adapters.module(name).update_factors(), loaded.module(name).update_factors()):
+            assert torch.equal(saved, restored)
+
+
+def test_adapter_for_a_different_base_is_refused(tmp_path, compressed):
+    adapters = add_adapters(compressed, AdapterConfig(method="lora", rank=2))
+    save_adapter(adapters, tmp_path / "lora", base_model={"fingerprint": "one"})
+    other = copy.deepcopy(adapters.remove(compressed))
+    with pytest.raises(AdapterError, match="different base model"):
+        load_adapter(other, tmp_path / "lora", base_model={"fingerprint": "two"})
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+    wider = LlamaForCausalLM(tiny_llama_config(hidden_size=32, intermediate_size=64))
+    with pytest.raises(AdapterError, match="does not fit this model"):
+        load_adapter(wider, tmp_path / "lora")
+
+
+def test_bad_adapter_settings_are_named():
+    with pytest.raises(AdapterError, match="Unknown adapter method"):
+        add_adapters(torch.nn.Module(), AdapterConfig(method="dora"))
+    with pytest.raises(AdapterError, match="valid: self_attn.q_proj"):
+        add_adapters(torch.nn.Module(), AdapterConfig(target_modules=("attn.qkv",)))
