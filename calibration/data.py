@@ -95,8 +95,9 @@ def source_texts(source: str, data_dir: Path) -> list[str]:
 
 
 def _blocks_from_texts(texts: list[str], tokenizer, n_samples: int, seq_len: int,
-                       rng: random.Random, name: str) -> torch.Tensor:
-    """Shuffle documents, join them with EOS into one stream, cut `n_samples` blocks."""
+                       rng: random.Random, name: str, at_most: bool = False) -> torch.Tensor:
+    """Shuffle documents, join them with EOS into one stream, cut `n_samples` blocks
+    (with at_most: as many as the text holds, up to n_samples, at least one)."""
     order = list(range(len(texts)))
     rng.shuffle(order)
     eos = tokenizer.eos_token_id
@@ -108,6 +109,9 @@ def _blocks_from_texts(texts: list[str], tokenizer, n_samples: int, seq_len: int
             stream.append(eos)
         if len(stream) >= needed:
             break
+    if at_most and len(stream) >= seq_len:
+        n_samples = min(n_samples, len(stream) // seq_len)
+        needed = n_samples * seq_len
     if len(stream) < needed:
         raise CalibrationDataError(
             f"Calibration source {name!r} has {len(stream)} tokens, fewer than the "
@@ -117,8 +121,12 @@ def _blocks_from_texts(texts: list[str], tokenizer, n_samples: int, seq_len: int
 
 
 def token_blocks(source: str, tokenizer, n_samples: int, seq_len: int, seed: int,
-                 data_dir: Path) -> torch.Tensor:
-    """(n_samples, seq_len) token ids from `source`, the same for the same arguments."""
+                 data_dir: Path, at_most: bool = False) -> torch.Tensor:
+    """(n_samples, seq_len) token ids from `source`, the same for the same arguments.
+
+    at_most: a source shorter than asked gives fewer blocks instead of an error (training
+    cycles over them); `mix` does not support it.
+    """
     if n_samples < 1 or seq_len < 2:
         raise CalibrationDataError(f"Need samples >= 1 and seq_len >= 2, got {n_samples}, {seq_len}.")
     rng = random.Random(seed)
@@ -126,7 +134,7 @@ def token_blocks(source: str, tokenizer, n_samples: int, seq_len: int, seed: int
         texts = source_texts(source, data_dir)
         if not texts:
             raise CalibrationDataError(f"Calibration source {source!r} is empty.")
-        return _blocks_from_texts(texts, tokenizer, n_samples, seq_len, rng, source)
+        return _blocks_from_texts(texts, tokenizer, n_samples, seq_len, rng, source, at_most)
     parts = ("code", "math", "general")
     counts = [n_samples // 3 + (1 if i < n_samples % 3 else 0) for i in range(3)]
     blocks = [_blocks_from_texts(source_texts(part, data_dir), tokenizer, count, seq_len, rng, part)

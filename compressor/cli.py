@@ -1,4 +1,4 @@
-"""Command line: `compressor fetch-example | calibrate | compress | eval`."""
+"""Command line: `compressor fetch-example | calibrate | compress | train | merge | eval`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from compressor.config import CompressConfig, ConfigError, config_from_dict, config_to_dict, load_config
+from compressor.config import (
+    CompressConfig, ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config,
+)
 
 log = logging.getLogger("compressor")
 
@@ -23,6 +25,16 @@ FLAG_TO_CONFIG = {
     "seq_len": ("calibration", "seq_len"), "seed": ("calibration", "seed"),
     "batch_size": ("calibration", "batch_size"),
     "sensitivity_samples": ("calibration", "sensitivity_samples"),
+}
+
+# compressor train: flag -> (section, key) of TrainConfig.
+TRAIN_FLAG_TO_CONFIG = {
+    "target": (None, "target"), "steps": (None, "steps"), "batch_size": (None, "batch_size"),
+    "grad_accum": (None, "grad_accum"), "seq_len": (None, "seq_len"), "lr": (None, "lr"),
+    "warmup_steps": (None, "warmup_steps"), "seed": (None, "seed"),
+    "checkpoint_every": (None, "checkpoint_every"), "adapter": ("adapter", "method"),
+    "rank": ("adapter", "rank"), "alpha": ("adapter", "alpha"), "dropout": ("adapter", "dropout"),
+    "num_basis": ("adapter", "num_basis"),
 }
 
 
@@ -72,9 +84,39 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     compress.add_argument("--no-cache", action="store_true", help="do not reuse or save statistics")
 
+    train = sub.add_parser("train", help="train a recovery adapter (LoRA, NOLA, Tied-LoRA) on target data")
+    _add_common(train)
+    train.add_argument("--model", type=Path, required=True, help="compressed (or dense) model folder")
+    train.add_argument("--config", type=Path, help="YAML training config (flags override it)")
+    train.add_argument("--adapter", help="lora | nola | tied-lora")
+    train.add_argument("--target", help="training data: code | math | general | mix | PATH.jsonl/.txt")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--out", type=Path, required=True, help="adapter output folder")
+    train.add_argument("--rank", type=int)
+    train.add_argument("--alpha", type=float, help="update scale alpha / rank")
+    train.add_argument("--dropout", type=float)
+    train.add_argument("--num-basis", type=int, help="NOLA: random bases for A and for B")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--warmup-steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    train.add_argument("--seq-len", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: none)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run of --out")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    merge = sub.add_parser("merge", help="fold a trained adapter into the model: [U | B] [V ; A]")
+    _add_common(merge)
+    merge.add_argument("--model", type=Path, required=True)
+    merge.add_argument("--adapter", type=Path, required=True, help="adapter folder (compressor train --out)")
+    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--overwrite", action="store_true")
+
     evaluate = sub.add_parser("eval", help="held-out perplexity on code, math and general text")
     _add_common(evaluate)
     evaluate.add_argument("--model", type=Path, required=True)
+    evaluate.add_argument("--adapter", type=Path, help="evaluate with this adapter merged in")
     evaluate.add_argument("--sets", default="code,math,general")
     evaluate.add_argument("--limit", type=int, default=64, help="documents per set (0: all)")
     evaluate.add_argument("--max-length", type=int, default=512)
@@ -83,13 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> CompressConfig:
-    data = config_to_dict(load_config(args.config)) if getattr(args, "config", None) else config_to_dict(CompressConfig())
-    for flag, (section, key) in FLAG_TO_CONFIG.items():
+def resolve_config(args: argparse.Namespace, cls=CompressConfig, flags: dict | None = None):
+    """The YAML config (or the defaults) with every flag that was given applied on top."""
+    config = load_config(args.config, cls) if getattr(args, "config", None) else cls()
+    data = config_to_dict(config)
+    for flag, (section, key) in (FLAG_TO_CONFIG if flags is None else flags).items():
         value = getattr(args, flag, None)
         if value is not None:
             (data[section] if section else data)[key] = value
-    return config_from_dict(data)
+    return config_from_dict(data, cls)
 
 
 def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -172,6 +216,63 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _base_identity(model_dir: Path) -> dict:
+    from calibration.cache import model_fingerprint
+
+    return {"path": str(model_dir), "fingerprint": model_fingerprint(model_dir)}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from calibration.data import token_blocks
+    from compressor.adapters import add_adapters
+    from compressor.export import check_output
+    from compressor.load import load_any, load_tokenizer
+    from compressor.train import train_adapter
+
+    config = resolve_config(args, TrainConfig, TRAIN_FLAG_TO_CONFIG)
+    check_output(args.out, args.overwrite)
+    _, data = _paths(args)
+    model = load_any(args.model)
+    tokenizer = load_tokenizer(args.model)
+    needed = config.steps * config.grad_accum * config.batch_size
+    blocks = token_blocks(config.target, tokenizer, needed, config.seq_len, config.seed, data, at_most=True)
+    torch.manual_seed(config.seed)  # dropout is the only user of the global RNG here
+    adapters = add_adapters(model, config.adapter)
+    total = sum(param.numel() for param in model.parameters())
+    print(f"{config.adapter.method}: {adapters.num_trainable():,} trainable parameters "
+          f"({adapters.num_trainable() / total:.4%} of {total:,}); {len(blocks)} distinct blocks of "
+          f"{config.seq_len} tokens for {needed} sequences")
+    summary = train_adapter(model, adapters, blocks, config, args.out, _base_identity(args.model),
+                            overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    summary["model_parameters"] = total
+    print(json.dumps(summary, indent=2))
+    print(f"saved: {args.out}")
+    return 0
+
+
+def _with_adapter(model, model_dir: Path, adapter_dir: Path):
+    from compressor.adapters import load_adapter, read_adapter_config
+
+    adapters = load_adapter(model, adapter_dir, _base_identity(model_dir))
+    adapters.merge(model)
+    return read_adapter_config(adapter_dir)[1]
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from compressor.export import check_output, save_merged
+    from compressor.load import load_any, load_tokenizer
+
+    check_output(args.out, args.overwrite)
+    model = load_any(args.model)
+    tokenizer = load_tokenizer(args.model)
+    record = _with_adapter(model, args.model, args.adapter)
+    save_merged(model, tokenizer, args.out, args.model, record, args.overwrite)
+    print(f"saved: {args.out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from compressor.evaluate import evaluate_perplexity, folder_bytes, format_table, parameter_count
     from compressor.load import load_any, load_tokenizer
@@ -179,11 +280,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _, data = _paths(args)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
+    adapter_record = _with_adapter(model, args.model, args.adapter) if args.adapter else None
     sets = [name.strip() for name in args.sets.split(",") if name.strip()]
     results = evaluate_perplexity(model, tokenizer, data, sets, args.limit or None, args.max_length,
                                   args.batch_size, progress=not args.quiet)
     print(format_table(results))
-    payload = {"model": str(args.model), "parameters": parameter_count(model),
+    payload = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
+               "adapter_trainable_parameters": (adapter_record or {}).get("trainable_parameters"),
+               "parameters": parameter_count(model),
                "bytes_on_disk": folder_bytes(args.model),
                "perplexity": {name: result.to_dict() for name, result in results.items()}}
     print(json.dumps(payload, indent=2))
@@ -194,7 +298,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"fetch-example": cmd_fetch_example, "calibrate": cmd_calibrate,
-            "compress": cmd_compress, "eval": cmd_eval}
+            "compress": cmd_compress, "train": cmd_train, "merge": cmd_merge, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, ConfigError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

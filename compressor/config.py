@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
 
+from compressor.adapters import AdapterConfig
+from compressor.adapters import validate_config as validate_adapter
+from compressor.arch import get_spec
 from compressor.allocate import ALLOCATIONS, check_ratio
 from compressor.decompose import METHODS
 from compressor.scoring import SCORES
@@ -75,7 +78,10 @@ class CompressConfig:
 
 
 def _build(cls, data: dict, where: str):
-    """Build dataclass `cls` from a dict, refusing unknown keys (naming the valid ones)."""
+    """Build dataclass `cls` from a dict, refusing unknown keys (naming the valid ones).
+
+    A field whose default is itself a dataclass (a nested section) is built recursively.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}.")
     known = {f.name: f for f in fields(cls)}
@@ -83,28 +89,75 @@ def _build(cls, data: dict, where: str):
     if unknown:
         raise ConfigError(f"Unknown key(s) {unknown} in {where or 'config'}; valid keys: {sorted(known)}.")
     kwargs = dict(data)
-    if cls is CompressConfig and "calibration" in kwargs:
-        kwargs["calibration"] = _build(CalibrationConfig, kwargs["calibration"], "calibration")
+    for name, value in data.items():
+        factory = known[name].default_factory
+        if factory is not MISSING and is_dataclass(default := factory()):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}" if where else name)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)  # YAML has no tuples; config sequences are tuples
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict) -> CompressConfig:
-    return _build(CompressConfig, data, "").validate()
+def config_from_dict(data: dict, cls=None):
+    """A validated config of class `cls` (default CompressConfig) from a plain dict."""
+    return _build(cls or CompressConfig, data, "").validate()
 
 
-def load_config(path: Path) -> CompressConfig:
+def load_config(path: Path, cls=None):
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
-    return config_from_dict(data)
+    return config_from_dict(data, cls)
 
 
-def config_to_dict(config: CompressConfig) -> dict:
-    return asdict(config)
+def config_to_dict(config) -> dict:
+    data = asdict(config)
+
+    def plain(value):  # tuples -> lists, so YAML stays portable (safe_load has no tuples)
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+
+    return plain(data)
 
 
-def save_config(config: CompressConfig, path: Path) -> None:
+def save_config(config, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+@dataclass
+class TrainConfig:
+    """Recovery training of an adapter on target data (compressor train)."""
+
+    version: int = CONFIG_VERSION
+    target: str = "code"  # code | math | general | mix | path to .jsonl/.txt
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 10  # linear warm-up, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0  # data order and adapter initialisation
+    checkpoint_every: int = 50  # steps; 0: only the final adapter
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def validate(self) -> "TrainConfig":
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"Config version {self.version} is not supported (expected {CONFIG_VERSION}).")
+        for key in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1; got {getattr(self, key)}.")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2; got {self.seq_len}.")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ConfigError("lr must be > 0, min_lr_ratio in [0, 1] and warmup_steps >= 0.")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}.")
+        validate_adapter(self.adapter, get_spec("llama"))  # the base is always LLaMA-shaped here
+        return self

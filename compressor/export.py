@@ -73,7 +73,7 @@ def to_basis_model(model: LlamaForCausalLM, compression: dict) -> BasisLlamaForC
     """The same tensors, wrapped in the exportable class with ranks recorded in its config."""
     ranks = low_rank_ranks(model)
     config_dict = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "compression"):
         config_dict.pop(key, None)
     config = BasisLlamaConfig(
         compression={"format_version": FORMAT_VERSION, **compression, "ranks": ranks}, **config_dict)
@@ -96,6 +96,33 @@ def to_dense_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def write_model(model: nn.Module, tokenizer, folder: Path, compression: dict, dense: bool = False) -> None:
+    """Weights, config and tokenizer into an existing folder: low-rank (basis_llama with its
+    modeling file) when the model has LowRankLinear modules and dense is False, else stock."""
+    if dense or not low_rank_ranks(model):
+        to_dense_model(model).save_pretrained(folder)
+    else:
+        to_basis_model(model, compression).save_pretrained(folder)
+        shutil.copyfile(modeling_basis_llama.__file__, Path(folder) / "modeling_basis_llama.py")
+    tokenizer.save_pretrained(folder)
+
+
+def save_merged(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, adapter_record: dict,
+                overwrite: bool = False) -> Path:
+    """A model with an adapter merged in; the source's compression records are carried over."""
+    source_dir = Path(source_dir)
+    compression = {key: value for key, value in getattr(model.config, "compression", {}).items()
+                   if key not in ("ranks", "format_version")}
+    compression["adapter"] = {key: adapter_record.get(key) for key in ("method", "rank", "num_basis", "seed")}
+    with atomic_folder(out_dir, overwrite) as tmp:
+        write_model(model, tokenizer, tmp, compression)
+        for name in ("compression.yaml", "compression_summary.json", "basis_scores.safetensors"):
+            if (source_dir / name).exists():
+                shutil.copyfile(source_dir / name, tmp / name)
+        (tmp / "merged_adapter_config.json").write_text(json.dumps(adapter_record, indent=2))
+    return Path(out_dir)
+
+
 def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: CompressConfig,
                     summary: dict, overwrite: bool = False, dense: bool = False,
                     scores: dict[str, torch.Tensor] | None = None) -> Path:
@@ -103,13 +130,7 @@ def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: C
     compression = {"method": config.method, "allocation": config.allocation, "score": config.score,
                    "ratio": config.ratio}
     with atomic_folder(out_dir, overwrite) as tmp:
-        if dense:
-            to_dense_model(model).save_pretrained(tmp)
-        else:
-            basis = to_basis_model(model, compression)
-            basis.save_pretrained(tmp)
-            shutil.copyfile(modeling_basis_llama.__file__, tmp / "modeling_basis_llama.py")
-        tokenizer.save_pretrained(tmp)
+        write_model(model, tokenizer, tmp, compression, dense)
         save_config(config, tmp / "compression.yaml")
         (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if scores:

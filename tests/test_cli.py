@@ -50,3 +50,46 @@ def test_compress_then_eval(tmp_path, model_dir, capsys):
     assert set(result["perplexity"]) == {"code", "math", "general"}
     assert all(v["perplexity"] > 1 for v in result["perplexity"].values())
     assert result["bytes_on_disk"] > 0
+
+
+def test_compress_train_merge_eval(tmp_path, model_dir, capsys):
+    """compress --score taylor -> train a NOLA adapter -> eval with it -> merge -> eval merged."""
+    data = _data_dir(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 200)
+    common = ["--home", str(tmp_path / "home"), "--data-dir", str(data), "--quiet"]
+    out = tmp_path / "compressed"
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump({"tolerance": 0.02}))
+    assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3",
+                 "--score", "taylor", "--samples", "4", "--seq-len", "32", "--gradient-samples", "2",
+                 "--config", str(config), "--out", str(out), *common]) == 0
+    assert "reordered" in capsys.readouterr().out
+    assert (out / "basis_scores.safetensors").exists()
+
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", str(out), "--adapter", "nola", "--target", str(corpus), "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "32", "--rank", "2", "--num-basis", "16",
+                 "--out", str(adapter), *common]) == 0
+    record = json.loads((adapter / "adapter_config.json").read_text())
+    assert record["method"] == "nola" and record["trainable_parameters"] == 2 * 16 * 21
+    assert record["base_model"]["fingerprint"]
+
+    assert main(["eval", "--model", str(out), "--adapter", str(adapter), "--limit", "2",
+                 "--json", str(tmp_path / "with.json"), *common]) == 0
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(out), "--adapter", str(adapter), "--out", str(merged), *common]) == 0
+    assert main(["eval", "--model", str(merged), "--limit", "2", "--json", str(tmp_path / "merged.json"),
+                 *common]) == 0
+    with_adapter = json.loads((tmp_path / "with.json").read_text())["perplexity"]
+    merged_ppl = json.loads((tmp_path / "merged.json").read_text())["perplexity"]
+    for name in with_adapter:
+        assert abs(with_adapter[name]["perplexity"] - merged_ppl[name]["perplexity"]) < 1e-3 * merged_ppl[name]["perplexity"]
+    config = json.loads((merged / "config.json").read_text())
+    assert config["compression"]["adapter"]["method"] == "nola"
+    assert config["compression"]["ranks"]["model.layers.0.mlp.up_proj"] % 8 == 2  # base rank + adapter rank 2
+
+    # An adapter on the wrong base is refused with a clear message.
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(adapter), "--limit", "2", *common]) == 2
+    assert "different base model" in capsys.readouterr().err

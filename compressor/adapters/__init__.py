@@ -17,6 +17,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -76,6 +77,24 @@ class AdapterSet(nn.Module):
             for key, param in module.named_parameters():
                 state[f"shared.{group}.{key}"] = param
         return state
+
+    @torch.no_grad()
+    def load_weights(self, path: Path) -> None:
+        """Copy saved trainable tensors in; every key and shape must match."""
+        try:
+            tensors = load_file(path)
+        except (OSError, SafetensorError) as error:  # missing, truncated or corrupt file
+            raise AdapterError(f"Cannot read adapter weights {path}: {error}") from None
+        state = self.trainable_state()
+        if set(tensors) != set(state):
+            missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+            raise AdapterError(f"Adapter weights {path} do not match its config: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}.")
+        for key, param in state.items():
+            if tensors[key].shape != param.shape:
+                raise AdapterError(f"Adapter weight {key} in {path} has shape {tuple(tensors[key].shape)}, "
+                                   f"expected {tuple(param.shape)}.")
+            param.copy_(tensors[key])
 
     def num_trainable(self) -> int:
         return sum(param.numel() for param in self.trainable_state().values())
@@ -181,14 +200,9 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_model: dict | None = 
             raise AdapterError(f"Adapter {adapter_dir} does not fit this model: {name} is "
                                f"{base.out_features}x{base.in_features} here, {expected} in the adapter.")
     adapters = add_adapters(model, config, spec)
-    tensors = load_file(Path(adapter_dir) / WEIGHTS_FILE)
-    state = adapters.trainable_state()
-    if set(tensors) != set(state):
-        missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+    try:
+        adapters.load_weights(Path(adapter_dir) / WEIGHTS_FILE)
+    except AdapterError:
         adapters.remove(model)  # leave the model as it came
-        raise AdapterError(f"Adapter weights do not match its config: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}.")
-    with torch.no_grad():
-        for key, param in state.items():
-            param.copy_(tensors[key])
+        raise
     return adapters

@@ -1,0 +1,137 @@
+"""Recovery training: fit an adapter on target data with the causal-LM loss.
+
+The run works in a hidden sibling folder `.NAME.partial` and renames it to NAME when done:
+    adapter_config.json, adapter_model.safetensors   the trained adapter
+    train_config.yaml, train_log.jsonl, train_summary.json
+    checkpoints/step-NNNNNN/                          adapter + trainer_state.pt every N steps
+A crashed or killed run leaves only the partial folder; `resume=True` continues it from its
+last checkpoint (the data order is a function of the seed and the step, so it is the same).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter
+from compressor.config import TrainConfig, save_config
+from compressor.export import check_output
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_order(n_blocks: int, config: TrainConfig) -> torch.Tensor:
+    """Block index of every micro-batch row, epoch after epoch, reshuffled per epoch by seed."""
+    needed = config.steps * config.grad_accum * config.batch_size
+    generator = torch.Generator().manual_seed(config.seed)
+    epochs = [torch.randperm(n_blocks, generator=generator) for _ in range(math.ceil(needed / n_blocks))]
+    return torch.cat(epochs)[:needed].view(config.steps, config.grad_accum, config.batch_size)
+
+
+def partial_dir(out_dir: Path) -> Path:
+    return Path(out_dir).with_name(f".{Path(out_dir).name}.partial")
+
+
+def _latest_checkpoint(work: Path) -> Path | None:
+    checkpoints = sorted((work / "checkpoints").glob("step-*"))
+    complete = [path for path in checkpoints if (path / STATE_FILE).exists()]
+    return complete[-1] if complete else None
+
+
+def _save_checkpoint(adapters: AdapterSet, work: Path, step: int, optimizer, base_model: dict) -> None:
+    final = work / "checkpoints" / f"step-{step:06d}"
+    save_adapter(adapters, final, base_model, overwrite=True)
+    # Written last: a checkpoint without its state file is incomplete and never resumed from.
+    tmp = final / f".{STATE_FILE}.tmp"
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp)
+    tmp.rename(final / STATE_FILE)
+
+
+def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, config: TrainConfig,
+                  out_dir: Path, base_model: dict, overwrite: bool = False, resume: bool = False,
+                  progress: bool = True) -> dict:
+    """Train `adapters` (attached to `model`) on `blocks` (n, seq_len); returns the summary."""
+    out_dir = Path(out_dir)
+    check_output(out_dir, overwrite)
+    work = partial_dir(out_dir)
+    if work.exists() and not resume:
+        raise FileExistsError(f"An unfinished run is in {work}; pass --resume to continue it, or "
+                              "delete that folder to start over.")
+    work.mkdir(parents=True, exist_ok=True)
+    save_config(config, work / "train_config.yaml")
+
+    params = [param for param in adapters.trainable_state().values()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    start_step = 0
+    checkpoint = _latest_checkpoint(work) if resume else None
+    if checkpoint is not None:
+        adapters.load_weights(checkpoint / WEIGHTS_FILE)
+        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        log.info("resuming from %s (step %d)", checkpoint, start_step)
+
+    order = batch_order(len(blocks), config)
+    model.train()
+    log_path = work / "train_log.jsonl"
+    begin = time.perf_counter()
+    bar = tqdm(range(start_step, config.steps), desc=f"train {adapters.config.method}",
+               disable=not progress, initial=start_step, total=config.steps)
+    with open(log_path, "a") as log_file:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(step, config)
+            total = 0.0
+            for micro in order[step]:
+                batch = blocks[micro]
+                loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"Loss became {float(loss)} at step {step}; lower --lr.")
+                (loss / config.grad_accum).backward()
+                total += float(loss.detach()) / config.grad_accum
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "loss": total, "lr": optimizer.param_groups[0]["lr"],
+                      "grad_norm": grad_norm, "seconds": time.perf_counter() - begin}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            bar.set_postfix(loss=f"{total:.4f}")
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                _save_checkpoint(adapters, work, step + 1, optimizer, base_model)
+    model.eval()
+
+    losses = [json.loads(line) for line in log_path.read_text().splitlines()]
+    summary = {"method": adapters.config.method, "trainable_parameters": adapters.num_trainable(),
+               "steps": config.steps, "tokens_per_step": config.batch_size * config.grad_accum * config.seq_len,
+               "first_loss": losses[0]["loss"], "final_loss": losses[-1]["loss"],
+               "train_seconds_this_run": time.perf_counter() - begin, "resumed_from_step": start_step,
+               "base_model": base_model}
+    save_adapter(adapters, work / "adapter", base_model, overwrite=True)
+    for item in (work / "adapter").iterdir():  # the adapter files sit at the top of the output
+        item.rename(work / item.name)
+    (work / "adapter").rmdir()
+    summary["adapter_bytes"] = sum(path.stat().st_size for path in work.glob("adapter_*"))
+    (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    work.rename(out_dir)
+    return summary

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import compressor.train as train_module
+from compressor.adapters import AdapterConfig, add_adapters
+from compressor.arch import get_spec
+from compressor.config import CalibrationConfig, CompressConfig, TrainConfig
+from compressor.pipeline import compress
+from compressor.train import batch_order, lr_factor, partial_dir, train_adapter
+
+
+@pytest.fixture
+def compressed(tiny_model, blocks):
+    config = CompressConfig(ratio=0.3, allocation="uniform", tolerance=0.02, calibration=CalibrationConfig(
+        samples=len(blocks), seq_len=blocks.shape[1], batch_size=4))
+    compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+    return tiny_model
+
+
+def _train_blocks():
+    # A learnable pattern: repeated short random motifs.
+    generator = torch.Generator().manual_seed(4)
+    motifs = torch.randint(3, 96, (4, 8), generator=generator)
+    return motifs.repeat(1, 4)  # (4, 32)
+
+
+@torch.no_grad()
+def _loss(model, blocks) -> float:
+    return float(model(input_ids=blocks, labels=blocks).loss)
+
+
+@pytest.mark.parametrize("method,lr,drop", [("lora", 1e-2, 0.05), ("nola", 5e-2, 0.05), ("tied-lora", 1e-2, 0.05)])
+def test_training_lowers_the_loss(tmp_path, compressed, method, lr, drop):
+    config = TrainConfig(steps=30, batch_size=2, seq_len=32, lr=lr, warmup_steps=2, checkpoint_every=0,
+                         adapter=AdapterConfig(method=method, rank=4, num_basis=64))
+    adapters = add_adapters(compressed, config.adapter)
+    before = _loss(compressed, _train_blocks())
+    summary = train_adapter(compressed, adapters, _train_blocks(), config, tmp_path / "out",
+                            {"fingerprint": "x"}, progress=False)
+    after = _loss(compressed, _train_blocks())
+    assert after < (1 - drop) * before, (before, after)  # NOLA trains ~2.7k numbers here: slower
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 30 and summary["final_loss"] == log[-1]["loss"]
+    assert not partial_dir(tmp_path / "out").exists()
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_config.yaml",
+            "train_summary.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_schedule_and_batch_order():
+    config = TrainConfig(steps=10, warmup_steps=2, min_lr_ratio=0.1, batch_size=3, grad_accum=2)
+    assert lr_factor(0, config) == 0.5 and lr_factor(1, config) == 1.0
+    assert lr_factor(9, config) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 7 / 8)).item()))
+    order = batch_order(7, config)
+    assert order.shape == (10, 2, 3)
+    assert sorted(order.flatten()[:7].tolist()) == list(range(7))  # each epoch sees every block once
+    assert torch.equal(order, batch_order(7, config))
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, compressed, monkeypatch):
+    import copy
+
+    config = TrainConfig(steps=6, batch_size=2, seq_len=32, lr=5e-3, warmup_steps=1, checkpoint_every=2,
+                         adapter=AdapterConfig(method="nola", rank=2, num_basis=16))
+    reference_model = copy.deepcopy(compressed)
+    reference = add_adapters(reference_model, config.adapter)
+    train_adapter(reference_model, reference, _train_blocks(), config, tmp_path / "ref", {}, progress=False)
+
+    adapters = add_adapters(compressed, config.adapter)
+    real = train_module.lr_factor
+
+    def crash_at_step_5(step, cfg):
+        if step == 4:
+            raise KeyboardInterrupt  # like a kill: nothing after this point runs
+        return real(step, cfg)
+
+    monkeypatch.setattr(train_module, "lr_factor", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(compressed, adapters, _train_blocks(), config, tmp_path / "run", {}, progress=False)
+    assert not (tmp_path / "run").exists() and partial_dir(tmp_path / "run").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_adapter(compressed, adapters, _train_blocks(), config, tmp_path / "run", {}, progress=False)
+
+    monkeypatch.setattr(train_module, "lr_factor", real)
+    summary = train_adapter(compressed, adapters, _train_blocks(), config, tmp_path / "run", {},
+                            resume=True, progress=False)
+    assert summary["resumed_from_step"] == 4
+    expected = load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], resumed[key], atol=1e-6), key
