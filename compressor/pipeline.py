@@ -166,7 +166,8 @@ def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: tor
     grads = gradients(model, cache, blocks, bases, config, progress)
     costs = {}
     for name, factor in bases.factors.items():
-        scores = taylor_scores(factor.sigma, grads[f"{name}.mean"], grads[f"{name}.mean_square"])
+        scores = taylor_scores(factor.sigma, grads[f"{name}.mean"], grads[f"{name}.mean_square"],
+                               tokens_per_sequence=blocks.shape[1] - 1)
         bases.factors[name], costs[name], bases.order[name] = reorder(factor, scores)
         bases.energy[name] = bases.energy[name][bases.order[name]]
     return costs

@@ -1,13 +1,14 @@
-"""Benchmark the pipeline on the example model: methods x allocations x ratios.
+"""Benchmark the pipeline on the example model: methods x scores x allocations x ratios.
 
 Runs in one process so that every method's factorization (the expensive step) is computed
 once and shared by its allocations and ratios, exactly as `compressor compress` would compute
-it. Calibration statistics and loss sensitivities are collected once and cached. Every
+it. Calibration statistics, sensitivities and gradients are collected once and cached. Every
 compressed model is exported with `save_compressed` (bytes on disk are measured on that
 folder) and evaluated in memory (the export round trip is exact: see tests/test_export.py).
 Writes RESULTS.json and README.md (a table) into --out.
 
     python scripts/bench_pipeline.py --target code --ratios 0.2 0.4 --limit 64 --out reports/pipeline
+    python scripts/bench_pipeline.py --methods whiten --scores energy taylor --out reports/scoring
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from calibration.cache import model_fingerprint
@@ -26,7 +28,7 @@ from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_cou
 from compressor.export import save_compressed
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_model, load_tokenizer
-from compressor.pipeline import allocate, apply_ranks, calibrate, calibration_blocks, factorize, sensitivities
+from compressor.pipeline import Bases, allocate, apply_ranks, calibrate, calibration_blocks, factorize, score_bases
 
 
 def peak_rss_gib() -> float:
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--methods", nargs="+", default=["whiten", "asvd", "svd"])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "global"])
+    parser.add_argument("--scores", nargs="+", default=["energy"], help="energy | taylor")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--limit", type=int, default=64, help="documents per perplexity set")
     parser.add_argument("--work", type=Path, default=Path("runs/bench"))
@@ -80,31 +83,37 @@ def main() -> None:
         print(name, {k: round(v["perplexity"], 3) for k, v in results["runs"][name]["perplexity"].items()}, flush=True)
 
     record("dense", model, {}, None)
+
+    def run_one(config: CompressConfig, bases: Bases, costs, times: dict) -> None:
+        compressed, _ = load_model(args.model)
+        start = time.perf_counter()
+        ranks = allocate(bases, config, costs)
+        layers = apply_ranks(compressed, spec, bases, ranks, cache, costs)
+        apply_s = time.perf_counter() - start
+        name = f"{config.method}-{config.score}-{config.allocation}-{config.ratio:g}"
+        folder = args.work / name
+        summary = {"ranks": ranks, "layers": [vars(layer) for layer in layers]}
+        _, export_s = timed(save_compressed, compressed, tokenizer, folder, config, summary, True)
+        kept = sum(layer.params_after for layer in layers) / sum(layer.params_before for layer in layers)
+        record(name, compressed, {"method": config.method, "score": config.score,
+                                  "allocation": config.allocation, "ratio": config.ratio,
+                                  "removed_fraction": 1 - kept, **times,
+                                  "allocate_apply_s": apply_s, "export_s": export_s}, folder)
+        shutil.rmtree(folder)  # about 2 GB each; the numbers are kept
+
     for method in args.methods:
-        config = CompressConfig(method=method, calibration=base.calibration)
-        bases, decompose_s = timed(factorize, model, spec, cache, config, False)
-        sensitivity, sensitivity_s = (None, 0.0)
-        if "global" in args.allocations:
-            sensitivity, sensitivity_s = timed(sensitivities, model, spec, cache, blocks, bases, config, False)
-        for ratio in args.ratios:
+        bases, decompose_s = timed(factorize, model, spec, cache,
+                                   CompressConfig(method=method, calibration=base.calibration), False)
+        for score in args.scores:
             for allocation in args.allocations:
-                config = CompressConfig(method=method, allocation=allocation, ratio=ratio,
+                config = CompressConfig(method=method, allocation=allocation, score=score,
                                         calibration=base.calibration)
-                compressed, _ = load_model(args.model)
-                start = time.perf_counter()
-                ranks = allocate(bases, config, sensitivity)
-                layers = apply_ranks(compressed, spec, bases, ranks, cache)
-                apply_s = time.perf_counter() - start
-                name = f"{method}-{allocation}-{ratio:g}"
-                folder = args.work / name
-                summary = {"ranks": ranks, "layers": [vars(layer) for layer in layers]}
-                _, export_s = timed(save_compressed, compressed, tokenizer, folder, config, summary, True)
-                kept = sum(layer.params_after for layer in layers) / sum(layer.params_before for layer in layers)
-                record(name, compressed, {"method": method, "allocation": allocation, "ratio": ratio,
-                                          "removed_fraction": 1 - kept, "decompose_s": decompose_s,
-                                          "sensitivity_s": sensitivity_s if allocation == "global" else 0.0,
-                                          "allocate_apply_s": apply_s, "export_s": export_s}, folder)
-                shutil.rmtree(folder)  # about 2 GB each; the numbers are kept
+                # A score may reorder bases: each (score, allocation) starts from the factorization.
+                scored = Bases(dict(bases.factors), bases.shapes, dict(bases.energy))
+                costs, score_s = timed(score_bases, model, spec, cache, blocks, scored, config, False)
+                for ratio in args.ratios:
+                    run_one(replace(config, ratio=ratio), scored, costs,
+                            {"decompose_s": decompose_s, "score_s": score_s})
         del bases
 
 
@@ -114,23 +123,26 @@ def markdown(results: dict) -> str:
         f"# Pipeline benchmark: {Path(settings['model']).name}, target `{settings['target']}`", "",
         f"Command: `{results['command']}`", "",
         f"Calibration: {settings['samples']} x 512 tokens of `{settings['target']}` text "
-        f"({results['calibration_s']:.0f} s; near 0 when reused from the cache). `global` measures "
-        "each linear's sensitivity (KL to the dense model with that linear alone truncated to the "
-        "rank of a uniform 40% cut, 2 sequences; once per method, cached). Perplexity: first "
+        f"({results['calibration_s']:.0f} s; near 0 when reused from the cache). Run names are "
+        "method-score-allocation-ratio. Score `energy` with `global` measures each linear's "
+        "sensitivity (KL to the dense model with that linear alone truncated to the rank of a "
+        "uniform 40% cut, 2 sequences); score `taylor` takes loss gradients of every basis "
+        "coefficient on 8 calibration sequences and keeps the bases of highest estimated loss "
+        "increase; both are computed once per method and cached. Perplexity: first "
         f"{settings['limit']} "
         "documents of each held-out set (HumanEval, GSM8K test, held-out BoolQ passages), 512 tokens "
         "max each. `ratio`: fraction of decoder-linear parameters asked to be removed; `removed`: "
         "measured. `params`: whole model. Times: `decompose` is the method's factorization of all "
-        "168 matrices (shared by its rows), `sens.` the sensitivity pass (shared by the method's "
-        "global rows), `apply` is allocation + replacing linears, `export` "
+        "168 matrices (shared by its rows), `score` the scoring pass (0 when cached or not needed), "
+        "`apply` is allocation + replacing linears, `export` "
         "writes the folder. Peak RSS is the benchmark process's peak so far (it only grows).", "",
-        "| run | removed | params | bytes on disk | code ppl | math ppl | general ppl | decompose s | sens. s | apply s | export s | peak RSS GiB |",
+        "| run | removed | params | bytes on disk | code ppl | math ppl | general ppl | decompose s | score s | apply s | export s | peak RSS GiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, run in results["runs"].items():
         ppl = {k: v["perplexity"] for k, v in run["perplexity"].items()}
         removed = f"{run['removed_fraction']:.2%}" if "removed_fraction" in run else "0"
-        times = [f"{run[k]:.0f}" if k in run else "-" for k in ("decompose_s", "sensitivity_s", "allocate_apply_s", "export_s")]
+        times = [f"{run[k]:.0f}" if k in run else "-" for k in ("decompose_s", "score_s", "allocate_apply_s", "export_s")]
         lines.append(f"| {name} | {removed} | {run['parameters']:,} | {run['bytes_on_disk']:,} | "
                      f"{ppl['code']:.2f} | {ppl['math']:.2f} | {ppl['general']:.2f} | "
                      f"{' | '.join(times)} | {run['peak_rss_gib_so_far']:.1f} |")

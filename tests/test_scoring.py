@@ -59,7 +59,7 @@ def test_coefficient_gradients_match_autograd_on_explicit_coefficients(tiny_mode
 def test_higher_taylor_score_means_larger_actual_loss_increase(tiny_model, blocks):
     factor = _factor(tiny_model)
     grads = coefficient_gradients(tiny_model, blocks, {NAME: (factor.u, factor.w)}, progress=False)[NAME]
-    scores = taylor_scores(factor.sigma, grads.mean, grads.mean_square)
+    scores = taylor_scores(factor.sigma, grads.mean, grads.mean_square, tokens_per_sequence=blocks.shape[1] - 1)
 
     module = tiny_model.get_submodule(NAME)
     original = module.weight.detach().clone()
