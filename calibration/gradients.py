@@ -1,10 +1,15 @@
-"""Gradients of the language-model loss with respect to every basis coefficient.
+"""Gradients of the language-model loss with respect to every basis coefficient, and their
+per-token Fisher.
 
-A weight written as W = sum_i c_i u_i w_i^T (c_i = sigma_i) has dL/dc_i = u_i^T (dL/dW) w_i, so
-one ordinary backward pass per sequence gives every coefficient's gradient: each weight's
-gradient is projected onto its bases the moment it is accumulated, then dropped, so only one
-weight's gradient lives at a time. Per-sequence gradients give the mean (first-order term)
-and the mean square (empirical Fisher diagonal, second-order term) used by the taylor score.
+A weight written as W = sum_i c_i u_i w_i^T (c_i = sigma_i) gives y_t = sum_i c_i u_i (w_i^T x_t),
+so with delta_t = dL/dy_t the gradient splits into per-position contributions
+    dL/dc_i = sum_t a_ti,   a_ti = (u_i^T delta_t) (w_i^T x_t).
+One backward pass per sequence gives them all: a forward hook keeps each linear's input and
+hooks the gradient of its output. The per-token empirical Fisher of the mean loss over n
+predicted tokens is n * sum_t a_ti^2 (a_ti carries a 1/n from the mean). Squaring the whole
+sequence's gradient instead would average the tokens' gradients first and underestimate the
+curvature by up to n. No weight gradient is formed: only the input embeddings require grad,
+so that the backward runs through every layer.
 """
 
 from __future__ import annotations
@@ -19,41 +24,44 @@ from tqdm.auto import tqdm
 @dataclass
 class CoefficientGradients:
     mean: torch.Tensor  # (k,) mean over sequences of dL/dc_i
-    mean_square: torch.Tensor  # (k,) mean over sequences of (dL/dc_i)^2
+    fisher: torch.Tensor  # (k,) mean over sequences of the per-token empirical Fisher diagonal
 
 
 def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
                           bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
                           progress: bool = True) -> dict[str, CoefficientGradients]:
-    """Per-basis gradient statistics over the sequences of `blocks` (n, seq_len).
+    """Per-basis gradient and Fisher over the sequences of `blocks` (n, seq_len).
 
-    bases[name] = (u (out, k), w (k, in)) of the nn.Linear called `name` in `model`.
+    bases[name] = (u (out, k), w (k, in)) of the linear called `name` in `model`.
     The model's parameters are left as they were (requires_grad restored, no .grad kept).
     """
-    sums = {name: torch.zeros(u.shape[1], dtype=torch.float64) for name, (u, _) in bases.items()}
-    squares = {name: torch.zeros_like(total) for name, total in sums.items()}
-    weights = {name: model.get_submodule(name).weight for name in bases}
+    grad_sums = {name: torch.zeros(u.shape[1], dtype=torch.float64) for name, (u, _) in bases.items()}
+    fisher_sums = {name: torch.zeros_like(total) for name, total in grad_sums.items()}
+    tokens = blocks.shape[1] - 1  # predicted tokens per sequence: the loss is their mean
     saved_flags = {param: param.requires_grad for param in model.parameters()}
     handles = []
 
-    def project(name: str):
+    def record(name: str):
         u, w = bases[name]
 
-        def hook(param: torch.Tensor) -> None:
-            grad = ((u.T @ param.grad.float()) * w).sum(1).double()  # (k,): u_i^T G w_i
-            sums[name] += grad
-            squares[name] += grad.square()
-            param.grad = None  # projected; free it before the next weight's gradient arrives
+        def forward_hook(module, args, output):
+            projected_input = (args[0].detach().flatten(0, -2).float() @ w.T)  # (T, k): w_i^T x_t
 
-        return hook
+            def gradient_hook(grad: torch.Tensor) -> None:
+                contributions = (grad.flatten(0, -2).float() @ u) * projected_input  # (T, k): a_ti
+                grad_sums[name] += contributions.sum(0).double()
+                fisher_sums[name] += tokens * contributions.double().square().sum(0)
 
+            output.register_hook(gradient_hook)
+
+        return forward_hook
+
+    was_training = model.training
     try:
         for param in model.parameters():
             param.requires_grad_(False)
-        for name, weight in weights.items():
-            weight.requires_grad_(True)
-            handles.append(weight.register_post_accumulate_grad_hook(project(name)))
-        was_training = model.training
+        model.get_input_embeddings().weight.requires_grad_(True)
+        handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in bases]
         model.eval()
         for sequence in tqdm(blocks, desc="basis gradients", disable=not progress):
             ids = sequence[None]
@@ -61,13 +69,13 @@ def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
             if not torch.isfinite(loss):
                 raise ValueError("NaN/Inf loss on the scoring data; the model is broken.")
             loss.backward()
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
         for param, flag in saved_flags.items():
             param.requires_grad_(flag)
             param.grad = None
     n = len(blocks)
-    return {name: CoefficientGradients((sums[name] / n).float(), (squares[name] / n).float())
+    return {name: CoefficientGradients((grad_sums[name] / n).float(), (fisher_sums[name] / n).float())
             for name in bases}

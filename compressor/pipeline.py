@@ -137,9 +137,9 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
 
 def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: Bases,
               config: CompressConfig, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Mean and mean-square gradient of every basis coefficient (cached per method)."""
+    """Mean gradient and per-token Fisher of every basis coefficient (cached per method)."""
     n = config.calibration.gradient_samples
-    key = f"gradients_{config.method}_n{n}_damp{config.damping:g}_alpha{config.asvd_alpha:g}"
+    key = f"taylor_{config.method}_n{n}_damp{config.damping:g}_alpha{config.asvd_alpha:g}"
     cached = cache.load_tensors(key)
     if cached is not None:
         return cached
@@ -147,7 +147,7 @@ def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: 
         model, blocks[:n], {name: (f.u, f.w) for name, f in bases.factors.items()}, progress)
     tensors = {}
     for name, item in measured.items():
-        tensors[f"{name}.mean"], tensors[f"{name}.mean_square"] = item.mean, item.mean_square
+        tensors[f"{name}.mean"], tensors[f"{name}.fisher"] = item.mean, item.fisher
     cache.save_tensors(key, tensors)
     return tensors
 
@@ -166,8 +166,7 @@ def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: tor
     grads = gradients(model, cache, blocks, bases, config, progress)
     costs = {}
     for name, factor in bases.factors.items():
-        scores = taylor_scores(factor.sigma, grads[f"{name}.mean"], grads[f"{name}.mean_square"],
-                               tokens_per_sequence=blocks.shape[1] - 1)
+        scores = taylor_scores(factor.sigma, grads[f"{name}.mean"], grads[f"{name}.fisher"])
         bases.factors[name], costs[name], bases.order[name] = reorder(factor, scores)
         bases.energy[name] = bases.energy[name][bases.order[name]]
     return costs

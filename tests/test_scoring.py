@@ -18,7 +18,7 @@ def _mean_loss(model, blocks) -> float:
 
 def test_taylor_score_formula_and_reorder_keeps_the_weight():
     sigma = torch.tensor([3.0, 2.0, 1.0])
-    scores = taylor_scores(sigma, torch.tensor([0.1, -0.2, 0.0]), torch.tensor([0.5, 1.0, 4.0]))
+    scores = taylor_scores(sigma, torch.tensor([0.1, -0.2, 0.0]), torch.tensor([0.5, 1.0, 4.0]))  # -g c + F c^2 / 2
     assert torch.allclose(scores, torch.tensor([-0.3 + 2.25, 0.4 + 2.0, 2.0], dtype=torch.float64))
 
     torch.manual_seed(0)
@@ -32,34 +32,40 @@ def test_taylor_score_formula_and_reorder_keeps_the_weight():
     assert torch.allclose(up @ down, factor.sigma[1] * torch.outer(factor.u[:, 1], factor.w[1]), atol=1e-5)
 
 
-def test_coefficient_gradients_match_autograd_on_explicit_coefficients(tiny_model, blocks):
+def test_coefficient_gradients_and_fisher_match_autograd(tiny_model, blocks):
     factor = _factor(tiny_model)
     seqs = blocks[:3]
     grads = coefficient_gradients(tiny_model, seqs, {NAME: (factor.u, factor.w)}, progress=False)[NAME]
     assert all(p.grad is None for p in tiny_model.parameters())
     assert all(p.requires_grad for p in tiny_model.parameters())  # flags restored as they were
 
+    # Independent path: explicit coefficients c in W = U diag(c) W', autograd for dL/dc, and
+    # the per-position contributions a_ti = (u_i . dL/dy_t) (w_i . x_t) from dL/dy.
     module = tiny_model.get_submodule(NAME)
     original = module.weight.detach().clone()
-    per_sequence = []
+    per_sequence, fisher = [], []
     for sequence in seqs:
         coefficients = factor.sigma.clone().requires_grad_(True)
-        weight = factor.u @ torch.diag(coefficients) @ factor.w
+        captured = {}
+        handle = module.register_forward_hook(lambda m, args, out: captured.update(x=args[0], y=out))
         del module.weight
-        module.weight = weight  # a plain tensor attribute: the forward uses it
+        module.weight = factor.u @ torch.diag(coefficients) @ factor.w  # a plain tensor attribute
         loss = tiny_model(input_ids=sequence[None], labels=sequence[None]).loss
-        (grad,) = torch.autograd.grad(loss, coefficients)
-        per_sequence.append(grad)
+        grad, dy = torch.autograd.grad(loss, [coefficients, captured["y"]])
         module.weight = torch.nn.Parameter(original.clone())
-    stacked = torch.stack(per_sequence)
-    assert torch.allclose(grads.mean, stacked.mean(0), rtol=1e-3, atol=1e-6)
-    assert torch.allclose(grads.mean_square, stacked.square().mean(0), rtol=1e-3, atol=1e-9)
+        handle.remove()
+        contributions = (dy[0] @ factor.u) * (captured["x"][0].detach() @ factor.w.T)  # (T, k)
+        assert torch.allclose(contributions.sum(0), grad, rtol=1e-3, atol=1e-6)
+        per_sequence.append(grad)
+        fisher.append((sequence.numel() - 1) * contributions.square().sum(0))
+    assert torch.allclose(grads.mean, torch.stack(per_sequence).mean(0), rtol=1e-3, atol=1e-6)
+    assert torch.allclose(grads.fisher, torch.stack(fisher).mean(0), rtol=1e-3, atol=1e-9)
 
 
 def test_higher_taylor_score_means_larger_actual_loss_increase(tiny_model, blocks):
     factor = _factor(tiny_model)
     grads = coefficient_gradients(tiny_model, blocks, {NAME: (factor.u, factor.w)}, progress=False)[NAME]
-    scores = taylor_scores(factor.sigma, grads.mean, grads.mean_square, tokens_per_sequence=blocks.shape[1] - 1)
+    scores = taylor_scores(factor.sigma, grads.mean, grads.fisher)
 
     module = tiny_model.get_submodule(NAME)
     original = module.weight.detach().clone()
