@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter
-from compressor.config import TrainConfig, save_config
+from compressor.config import TrainConfig, config_to_dict, load_config, save_config
 from compressor.export import check_output
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,23 @@ def _save_checkpoint(adapters: AdapterSet, work: Path, step: int, optimizer, bas
     tmp.rename(final / STATE_FILE)
 
 
+def _check_same_config(path: Path, config: TrainConfig) -> None:
+    """A resumed run must use the settings it started with."""
+    if not path.exists():
+        return
+    saved, now = config_to_dict(load_config(path, TrainConfig)), config_to_dict(config)
+    changed = sorted(key for key in now if saved.get(key) != now[key])
+    if changed:
+        raise ValueError(f"Cannot resume {path.parent}: settings {changed} differ from the ones it "
+                         "started with; use the same settings, or delete that folder to start over.")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, config: TrainConfig,
                   out_dir: Path, base_model: dict, overwrite: bool = False, resume: bool = False,
                   progress: bool = True) -> dict:
@@ -76,9 +93,10 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
         raise FileExistsError(f"An unfinished run is in {work}; pass --resume to continue it, or "
                               "delete that folder to start over.")
     work.mkdir(parents=True, exist_ok=True)
+    _check_same_config(work / "train_config.yaml", config)
     save_config(config, work / "train_config.yaml")
 
-    params = [param for param in adapters.trainable_state().values()]
+    params = list(adapters.trainable_state().values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     start_step = 0
     checkpoint = _latest_checkpoint(work) if resume else None
@@ -92,6 +110,7 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
     order = batch_order(len(blocks), config)
     model.train()
     log_path = work / "train_log.jsonl"
+    _truncate_log(log_path, start_step)  # steps after the checkpoint are run again
     begin = time.perf_counter()
     bar = tqdm(range(start_step, config.steps), desc=f"train {adapters.config.method}",
                disable=not progress, initial=start_step, total=config.steps)

@@ -71,12 +71,12 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, compressed, monke
     adapters = add_adapters(compressed, config.adapter)
     real = train_module.lr_factor
 
-    def crash_at_step_5(step, cfg):
-        if step == 4:
+    def crash_in_step_6(step, cfg):  # after step 5 is logged, one step past the last checkpoint
+        if step == 5:
             raise KeyboardInterrupt  # like a kill: nothing after this point runs
         return real(step, cfg)
 
-    monkeypatch.setattr(train_module, "lr_factor", crash_at_step_5)
+    monkeypatch.setattr(train_module, "lr_factor", crash_in_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_adapter(compressed, adapters, _train_blocks(), config, tmp_path / "run", {}, progress=False)
     assert not (tmp_path / "run").exists() and partial_dir(tmp_path / "run").exists()
@@ -84,9 +84,15 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, compressed, monke
         train_adapter(compressed, adapters, _train_blocks(), config, tmp_path / "run", {}, progress=False)
 
     monkeypatch.setattr(train_module, "lr_factor", real)
+    from dataclasses import replace
+    with pytest.raises(ValueError, match=r"settings \['lr'\] differ"):
+        train_adapter(compressed, adapters, _train_blocks(), replace(config, lr=1e-2), tmp_path / "run", {},
+                      resume=True, progress=False)
     summary = train_adapter(compressed, adapters, _train_blocks(), config, tmp_path / "run", {},
                             resume=True, progress=False)
     assert summary["resumed_from_step"] == 4
+    log = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 6]
     expected = load_file(tmp_path / "ref" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert expected.keys() == resumed.keys()

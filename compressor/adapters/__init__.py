@@ -154,13 +154,12 @@ def add_adapters(model: nn.Module, config: AdapterConfig, spec: ArchSpec | None 
 
 
 def save_adapter(adapters: AdapterSet, out_dir: Path, base_model: dict | None = None,
-                 overwrite: bool = False, extra: dict | None = None) -> Path:
+                 overwrite: bool = False) -> Path:
     """adapter_config.json (config, shapes, base model identity) + adapter_model.safetensors."""
     from compressor.export import atomic_folder
 
     record = {**asdict(adapters.config), "target_shapes": adapters.target_shapes(),
-              "trainable_parameters": adapters.num_trainable(), "base_model": base_model or {},
-              **(extra or {})}
+              "trainable_parameters": adapters.num_trainable(), "base_model": base_model or {}}
     record["target_modules"] = list(adapters.config.target_modules)
     tensors = {key: param.detach().contiguous() for key, param in adapters.trainable_state().items()}
     with atomic_folder(out_dir, overwrite) as tmp:
