@@ -8,8 +8,9 @@ One backward pass per sequence gives them all: a forward hook keeps each linear'
 hooks the gradient of its output. The per-token empirical Fisher of the mean loss over n
 predicted tokens is n * sum_t a_ti^2 (a_ti carries a 1/n from the mean). Squaring the whole
 sequence's gradient instead would average the tokens' gradients first and underestimate the
-curvature by up to n. No weight gradient is formed: only the input embeddings require grad,
-so that the backward runs through every layer.
+curvature by up to n. The spread of the per-sequence gradients gives the standard error of
+the mean gradient, so that a caller can tell a first-order term from noise. No weight gradient
+is formed: only the input embeddings require grad, so that the backward runs through every layer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 class CoefficientGradients:
     mean: torch.Tensor  # (k,) mean over sequences of dL/dc_i
     fisher: torch.Tensor  # (k,) mean over sequences of the per-token empirical Fisher diagonal
+    stderr: torch.Tensor  # (k,) standard error of `mean` across sequences (inf for one sequence)
 
 
 def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
@@ -37,6 +39,7 @@ def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
     """
     grad_sums = {name: torch.zeros(u.shape[1], dtype=torch.float64) for name, (u, _) in bases.items()}
     fisher_sums = {name: torch.zeros_like(total) for name, total in grad_sums.items()}
+    square_sums = {name: torch.zeros_like(total) for name, total in grad_sums.items()}
     tokens = blocks.shape[1] - 1  # predicted tokens per sequence: the loss is their mean
     saved_flags = {param: param.requires_grad for param in model.parameters()}
     handles = []
@@ -49,7 +52,9 @@ def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
 
             def gradient_hook(grad: torch.Tensor) -> None:
                 contributions = (grad.flatten(0, -2).float() @ u) * projected_input  # (T, k): a_ti
-                grad_sums[name] += contributions.sum(0).double()
+                sequence_grad = contributions.sum(0).double()  # one hook call per sequence
+                grad_sums[name] += sequence_grad
+                square_sums[name] += sequence_grad.square()
                 fisher_sums[name] += tokens * contributions.double().square().sum(0)
 
             output.register_hook(gradient_hook)
@@ -77,5 +82,10 @@ def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
             param.requires_grad_(flag)
             param.grad = None
     n = len(blocks)
-    return {name: CoefficientGradients((grad_sums[name] / n).float(), (fisher_sums[name] / n).float())
-            for name in bases}
+    results = {}
+    for name in bases:
+        mean = grad_sums[name] / n
+        variance = (square_sums[name] / n - mean.square()).clamp_min(0) * n / max(n - 1, 1)
+        stderr = (variance / n).sqrt() if n > 1 else torch.full_like(mean, float("inf"))
+        results[name] = CoefficientGradients(mean.float(), (fisher_sums[name] / n).float(), stderr.float())
+    return results

@@ -39,6 +39,7 @@ class CompressConfig:
     method: str = "whiten"  # svd | asvd | whiten
     allocation: str = "global"  # uniform | global
     score: str = "energy"  # energy | taylor: which bases the target needs (scoring.py)
+    taylor_z: float = 2.0  # taylor: first-order terms within z standard errors of 0 are noise
     align: int = 8
     probe_ratio: float = 0.4  # global: each linear's sensitivity is measured truncated to this
     cost_exponent: float = 2.0  # global: KL_m(r) ~ KL_m(probe) * (energy dropped ratio) ** this
@@ -58,6 +59,8 @@ class CompressConfig:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}.")
         if self.score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}; got {self.score!r}.")
+        if not self.taylor_z >= 0:
+            raise ConfigError(f"taylor_z must be >= 0; got {self.taylor_z}.")
         if not 0.0 < self.probe_ratio < 1.0:
             raise ConfigError(f"probe_ratio must be in (0, 1); got {self.probe_ratio}.")
         if self.cost_exponent < 1.0:

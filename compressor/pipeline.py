@@ -139,7 +139,7 @@ def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: 
               config: CompressConfig, progress: bool = True) -> dict[str, torch.Tensor]:
     """Mean gradient and per-token Fisher of every basis coefficient (cached per method)."""
     n = config.calibration.gradient_samples
-    key = f"taylor_{config.method}_n{n}_damp{config.damping:g}_alpha{config.asvd_alpha:g}"
+    key = f"taylor2_{config.method}_n{n}_damp{config.damping:g}_alpha{config.asvd_alpha:g}"
     cached = cache.load_tensors(key)
     if cached is not None:
         return cached
@@ -148,6 +148,7 @@ def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: 
     tensors = {}
     for name, item in measured.items():
         tensors[f"{name}.mean"], tensors[f"{name}.fisher"] = item.mean, item.fisher
+        tensors[f"{name}.stderr"] = item.stderr
     cache.save_tensors(key, tensors)
     return tensors
 
@@ -166,7 +167,8 @@ def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: tor
     grads = gradients(model, cache, blocks, bases, config, progress)
     costs = {}
     for name, factor in bases.factors.items():
-        scores = taylor_scores(factor.sigma, grads[f"{name}.mean"], grads[f"{name}.fisher"])
+        scores = taylor_scores(factor.sigma, grads[f"{name}.mean"], grads[f"{name}.fisher"],
+                               grads[f"{name}.stderr"], config.taylor_z)
         bases.factors[name], costs[name], bases.order[name] = reorder(factor, scores)
         bases.energy[name] = bases.energy[name][bases.order[name]]
     return costs

@@ -7,6 +7,12 @@
           g_i the mean gradient dL/dc_i on target data, H_ii the per-token empirical Fisher
           (calibration/gradients.py). Bases are kept in order of this score, so a matrix may
           keep a basis with a small singular value and drop a larger one.
+
+A trained model sits near a minimum of its loss, so most mean gradients are sampling noise.
+Taken at face value that noise ranked the bases almost at random in the middle of each matrix
+(code perplexity 2753 against 12.8 for energy, whiten, uniform 20%: reports/scoring). So the
+first-order term is kept only where the gradient is significant, |g_i| > z * stderr(g_i)
+(z = 2 by default), and is zero elsewhere.
 """
 
 from __future__ import annotations
@@ -18,10 +24,17 @@ from compressor.decompose import Factorization
 SCORES = ("energy", "taylor")
 
 
-def taylor_scores(sigma: torch.Tensor, grad_mean: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
-    """Second-order Taylor estimate of the loss increase from removing each basis alone."""
-    c = sigma.double()
-    scores = -grad_mean.double() * c + 0.5 * fisher.double() * c.square()
+def taylor_scores(sigma: torch.Tensor, grad_mean: torch.Tensor, fisher: torch.Tensor,
+                  grad_stderr: torch.Tensor | None = None, z: float = 2.0) -> torch.Tensor:
+    """Second-order Taylor estimate of the loss increase from removing each basis alone.
+
+    With grad_stderr, first-order terms whose gradient is within z standard errors of zero
+    are dropped as noise.
+    """
+    c, g = sigma.double(), grad_mean.double()
+    if grad_stderr is not None:
+        g = torch.where(g.abs() > z * grad_stderr.double(), g, torch.zeros_like(g))
+    scores = -g * c + 0.5 * fisher.double() * c.square()
     if not torch.isfinite(scores).all():
         raise ValueError("NaN/Inf in taylor scores; the gradients on the scoring data are broken.")
     return scores

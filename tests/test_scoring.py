@@ -20,6 +20,10 @@ def test_taylor_score_formula_and_reorder_keeps_the_weight():
     sigma = torch.tensor([3.0, 2.0, 1.0])
     scores = taylor_scores(sigma, torch.tensor([0.1, -0.2, 0.0]), torch.tensor([0.5, 1.0, 4.0]))  # -g c + F c^2 / 2
     assert torch.allclose(scores, torch.tensor([-0.3 + 2.25, 0.4 + 2.0, 2.0], dtype=torch.float64))
+    # A gradient within z standard errors of zero is noise: its first-order term is dropped.
+    gated = taylor_scores(sigma, torch.tensor([0.1, -0.2, 0.0]), torch.tensor([0.5, 1.0, 4.0]),
+                          grad_stderr=torch.tensor([0.01, 0.2, 0.1]), z=2.0)
+    assert torch.allclose(gated, torch.tensor([-0.3 + 2.25, 2.0, 2.0], dtype=torch.float64))
 
     torch.manual_seed(0)
     factor = decompose(torch.randn(6, 5), "svd")
@@ -60,6 +64,8 @@ def test_coefficient_gradients_and_fisher_match_autograd(tiny_model, blocks):
         fisher.append((sequence.numel() - 1) * contributions.square().sum(0))
     assert torch.allclose(grads.mean, torch.stack(per_sequence).mean(0), rtol=1e-3, atol=1e-6)
     assert torch.allclose(grads.fisher, torch.stack(fisher).mean(0), rtol=1e-3, atol=1e-9)
+    stacked = torch.stack(per_sequence)
+    assert torch.allclose(grads.stderr, stacked.std(0) / len(seqs) ** 0.5, rtol=1e-3, atol=1e-7)
 
 
 def test_higher_taylor_score_means_larger_actual_loss_increase(tiny_model, blocks):
