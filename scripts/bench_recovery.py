@@ -33,6 +33,8 @@ ADAPTERS = {
     "tied-lora-r8": dict(method="tied-lora", rank=8, alpha=16.0),
     "nola-r8-k1024": dict(method="nola", rank=8, alpha=16.0, num_basis=1024),
 }
+# Learning rate per adapter where it differs from --lr.
+LEARNING_RATES = {"nola-r8-k1024": 5e-3}
 
 
 def main() -> None:
@@ -49,27 +51,32 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=32, help="documents per perplexity set")
     parser.add_argument("--work", type=Path, default=Path("runs/recovery"))
     parser.add_argument("--out", type=Path, default=Path("reports/recovery"))
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an earlier run in --out (each row records its run)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dd = data_dir(args.home)
     tokenizer = load_tokenizer(args.model)
-    results = {"command": "python scripts/bench_recovery.py " + " ".join(sys.argv[1:]),
-               "settings": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    command = "python scripts/bench_recovery.py " + " ".join(sys.argv[1:])
+    results = {"command": command, "settings": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    if args.append and (args.out / "RESULTS.json").exists():
+        results["runs"] = json.loads((args.out / "RESULTS.json").read_text())["runs"]
 
     def record(name: str, model, extra: dict) -> None:
         ppl = evaluate_perplexity(model, tokenizer, dd, limit=args.limit, progress=False)
-        results["runs"][name] = {**extra, "parameters": parameter_count(model),
+        results["runs"][name] = {**extra, "parameters": parameter_count(model), "command": command,
                                  "perplexity": {k: v.to_dict() for k, v in ppl.items()}}
         (args.out / "RESULTS.json").write_text(json.dumps(results, indent=2))
         (args.out / "README.md").write_text(markdown(results))
         print(name, {k: round(v.perplexity, 3) for k, v in ppl.items()}, flush=True)
 
-    record("dense", load_any(args.dense), {})
-    record("compressed", load_any(args.model), {})
+    if not args.append:
+        record("dense", load_any(args.dense), {})
+        record("compressed", load_any(args.model), {})
     base_identity = {"path": str(args.model), "fingerprint": model_fingerprint(args.model)}
     for name in args.adapters:
         config = TrainConfig(target=args.target, steps=args.steps, batch_size=args.batch_size,
-                             seq_len=args.seq_len, lr=args.lr, checkpoint_every=0,
+                             seq_len=args.seq_len, lr=LEARNING_RATES.get(name, args.lr), checkpoint_every=0,
                              adapter=AdapterConfig(**ADAPTERS[name])).validate()
         blocks = token_blocks(config.target, tokenizer, config.steps * config.batch_size, config.seq_len,
                               config.seed, dd, at_most=True)
@@ -80,7 +87,8 @@ def main() -> None:
                                 overwrite=True, progress=False)
         train_s = time.perf_counter() - start
         adapters.merge(model)
-        record(name, model, {"adapter": ADAPTERS[name], "trainable_parameters": summary["trainable_parameters"],
+        record(name, model, {"adapter": ADAPTERS[name], "lr": config.lr,
+                             "trainable_parameters": summary["trainable_parameters"],
                              "adapter_bytes": summary["adapter_bytes"], "train_s": train_s,
                              "first_loss": summary["first_loss"], "final_loss": summary["final_loss"]})
 
@@ -92,12 +100,12 @@ def markdown(results: dict) -> str:
         f"# Recovery training: {Path(settings['model']).name}, target `{settings['target']}`", "",
         f"Command: `{results['command']}`", "",
         f"Every adapter: {settings['steps']} steps of {settings['batch_size']} x {settings['seq_len']} "
-        f"tokens of `{settings['target']}` training text, AdamW lr {settings['lr']} (warm-up 10 steps, "
+        f"tokens of `{settings['target']}` training text, AdamW (lr in the table; warm-up 10 steps, "
         "cosine), seed 0, then merged into the low-rank factors. Perplexity: first "
         f"{settings['limit']} documents of each held-out set. `share` is trainable parameters over "
         "the compressed model's parameters. `x dense` is code perplexity over the dense model's.", "",
-        "| run | trainable params | share | adapter bytes | train s | loss first -> last | code ppl | x dense | math ppl | general ppl |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | lr | trainable params | share | adapter bytes | train s | loss first -> last | code ppl | x dense | math ppl | general ppl |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base_params = runs.get("compressed", {}).get("parameters")
     for name, run in runs.items():
@@ -106,9 +114,13 @@ def markdown(results: dict) -> str:
         share = f"{trainable / base_params:.3%}" if trainable and base_params else "-"
         loss = f"{run['first_loss']:.3f} -> {run['final_loss']:.3f}" if "first_loss" in run else "-"
         ratio = f"{ppl['code'] / dense['code']['perplexity']:.2f}" if "code" in dense else "-"
-        lines.append(f"| {name} | {trainable or 0:,} | {share} | {run.get('adapter_bytes', 0):,} | "
+        lines.append(f"| {name} | {run.get('lr', '-')} | {trainable or 0:,} | {share} | {run.get('adapter_bytes', 0):,} | "
                      f"{run.get('train_s', 0):.0f} | {loss} | {ppl['code']:.2f} | {ratio} | "
                      f"{ppl['math']:.2f} | {ppl['general']:.2f} |")
+    commands = sorted({run["command"] for run in runs.values() if "command" in run})
+    if len(commands) > 1:
+        lines += ["", "Rows come from more than one run (each row's command is in RESULTS.json):", ""]
+        lines += [f"- `{command}`" for command in commands]
     return "\n".join(lines) + "\n"
 
 

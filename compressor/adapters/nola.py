@@ -8,6 +8,12 @@ it. Only the coefficients are trained and saved, so an adapter file is a seed pl
 numbers per linear. Linears with the same shape share the same random bases (their
 coefficients differ), which makes generating them once per forward cheap enough for a CPU.
 beta starts at 0, so the update starts at 0.
+
+Scale: each basis has entries of variance 1 / (cols * k), and the coefficients alpha start as
+N(0, 1), so A starts with entries of variance 1 / in, like a LoRA A. The 1 / sqrt(k) matters
+for training: Adam moves all k coefficients by about lr at once, so with unit bases the step
+on A and B grew with sqrt(k) (at k = 1024 and the lr that suits LoRA, the first version of
+this adapter diverged within 10 steps: reports/recovery).
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ def basis_seed(seed: int, role: str, rows: int, cols: int) -> int:
 
 
 def random_bases(seed: int, role: str, count: int, rows: int, cols: int) -> torch.Tensor:
-    """(count, rows, cols) Gaussian bases with variance 1 / cols, from a private generator."""
+    """(count, rows, cols) Gaussian bases, variance 1 / (cols * count), from a private generator."""
     generator = torch.Generator().manual_seed(basis_seed(seed, role, rows, cols))
-    return torch.randn(count, rows, cols, generator=generator) / math.sqrt(cols)
+    return torch.randn(count, rows, cols, generator=generator) / math.sqrt(cols * count)
 
 
 class NolaBases(PerForwardCache):
@@ -55,7 +61,7 @@ class NolaLinear(AdaptedLinear):
     def __init__(self, base: nn.Module, config: AdapterConfig, bases: NolaBases, generator: torch.Generator):
         super().__init__(base, config)
         self._bases = (bases,)  # shared and parameter-free: not registered as a submodule here
-        self.nola_alpha = nn.Parameter(torch.randn(config.num_basis, generator=generator) / math.sqrt(config.num_basis))
+        self.nola_alpha = nn.Parameter(torch.randn(config.num_basis, generator=generator))
         self.nola_beta = nn.Parameter(torch.zeros(config.num_basis))
 
     def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
