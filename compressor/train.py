@@ -90,8 +90,10 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
     check_output(out_dir, overwrite)
     work = partial_dir(out_dir)
     if work.exists() and not resume:
-        raise FileExistsError(f"An unfinished run is in {work}; pass --resume to continue it, or "
-                              "delete that folder to start over.")
+        if not overwrite:
+            raise FileExistsError(f"An unfinished run is in {work}; pass --resume to continue it, or "
+                                  "--overwrite to start over.")
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     _check_same_config(work / "train_config.yaml", config)
     save_config(config, work / "train_config.yaml")
