@@ -98,3 +98,15 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, compressed, monke
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.allclose(expected[key], resumed[key], atol=1e-6), key
+
+
+def test_overwrite_discards_an_unfinished_run(tmp_path, compressed):
+    config = TrainConfig(steps=2, batch_size=2, seq_len=32, checkpoint_every=1,
+                         adapter=AdapterConfig(method="lora", rank=2))
+    adapters = add_adapters(compressed, config.adapter)
+    stale = partial_dir(tmp_path / "run") / "checkpoints" / "step-000001"
+    stale.mkdir(parents=True)
+    summary = train_adapter(compressed, adapters, _train_blocks(), config, tmp_path / "run", {},
+                            overwrite=True, progress=False)
+    assert summary["resumed_from_step"] == 0
+    assert not partial_dir(tmp_path / "run").exists() and (tmp_path / "run" / "adapter_model.safetensors").exists()
