@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter
+from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter, write_adapter
 from compressor.config import TrainConfig, config_to_dict, load_config, save_config
 from compressor.export import check_output
 
@@ -146,10 +146,7 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
                "first_loss": losses[0]["loss"], "final_loss": losses[-1]["loss"],
                "train_seconds_this_run": time.perf_counter() - begin, "resumed_from_step": start_step,
                "base_model": base_model}
-    save_adapter(adapters, work / "adapter", base_model, overwrite=True)
-    for item in (work / "adapter").iterdir():  # the adapter files sit at the top of the output
-        item.rename(work / item.name)
-    (work / "adapter").rmdir()
+    write_adapter(adapters, work, base_model)  # the whole folder is renamed into place below
     summary["adapter_bytes"] = sum(path.stat().st_size for path in work.glob("adapter_*"))
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
     if out_dir.exists():

@@ -30,7 +30,7 @@ METHODS = {"lora": lora, "nola": nola, "tied-lora": tied_lora}
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 __all__ = ["AdapterConfig", "AdapterError", "AdapterSet", "METHODS", "add_adapters", "load_adapter",
-           "save_adapter", "validate_config"]
+           "save_adapter", "validate_config", "write_adapter"]
 
 
 class AdapterError(ValueError):
@@ -118,17 +118,16 @@ class AdapterSet(nn.Module):
 
     def remove(self, model: nn.Module) -> nn.Module:
         """Put the original base linears back (the update is discarded)."""
-        for name in self.names:
-            replace_module(model, name, self.module(name).base)
-        self.detach_hooks()
-        self.clear_caches()
-        return model
+        return self._unwrap(model, lambda module: module.base)
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold every update into its base linear (low-rank stays low-rank) and detach."""
+        return self._unwrap(model, AdaptedLinear.merged)
+
+    def _unwrap(self, model: nn.Module, replacement) -> nn.Module:
         for name in self.names:
-            replace_module(model, name, self.module(name).merged())
+            replace_module(model, name, replacement(self.module(name)))
         self.detach_hooks()
         self.clear_caches()
         return model
@@ -153,18 +152,24 @@ def add_adapters(model: nn.Module, config: AdapterConfig, spec: ArchSpec | None 
     return adapters
 
 
-def save_adapter(adapters: AdapterSet, out_dir: Path, base_model: dict | None = None,
-                 overwrite: bool = False) -> Path:
-    """adapter_config.json (config, shapes, base model identity) + adapter_model.safetensors."""
-    from compressor.export import atomic_folder
-
+def write_adapter(adapters: AdapterSet, folder: Path, base_model: dict | None = None) -> None:
+    """adapter_config.json (config, shapes, base model identity) + adapter_model.safetensors,
+    into an existing folder."""
     record = {**asdict(adapters.config), "target_shapes": adapters.target_shapes(),
               "trainable_parameters": adapters.num_trainable(), "base_model": base_model or {}}
     record["target_modules"] = list(adapters.config.target_modules)
     tensors = {key: param.detach().contiguous() for key, param in adapters.trainable_state().items()}
+    save_file(tensors, Path(folder) / WEIGHTS_FILE, metadata={"format": "pt", "method": adapters.config.method})
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+
+
+def save_adapter(adapters: AdapterSet, out_dir: Path, base_model: dict | None = None,
+                 overwrite: bool = False) -> Path:
+    """The adapter as its own folder, written atomically."""
+    from compressor.export import atomic_folder
+
     with atomic_folder(out_dir, overwrite) as tmp:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "method": adapters.config.method})
-        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+        write_adapter(adapters, tmp, base_model)
     return Path(out_dir)
 
 

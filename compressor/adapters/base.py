@@ -9,6 +9,7 @@ what merging needs: a LowRankLinear [U | up] [V ; down] of rank k + r, or W + up
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ class AdapterConfig:
         return self.alpha / self.rank
 
 
-class AdaptedLinear(nn.Module):
+class AdaptedLinear(nn.Module, ABC):
     """A frozen linear plus a method-specific trainable update (subclasses build up / down)."""
 
     def __init__(self, base: nn.Module, config: AdapterConfig):
@@ -52,9 +53,9 @@ class AdaptedLinear(nn.Module):
         for param in base.parameters():
             param.requires_grad_(False)
 
+    @abstractmethod
     def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(up (out, r), down (r, in)) of the update, scaling included."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self.update_factors()
@@ -84,10 +85,11 @@ class AdaptedLinear(nn.Module):
         return next(self.base.parameters()).dtype
 
 
-class PerForwardCache(nn.Module):
+class PerForwardCache(nn.Module, ABC):
     """Shared state an adapter set rebuilds on every model forward (e.g. NOLA's random bases):
     filled lazily during one forward, cleared before and after it, so nothing is kept between
     steps beyond what autograd holds for the backward."""
 
+    @abstractmethod
     def clear(self) -> None:
-        raise NotImplementedError
+        """Drop everything built during the last forward."""
