@@ -1,4 +1,5 @@
-"""Command line: `compressor fetch-example | calibrate | compress | train | merge | eval`."""
+"""Command line: `compressor fetch-example | calibrate | compress | quantize | train | merge |
+quantize-adapter | eval`."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ FLAG_TO_CONFIG = {
     "seq_len": ("calibration", "seq_len"), "seed": ("calibration", "seed"),
     "batch_size": ("calibration", "batch_size"),
     "sensitivity_samples": ("calibration", "sensitivity_samples"),
+    "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
+    "symmetric": ("quant", "symmetric"), "export_dtype": (None, "export_dtype"),
 }
 
 # compressor train: flag -> (section, key) of TrainConfig.
@@ -56,6 +59,15 @@ def _add_calibration(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int)
 
 
+def _add_quant(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quant", help="none | int8 | int4 | nf4: weight-only quantization of the "
+                                        "decoder linears (both factors of a low-rank one)")
+    parser.add_argument("--group-size", type=int, help="weights per scale (nf4: 64, 128, ... 4096)")
+    parser.add_argument("--symmetric", action="store_const", const=True, help="int schemes: no zero points")
+    parser.add_argument("--export-dtype", help="auto | float32 | float16 | bfloat16: floating-point "
+                                               "tensors of the export (auto: the source's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,8 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--gradient-samples", type=int, help="sequences for the taylor gradients")
     compress.add_argument("--dense", action="store_const", const=True,
                           help="export the factors multiplied back, as a stock LlamaForCausalLM")
+    _add_quant(compress)
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     compress.add_argument("--no-cache", action="store_true", help="do not reuse or save statistics")
+
+    quantize = sub.add_parser("quantize", help="store the decoder linears of any model folder quantized")
+    _add_common(quantize)
+    quantize.add_argument("--model", type=Path, required=True, help="dense or compressed model folder")
+    quantize.add_argument("--out", type=Path, required=True)
+    _add_quant(quantize)
+    quantize.add_argument("--overwrite", action="store_true")
 
     train = sub.add_parser("train", help="train a recovery adapter (LoRA, NOLA, Tied-LoRA) on target data")
     _add_common(train)
@@ -112,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", type=Path, required=True, help="adapter folder (compressor train --out)")
     merge.add_argument("--out", type=Path, required=True)
     merge.add_argument("--overwrite", action="store_true")
+
+    quantize_adapter = sub.add_parser("quantize-adapter", help="store a trained adapter's tensors in fewer bits")
+    quantize_adapter.add_argument("adapter", type=Path, help="adapter folder (compressor train --out)")
+    quantize_adapter.add_argument("--bits", type=int, required=True, help="16 (float16) | 8 | 4 | 3 | 2")
+    quantize_adapter.add_argument("--group-size", type=int, default=64, help="values per scale")
+    quantize_adapter.add_argument("--symmetric", action="store_true", help="no zero points")
+    quantize_adapter.add_argument("--out", type=Path, required=True)
+    quantize_adapter.add_argument("--overwrite", action="store_true")
 
     evaluate = sub.add_parser("eval", help="held-out perplexity on code, math and general text")
     _add_common(evaluate)
@@ -210,8 +238,47 @@ def cmd_compress(args: argparse.Namespace) -> int:
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
                "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
     save_compressed(model, tokenizer, args.out, config, summary, args.overwrite,
-                    dense=config.dense_export, scores=result.scores)
+                    dense=config.dense_export, scores=result.scores,
+                    dtype=export_dtype(config.export_dtype, args.model))
     print(format_layers(result))
+    print(f"saved: {args.out}")
+    return 0
+
+
+def export_dtype(name: str, source_dir: Path):
+    import torch
+
+    from compressor.load import source_dtype
+
+    return source_dtype(source_dir) if name == "auto" else getattr(torch, name)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from compressor.arch import get_spec
+    from compressor.export import check_output, save_quantized
+    from compressor.load import is_compressed, load_any, load_model, load_tokenizer
+    from compressor.pipeline import quantization_summary
+
+    config = resolve_config(args)  # only its quant section and export_dtype are used here
+    if config.quant.scheme == "none":
+        raise ValueError("compressor quantize needs --quant int8, int4 or nf4.")
+    check_output(args.out, args.overwrite)
+    model = load_any(args.model) if is_compressed(args.model) else load_model(args.model)[0]
+    tokenizer = load_tokenizer(args.model)
+    summary = {**quantization_summary(model, get_spec("llama"), config), "source_model": str(args.model),
+               "command": sys.argv}
+    save_quantized(model, tokenizer, args.out, args.model, summary, args.overwrite,
+                   export_dtype(config.export_dtype, args.model))
+    print(json.dumps(summary, indent=2))
+    print(f"saved: {args.out}")
+    return 0
+
+
+def cmd_quantize_adapter(args: argparse.Namespace) -> int:
+    from compressor.adapters import quantize_adapter
+
+    record = quantize_adapter(args.adapter, args.out, args.bits, args.group_size, args.symmetric, args.overwrite)
+    print(json.dumps(record, indent=2))
     print(f"saved: {args.out}")
     return 0
 
@@ -297,8 +364,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fetch-example": cmd_fetch_example, "calibrate": cmd_calibrate,
-            "compress": cmd_compress, "train": cmd_train, "merge": cmd_merge, "eval": cmd_eval}
+COMMANDS = {"fetch-example": cmd_fetch_example, "calibrate": cmd_calibrate, "compress": cmd_compress,
+            "quantize": cmd_quantize, "train": cmd_train, "merge": cmd_merge,
+            "quantize-adapter": cmd_quantize_adapter, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,11 @@ from compressor.adapters import validate_config as validate_adapter
 from compressor.arch import get_spec
 from compressor.allocate import ALLOCATIONS, check_ratio
 from compressor.decompose import METHODS
+from compressor.quantize import QuantConfig
 from compressor.scoring import SCORES
 
 CONFIG_VERSION = 1
+EXPORT_DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: the source checkpoint's dtype
 
 
 class ConfigError(ValueError):
@@ -47,7 +49,9 @@ class CompressConfig:
     damping: float = 1e-4  # Cholesky damping, relative to the Gram matrix's mean diagonal
     asvd_alpha: float = 0.5
     dense_export: bool = False  # also (or instead) write factors multiplied back, stock LLaMA
+    export_dtype: str = "auto"  # floating-point tensors of the export (quantized codes aside)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)  # weight-only, after the rank cut
 
     def validate(self) -> "CompressConfig":
         if self.version != CONFIG_VERSION:
@@ -67,6 +71,11 @@ class CompressConfig:
             raise ConfigError(f"cost_exponent must be >= 1; got {self.cost_exponent}.")
         if self.align < 1:
             raise ConfigError(f"align must be >= 1; got {self.align}.")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ConfigError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}; got {self.export_dtype!r}.")
+        self.quant.validate()
+        if self.quant.scheme != "none" and self.dense_export:
+            raise ConfigError("A dense export cannot be quantized: drop --dense or --quant.")
         cal = self.calibration
         if min(cal.samples, cal.batch_size, cal.sensitivity_samples, cal.gradient_samples) < 1 or cal.seq_len < 2:
             raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples and "

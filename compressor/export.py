@@ -1,7 +1,8 @@
 """Save a compressed model as a folder that loads with `AutoModelForCausalLM.from_pretrained`.
 
 Low-rank export (default): config.json with model_type `basis_llama`, the rank of every
-compressed linear and the format version; safetensors weights; the tokenizer; the modeling
+compressed linear and the format version (and, when quantized, the scheme and the linears
+stored as codes: format 2); safetensors weights; the tokenizer; the modeling
 file bundled for `trust_remote_code`; the resolved compression config and the run summary.
 Dense export: the factors multiplied back, saved as a stock LlamaForCausalLM.
 Everything is written to a temporary sibling folder and renamed at the end.
@@ -24,7 +25,8 @@ from transformers import LlamaForCausalLM
 from compressor import modeling_basis_llama
 from compressor.config import CompressConfig, save_config
 from compressor.modeling_basis_llama import (
-    FORMAT_VERSION, BasisLlamaConfig, BasisLlamaForCausalLM, LowRankLinear, replace_module,
+    FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, BasisLlamaConfig, BasisLlamaForCausalLM, LowRankLinear,
+    QuantizedLinear, replace_module,
 )
 
 AUTO_MAP = {
@@ -69,14 +71,28 @@ def low_rank_ranks(model: nn.Module) -> dict[str, int]:
     return {name: module.rank for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
 
 
+def quant_record(model: nn.Module) -> dict | None:
+    """compression["quant"] for the model's QuantizedLinear modules (None: none quantized)."""
+    quantized = {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+    if not quantized:
+        return None
+    formats = {(module.scheme, module.group_size, module.symmetric) for module in quantized.values()}
+    if len(formats) > 1:
+        raise ValueError(f"One export holds one quantization format; this model mixes {sorted(formats)}.")
+    scheme, group_size, symmetric = formats.pop()
+    return {"scheme": scheme, "group_size": group_size, "symmetric": symmetric, "modules": list(quantized)}
+
+
 def to_basis_model(model: LlamaForCausalLM, compression: dict) -> BasisLlamaForCausalLM:
-    """The same tensors, wrapped in the exportable class with ranks recorded in its config."""
-    ranks = low_rank_ranks(model)
+    """The same tensors, wrapped in the exportable class with ranks (and the quantized
+    linears) recorded in its config."""
+    record = {"ranks": low_rank_ranks(model), "format_version": FORMAT_VERSION}
+    if (quant := quant_record(model)) is not None:
+        record.update(quant=quant, format_version=QUANTIZED_FORMAT_VERSION)
     config_dict = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "compression"):
         config_dict.pop(key, None)
-    config = BasisLlamaConfig(
-        compression={"format_version": FORMAT_VERSION, **compression, "ranks": ranks}, **config_dict)
+    config = BasisLlamaConfig(compression={**compression, **record}, **config_dict)
     config.architectures = [BasisLlamaForCausalLM.__name__]
     config.auto_map = dict(AUTO_MAP)
     with torch.device("meta"):
@@ -96,41 +112,70 @@ def to_dense_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def write_model(model: nn.Module, tokenizer, folder: Path, compression: dict, dense: bool = False) -> None:
-    """Weights, config and tokenizer into an existing folder: low-rank (basis_llama with its
-    modeling file) when the model has LowRankLinear modules and dense is False, else stock."""
-    if dense or not low_rank_ranks(model):
-        to_dense_model(model).save_pretrained(folder)
-    else:
-        to_basis_model(model, compression).save_pretrained(folder)
+def write_model(model: nn.Module, tokenizer, folder: Path, compression: dict, dense: bool = False,
+                dtype: torch.dtype | None = None) -> None:
+    """Weights, config and tokenizer into an existing folder: basis_llama with its modeling file
+    when the model has low-rank or quantized linears and dense is False, else a stock LLaMA.
+    dtype: of the floating-point tensors written (None: as they are); quantized codes and
+    scales keep their own types."""
+    compact = bool(low_rank_ranks(model)) or quant_record(model) is not None
+    if dense and quant_record(model) is not None:
+        raise ValueError("A quantized model cannot be exported dense; export the unquantized one.")
+    exported = to_basis_model(model, compression) if compact and not dense else to_dense_model(model)
+    if dtype is not None:
+        exported.to(dtype)  # a cast model is saved: save_pretrained records the dtype it sees
+    exported.save_pretrained(folder)
+    if compact and not dense:
         shutil.copyfile(modeling_basis_llama.__file__, Path(folder) / "modeling_basis_llama.py")
     tokenizer.save_pretrained(folder)
 
 
-def save_merged(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, adapter_record: dict,
-                overwrite: bool = False) -> Path:
-    """A model with an adapter merged in; the source's compression records are carried over."""
+def _carried_compression(model: nn.Module) -> dict:
+    """The source's compression record, less what the writer derives from the model itself."""
+    return {key: value for key, value in getattr(model.config, "compression", {}).items()
+            if key not in ("ranks", "format_version", "quant")}
+
+
+def _save_derived(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, compression: dict,
+                  notes: dict[str, dict], overwrite: bool, dtype: torch.dtype | None = None) -> Path:
+    """A model made from another folder: the source's compression records are carried over,
+    and each note (file name -> record) is written next to them."""
     source_dir = Path(source_dir)
-    compression = {key: value for key, value in getattr(model.config, "compression", {}).items()
-                   if key not in ("ranks", "format_version")}
-    compression["adapter"] = {key: adapter_record.get(key) for key in ("method", "rank", "num_basis", "seed")}
     with atomic_folder(out_dir, overwrite) as tmp:
-        write_model(model, tokenizer, tmp, compression)
+        write_model(model, tokenizer, tmp, compression, dtype=dtype)
         for name in ("compression.yaml", "compression_summary.json", "basis_scores.safetensors"):
             if (source_dir / name).exists():
                 shutil.copyfile(source_dir / name, tmp / name)
-        (tmp / "merged_adapter_config.json").write_text(json.dumps(adapter_record, indent=2))
+        for name, note in notes.items():
+            (tmp / name).write_text(json.dumps(note, indent=2, default=str))
     return Path(out_dir)
+
+
+def save_merged(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, adapter_record: dict,
+                overwrite: bool = False) -> Path:
+    """A model with an adapter merged in."""
+    compression = _carried_compression(model)
+    compression["adapter"] = {key: adapter_record.get(key) for key in ("method", "rank", "num_basis", "seed")}
+    return _save_derived(model, tokenizer, out_dir, source_dir, compression,
+                         {"merged_adapter_config.json": adapter_record}, overwrite)
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, summary: dict,
+                   overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """A model whose decoder linears were quantized after the fact (compressor quantize)."""
+    return _save_derived(model, tokenizer, out_dir, source_dir, _carried_compression(model),
+                         {"quantization_summary.json": summary}, overwrite, dtype)
 
 
 def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: CompressConfig,
                     summary: dict, overwrite: bool = False, dense: bool = False,
-                    scores: dict[str, torch.Tensor] | None = None) -> Path:
-    """scores: per-basis costs and orders from the pipeline, saved as basis_scores.safetensors."""
+                    scores: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """scores: per-basis costs and orders from the pipeline, saved as basis_scores.safetensors.
+    dtype: of the exported floating-point tensors (None: as the model holds them)."""
     compression = {"method": config.method, "allocation": config.allocation, "score": config.score,
                    "ratio": config.ratio}
     with atomic_folder(out_dir, overwrite) as tmp:
-        write_model(model, tokenizer, tmp, compression, dense)
+        write_model(model, tokenizer, tmp, compression, dense, dtype)
         save_config(config, tmp / "compression.yaml")
         (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if scores:

@@ -35,6 +35,18 @@ def read_model_type(model_dir: Path) -> str:
     return config["model_type"]
 
 
+def is_compressed(model_dir: Path) -> bool:
+    return read_model_type(model_dir) == BasisLlamaConfig.model_type
+
+
+def source_dtype(model_dir: Path) -> torch.dtype:
+    """The floating-point dtype a checkpoint was saved in (float32 when its config does not say)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, ArchSpec]:
     """A dense checkpoint converted to LlamaForCausalLM, with the spec of its source type."""
     model_type = read_model_type(model_dir)

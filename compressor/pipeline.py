@@ -7,6 +7,7 @@
                 taylor: gradient-based estimate per basis (cached); bases reordered by it
     ranks   = allocate(bases, config, costs) uniform or global, under the parameter budget
     reports = apply_ranks(model, bases, ...) LowRankLinear in place of the chosen linears
+    quantize_model(model, ...)               optional: factors stored as int8 / int4 / nf4 codes
 
 Each stage is a plain function so benchmarks can reuse one factorization for many budgets.
 """
@@ -33,6 +34,7 @@ from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
 from compressor.decompose import Factorization, check_finite, decompose, output_error
 from compressor.modeling_basis_llama import LowRankLinear, replace_module
+from compressor.quantize import quantize_model
 from compressor.scoring import reorder, taylor_scores
 
 log = logging.getLogger(__name__)
@@ -271,6 +273,28 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     summary["model_params_before"] = params_before
     summary["model_params_after"] = sum(p.numel() for p in model.parameters())
     summary["ratio_asked"] = config.ratio
+    if config.quant.scheme != "none":
+        start = time.perf_counter()
+        summary["quantization"] = quantization_summary(model, spec, config)
+        timings["quantization"] = time.perf_counter() - start
     scores = {} if costs is None else {f"{name}.score": cost.float() for name, cost in costs.items()}
     scores.update({f"{name}.order": order for name, order in bases.order.items()})
     return CompressionResult(ranks, reports, summary, timings, scores)
+
+
+def quantization_summary(model: nn.Module, spec: ArchSpec, config: CompressConfig) -> dict:
+    """Quantize the decoder linears in place; their stored bytes before and after, and errors."""
+    before = decoder_linear_bytes(model, spec)
+    record, errors = quantize_model(model, spec, config.quant)
+    values = sorted(errors.values())
+    return {key: record[key] for key in ("scheme", "group_size", "symmetric")} | {
+        "decoder_linear_bytes_before": before, "decoder_linear_bytes_after": decoder_linear_bytes(model, spec),
+        "relative_weight_error_median": values[len(values) // 2], "relative_weight_error_max": values[-1],
+        "relative_weight_error_worst_module": max(errors, key=errors.get)}
+
+
+def decoder_linear_bytes(model: nn.Module, spec: ArchSpec) -> int:
+    """Bytes the decoder linears hold (parameters and buffers: codes, scales and zero points)."""
+    return sum(tensor.numel() * tensor.element_size()
+               for layer in decoder_layers(model, spec) for name in spec.linear_names
+               for tensor in [*layer.get_submodule(name).parameters(), *layer.get_submodule(name).buffers()])

@@ -93,3 +93,42 @@ def test_compress_train_merge_eval(tmp_path, model_dir, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(model_dir), "--adapter", str(adapter), "--limit", "2", *common]) == 2
     assert "different base model" in capsys.readouterr().err
+
+    # The adapter stored in 4 bits loads and evaluates; the merged model quantized to int8 too.
+    assert main(["quantize-adapter", str(adapter), "--bits", "4", "--out", str(tmp_path / "adapter4")]) == 0
+    assert main(["eval", "--model", str(out), "--adapter", str(tmp_path / "adapter4"), "--limit", "2",
+                 "--json", str(tmp_path / "with4.json"), *common]) == 0
+    assert main(["quantize", "--model", str(merged), "--quant", "int8", "--out", str(tmp_path / "merged8"), *common]) == 0
+    assert (tmp_path / "merged8" / "quantization_summary.json").exists()
+    assert main(["eval", "--model", str(tmp_path / "merged8"), "--limit", "2",
+                 "--json", str(tmp_path / "merged8.json"), *common]) == 0
+    for name in ("with4", "merged8"):
+        ppl = json.loads((tmp_path / f"{name}.json").read_text())["perplexity"]
+        for key, value in ppl.items():
+            assert abs(value["perplexity"] / merged_ppl[key]["perplexity"] - 1) < 0.05
+
+
+def test_compress_quantized_and_quantize_dense(tmp_path, model_dir, capsys):
+    data = _data_dir(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 200)
+    common = ["--home", str(tmp_path / "home"), "--data-dir", str(data), "--quiet"]
+    out = tmp_path / "q4"
+    assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3",
+                 "--allocation", "uniform", "--samples", "4", "--seq-len", "32", "--quant", "int4",
+                 "--group-size", "16", "--export-dtype", "float16", "--out", str(out), *common]) == 0
+    summary = json.loads((out / "compression_summary.json").read_text())["summary"]["quantization"]
+    assert summary["scheme"] == "int4" and summary["decoder_linear_bytes_after"] < summary["decoder_linear_bytes_before"] / 5
+    assert yaml.safe_load((out / "compression.yaml").read_text())["quant"] == {
+        "scheme": "int4", "group_size": 16, "symmetric": False}
+    assert main(["eval", "--model", str(out), "--limit", "2", *common]) == 0
+
+    dense8 = tmp_path / "dense8"
+    assert main(["quantize", "--model", str(model_dir), "--quant", "int8", "--out", str(dense8), *common]) == 0
+    config = json.loads((dense8 / "config.json").read_text())
+    assert config["model_type"] == "basis_llama" and config["compression"]["ranks"] == {}
+    assert len(config["compression"]["quant"]["modules"]) == 3 * 7
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(model_dir), "--quant", "int3", "--out", str(tmp_path / "x"), *common]) == 2
+    assert "Unknown quantization scheme 'int3'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -5,6 +5,7 @@
     save_adapter(adapters, out_dir, base_model={...})   # adapter_config.json + adapter_model.safetensors
     adapters = load_adapter(model, out_dir)             # on a freshly loaded base
     adapters.merge(model)                               # fold into the factors: [U | B] [V ; A]
+    quantize_adapter(out_dir, small_dir, bits=4)        # stored in 4 bits; load_adapter decodes it
 
 One file per method (lora.py, nola.py, tied_lora.py); each builds its AdaptedLinear modules
 and any parameters they share. This module holds what is common: attaching, saving, loading.
@@ -24,13 +25,14 @@ from torch import nn
 from compressor.adapters import lora, nola, tied_lora
 from compressor.adapters.base import ADAPTER_FORMAT_VERSION, AdaptedLinear, AdapterConfig, PerForwardCache
 from compressor.arch import ArchSpec, decoder_layers, get_spec
-from compressor.modeling_basis_llama import replace_module
+from compressor.modeling_basis_llama import QuantizedLinear, replace_module
+from compressor.quantize import dequantize_tensors, quantize_tensors
 
 METHODS = {"lora": lora, "nola": nola, "tied-lora": tied_lora}
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 __all__ = ["AdapterConfig", "AdapterError", "AdapterSet", "METHODS", "add_adapters", "load_adapter",
-           "save_adapter", "validate_config", "write_adapter"]
+           "quantize_adapter", "save_adapter", "validate_config", "write_adapter"]
 
 
 class AdapterError(ValueError):
@@ -79,12 +81,12 @@ class AdapterSet(nn.Module):
         return state
 
     @torch.no_grad()
-    def load_weights(self, path: Path) -> None:
-        """Copy saved trainable tensors in; every key and shape must match."""
-        try:
-            tensors = load_file(path)
-        except (OSError, SafetensorError) as error:  # missing, truncated or corrupt file
-            raise AdapterError(f"Cannot read adapter weights {path}: {error}") from None
+    def load_weights(self, path: Path, quantization: dict | None = None) -> None:
+        """Copy saved trainable tensors in (decoded first when stored quantized); every key
+        and shape must match."""
+        tensors = read_weights(path)
+        if quantization:
+            tensors = dequantize_tensors(tensors, quantization)
         state = self.trainable_state()
         if set(tensors) != set(state):
             missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
@@ -133,6 +135,13 @@ class AdapterSet(nn.Module):
         return model
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as error:  # missing, truncated or corrupt file
+        raise AdapterError(f"Cannot read adapter weights {path}: {error}") from None
+
+
 def _targets(model: nn.Module, spec: ArchSpec, config: AdapterConfig) -> dict[str, nn.Module]:
     return {spec.full_name(index, name): layer.get_submodule(name)
             for index, layer in enumerate(decoder_layers(model, spec)) for name in config.target_modules}
@@ -142,6 +151,9 @@ def add_adapters(model: nn.Module, config: AdapterConfig, spec: ArchSpec | None 
     """Wrap the target linears of `model` (in place); every base parameter is frozen."""
     spec = spec or get_spec("llama")
     validate_config(config, spec)
+    if any(isinstance(module, QuantizedLinear) for module in model.modules()):
+        raise AdapterError("This model's linears are quantized. Train or merge adapters on the "
+                           "unquantized model, then quantize the merged one (compressor quantize).")
     for param in model.parameters():
         param.requires_grad_(False)
     modules, shared = METHODS[config.method].attach(_targets(model, spec, config), config)
@@ -205,8 +217,30 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_model: dict | None = 
                                f"{base.out_features}x{base.in_features} here, {expected} in the adapter.")
     adapters = add_adapters(model, config, spec)
     try:
-        adapters.load_weights(Path(adapter_dir) / WEIGHTS_FILE)
+        adapters.load_weights(Path(adapter_dir) / WEIGHTS_FILE, record.get("quantization"))
     except AdapterError:
         adapters.remove(model)  # leave the model as it came
         raise
     return adapters
+
+
+def quantize_adapter(adapter_dir: Path, out_dir: Path, bits: int, group_size: int = 64,
+                     symmetric: bool = False, overwrite: bool = False) -> dict:
+    """A copy of a saved adapter with its tensors stored at `bits` bits (any method; loading
+    decodes them). Returns the quantization record with the bytes before and after."""
+    from compressor.export import atomic_folder
+
+    adapter_dir = Path(adapter_dir)
+    _, record = read_adapter_config(adapter_dir)
+    if record.get("quantization"):
+        raise AdapterError(f"Adapter {adapter_dir} is already quantized "
+                           f"({record['quantization']['bits']} bits); quantize the original adapter.")
+    tensors = read_weights(adapter_dir / WEIGHTS_FILE)
+    stored, quantization = quantize_tensors(tensors, bits, group_size, symmetric)
+    record["quantization"] = quantization
+    with atomic_folder(out_dir, overwrite) as tmp:
+        save_file(stored, tmp / WEIGHTS_FILE, metadata={"format": "pt", "method": record.get("method", "")})
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+    sizes = {"bytes_before": (adapter_dir / WEIGHTS_FILE).stat().st_size,
+             "bytes_after": (Path(out_dir) / WEIGHTS_FILE).stat().st_size}
+    return {key: value for key, value in quantization.items() if key != "shapes"} | sizes
