@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.data import is_eval_passage, read_jsonl
+from compressor.modeling_basis_llama import QuantizedLinear
 
 PPL_SETS = ("code", "math", "general")
 
@@ -89,7 +90,10 @@ def evaluate_perplexity(model: nn.Module, tokenizer, data_dir: Path, sets=PPL_SE
 
 
 def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, with each quantized linear's weight counted as the values its codes stand for."""
+    quantized = sum(module.in_features * module.out_features for module in model.modules()
+                    if isinstance(module, QuantizedLinear))
+    return sum(p.numel() for p in model.parameters()) + quantized
 
 
 def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
