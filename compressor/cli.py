@@ -27,7 +27,8 @@ FLAG_TO_CONFIG = {
     "batch_size": ("calibration", "batch_size"),
     "sensitivity_samples": ("calibration", "sensitivity_samples"),
     "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
-    "symmetric": ("quant", "symmetric"), "export_dtype": (None, "export_dtype"),
+    "symmetric": ("quant", "symmetric"), "bits_per_weight": ("quant", "bits_per_weight"),
+    "export_dtype": (None, "export_dtype"),
 }
 
 # compressor train: flag -> (section, key) of TrainConfig.
@@ -61,7 +62,8 @@ def _add_calibration(parser: argparse.ArgumentParser) -> None:
 
 def _add_quant(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", help="none | int8 | int4 | nf4: weight-only quantization of the "
-                                        "decoder linears (both factors of a low-rank one)")
+                                        "decoder linears (both factors of a low-rank one); compress "
+                                        "also takes auto (with --bits-per-weight)")
     parser.add_argument("--group-size", type=int, help="weights per scale (nf4: 64, 128, ... 4096)")
     parser.add_argument("--symmetric", action="store_const", const=True, help="int schemes: no zero points")
     parser.add_argument("--export-dtype", help="auto | float32 | float16 | bfloat16: floating-point "
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--dense", action="store_const", const=True,
                           help="export the factors multiplied back, as a stock LlamaForCausalLM")
     _add_quant(compress)
+    compress.add_argument("--bits-per-weight", type=float,
+                          help="--quant auto: stored bits per dense decoder-linear weight; the ratio "
+                               "and scheme that fit it with the lowest calibration loss are chosen")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     compress.add_argument("--no-cache", action="store_true", help="do not reuse or save statistics")
 
@@ -219,6 +224,15 @@ def format_layers(result) -> str:
                  f"{summary['kept_params']:,} (removed {summary['removed_fraction']:.2%}, asked "
                  f"{summary['ratio_asked']:.2%}); whole model {summary['model_params_before']:,} -> "
                  f"{summary['model_params_after']:,}")
+    if "quantization" in summary:
+        quant = summary["quantization"]
+        lines.append(f"quantized {quant['scheme']} (group {quant['group_size']}, symmetric {quant['symmetric']}): "
+                     f"decoder linears {quant['decoder_linear_bytes_before']:,} -> "
+                     f"{quant['decoder_linear_bytes_after']:,} bytes; relative weight error median "
+                     f"{quant['relative_weight_error_median']:.4f}, max {quant['relative_weight_error_max']:.4f}")
+    for row in summary.get("rank_x_bits", []):
+        outcome = row.get("skipped") or f"ratio {row['ratio']:.3f}, loss {row['loss']:.4f}" + (" <- chosen" if row.get("chosen") else "")
+        lines.append(f"rank x bits: {row['scheme']:<14} {outcome}")
     return "\n".join(lines)
 
 
@@ -237,7 +251,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
                "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
-    save_compressed(model, tokenizer, args.out, config, summary, args.overwrite,
+    save_compressed(model, tokenizer, args.out, result.config, summary, args.overwrite,
                     dense=config.dense_export, scores=result.scores,
                     dtype=export_dtype(config.export_dtype, args.model))
     print(format_layers(result))
@@ -260,8 +274,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from compressor.pipeline import quantization_summary
 
     config = resolve_config(args)  # only its quant section and export_dtype are used here
-    if config.quant.scheme == "none":
-        raise ValueError("compressor quantize needs --quant int8, int4 or nf4.")
+    if config.quant.scheme in ("none", "auto"):
+        raise ValueError("compressor quantize needs --quant int8, int4 or nf4 (auto belongs to compress).")
     check_output(args.out, args.overwrite)
     model = load_any(args.model) if is_compressed(args.model) else load_model(args.model)[0]
     tokenizer = load_tokenizer(args.model)

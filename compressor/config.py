@@ -12,6 +12,7 @@ from compressor.adapters import validate_config as validate_adapter
 from compressor.arch import get_spec
 from compressor.allocate import ALLOCATIONS, check_ratio
 from compressor.decompose import METHODS
+from compressor.modeling_basis_llama import SCHEME_BITS
 from compressor.quantize import QuantConfig
 from compressor.scoring import SCORES
 
@@ -32,12 +33,13 @@ class CalibrationConfig:
     batch_size: int = 8
     sensitivity_samples: int = 2  # sequences for the measured-sensitivity pass (global, energy)
     gradient_samples: int = 8  # sequences whose loss gradients give the taylor scores
+    selection_samples: int = 4  # quant auto: sequences whose loss ranks the rank x bits pairs
 
 
 @dataclass
 class CompressConfig:
     version: int = CONFIG_VERSION
-    ratio: float = 0.2  # fraction of decoder-linear parameters removed
+    ratio: float = 0.2  # fraction of decoder-linear parameters removed (quant auto: derived)
     method: str = "whiten"  # svd | asvd | whiten
     allocation: str = "global"  # uniform | global
     score: str = "energy"  # energy | taylor: which bases the target needs (scoring.py)
@@ -56,7 +58,8 @@ class CompressConfig:
     def validate(self) -> "CompressConfig":
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"Config version {self.version} is not supported (expected {CONFIG_VERSION}).")
-        check_ratio(self.ratio)
+        if not (self.ratio == 0 and self.quant.scheme in SCHEME_BITS):  # 0: quantization only
+            check_ratio(self.ratio)
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}.")
         if self.allocation not in ALLOCATIONS:
@@ -77,11 +80,12 @@ class CompressConfig:
         if self.quant.scheme != "none" and self.dense_export:
             raise ConfigError("A dense export cannot be quantized: drop --dense or --quant.")
         cal = self.calibration
-        if min(cal.samples, cal.batch_size, cal.sensitivity_samples, cal.gradient_samples) < 1 or cal.seq_len < 2:
-            raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples and "
-                              "gradient_samples must be positive.")
+        counts = (cal.samples, cal.batch_size, cal.sensitivity_samples, cal.gradient_samples, cal.selection_samples)
+        if min(counts) < 1 or cal.seq_len < 2:
+            raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples, "
+                              "gradient_samples and selection_samples must be positive.")
         used = {"sensitivity_samples": self.score == "energy" and self.allocation == "global",
-                "gradient_samples": self.score == "taylor"}
+                "gradient_samples": self.score == "taylor", "selection_samples": self.quant.scheme == "auto"}
         for key in (key for key, in_use in used.items() if in_use):
             if getattr(cal, key) > cal.samples:
                 raise ConfigError(f"calibration.{key} ({getattr(cal, key)}) cannot exceed "

@@ -14,10 +14,11 @@ Each stage is a plain function so benchmarks can reuse one factorization for man
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,11 +34,12 @@ from compressor.allocate import Shape, basis_energy, global_ranks, measured_cost
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
 from compressor.decompose import Factorization, check_finite, decompose, output_error
-from compressor.modeling_basis_llama import LowRankLinear, replace_module
-from compressor.quantize import quantize_model
+from compressor.modeling_basis_llama import SCHEME_BITS, LowRankLinear, replace_module
+from compressor.quantize import QuantError, quantize_model, stored_bits
 from compressor.scoring import reorder, taylor_scores
 
 log = logging.getLogger(__name__)
+MAX_AUTO_RATIO = 0.9  # quant auto: a pair that must remove more than this is not tried
 
 
 @dataclass
@@ -71,6 +73,7 @@ class CompressionResult:
     layers: list[LayerReport]
     summary: dict
     timings: dict[str, float]
+    config: CompressConfig  # as run: with quant auto, the chosen ratio and scheme
     # "<linear>.score": cost of each basis in kept order; "<linear>.order": its singular-value index
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -200,6 +203,8 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
 
 def allocate(bases: Bases, config: CompressConfig,
              costs: dict[str, torch.Tensor] | None = None) -> dict[str, int | None]:
+    if config.ratio == 0:  # quantization only
+        return {name: None for name in bases.shapes}
     if config.allocation == "uniform":
         return uniform_ranks(bases.shapes, config.ratio, config.align, config.tolerance)
     if costs is None:
@@ -209,12 +214,14 @@ def allocate(bases: Bases, config: CompressConfig,
 
 @torch.no_grad()
 def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str, int | None],
-                cache: StatsCache, costs: dict[str, torch.Tensor] | None = None) -> list[LayerReport]:
-    """Replace every linear with a rank by a LowRankLinear; report its output error."""
+                cache: StatsCache, costs: dict[str, torch.Tensor] | None = None,
+                measure: bool = True) -> list[LayerReport]:
+    """Replace every linear with a rank by a LowRankLinear; report its output error
+    (measure=False: left at 0, and the statistics are not read)."""
     groups = group_of(spec)
     reports = []
     for index, layer in enumerate(decoder_layers(model, spec)):
-        stats = cache.load_layer(index)
+        stats = cache.load_layer(index) if measure else None
         for name in spec.linear_names:
             full_name = spec.full_name(index, name)
             dense = layer.get_submodule(name)
@@ -223,8 +230,9 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
                                  bases.factors[full_name].full_rank, shape.dense, shape.stored(rank), 0.0)
             if rank is not None:
                 up, down = bases.factors[full_name].factors(rank)
-                gram = stats[groups[name]].mean_gram().float()
-                report.output_error = output_error(dense.weight.float(), up, down, gram)
+                if measure:
+                    gram = stats[groups[name]].mean_gram().float()
+                    report.output_error = output_error(dense.weight.float(), up, down, gram)
                 if costs is not None:
                     report.score_dropped = float(costs[full_name][rank:].sum())
                 if full_name in bases.order:
@@ -265,6 +273,11 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         start = time.perf_counter()
         costs = score_bases(model, spec, cache, blocks, bases, config, progress)
         timings["scoring"] = time.perf_counter() - start
+        selection = None
+        if config.quant.scheme == "auto":
+            start = time.perf_counter()
+            config, selection = select_rank_and_bits(model, spec, blocks, bases, costs, cache, config, progress)
+            timings["rank_x_bits_selection"] = time.perf_counter() - start
         start = time.perf_counter()
         ranks = allocate(bases, config, costs)
         reports = apply_ranks(model, spec, bases, ranks, cache, costs)
@@ -277,9 +290,11 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         start = time.perf_counter()
         summary["quantization"] = quantization_summary(model, spec, config)
         timings["quantization"] = time.perf_counter() - start
+    if selection is not None:
+        summary["rank_x_bits"] = selection
     scores = {} if costs is None else {f"{name}.score": cost.float() for name, cost in costs.items()}
     scores.update({f"{name}.order": order for name, order in bases.order.items()})
-    return CompressionResult(ranks, reports, summary, timings, scores)
+    return CompressionResult(ranks, reports, summary, timings, config, scores)
 
 
 def quantization_summary(model: nn.Module, spec: ArchSpec, config: CompressConfig) -> dict:
@@ -298,3 +313,58 @@ def decoder_linear_bytes(model: nn.Module, spec: ArchSpec) -> int:
     return sum(tensor.numel() * tensor.element_size()
                for layer in decoder_layers(model, spec) for name in spec.linear_names
                for tensor in [*layer.get_submodule(name).parameters(), *layer.get_submodule(name).buffers()])
+
+
+@torch.no_grad()
+def language_model_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss over the blocks."""
+    total = 0.0
+    for batch in blocks.split(batch_size):
+        total += float(model(batch, labels=batch).loss) * len(batch)
+    return total / len(blocks)
+
+
+def select_rank_and_bits(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, bases: Bases,
+                         costs: dict[str, torch.Tensor] | None, cache: StatsCache, config: CompressConfig,
+                         progress: bool = True) -> tuple[CompressConfig, list[dict]]:
+    """Spend a budget of `quant.bits_per_weight` stored bits per dense decoder-linear weight.
+
+    Each scheme s can keep a fraction budget / stored_bits(s) of the parameters: more rank at
+    fewer bits, or less rank at more. Every pair that fits (at most MAX_AUTO_RATIO removed; a
+    scheme under budget with nothing removed keeps every rank) is built on a copy of the model
+    and scored by its language-model loss on `selection_samples` calibration sequences. Returns
+    the config of the lowest-loss pair and the table of all.
+    """
+    budget, cal = config.quant.bits_per_weight, config.calibration
+    sample = blocks[: cal.selection_samples]
+    rows = [{"scheme": "dense float32", "ratio": 0.0, "loss": language_model_loss(model, sample, cal.batch_size)}]
+    chosen = None
+    for scheme in ("none", *SCHEME_BITS):
+        quant = replace(config.quant, scheme=scheme, bits_per_weight=None)
+        row = {"scheme": scheme, "stored_bits": stored_bits(quant)}
+        rows.append(row)
+        try:
+            quant.validate()  # e.g. a group size nf4 does not accept
+        except QuantError as error:
+            row["skipped"] = str(error)
+            continue
+        row["ratio"] = round(max(0.0, 1 - budget / row["stored_bits"]), 4)
+        if row["ratio"] > MAX_AUTO_RATIO or (scheme == "none" and row["ratio"] == 0):
+            row["skipped"] = "does not fit the budget" if row["ratio"] > MAX_AUTO_RATIO else "no cut and no quantization"
+            continue
+        candidate_config = replace(config, ratio=row["ratio"], quant=quant)
+        candidate = copy.deepcopy(model)
+        apply_ranks(candidate, spec, bases, allocate(bases, candidate_config, costs), cache, costs, measure=False)
+        if scheme != "none":
+            quantize_model(candidate, spec, quant)
+        row["loss"] = language_model_loss(candidate, sample, cal.batch_size)
+        del candidate
+        log.info("rank x bits: %s at ratio %.3f -> loss %.4f", scheme, row["ratio"], row["loss"])
+        if chosen is None or row["loss"] < chosen[0]:
+            chosen = (row["loss"], candidate_config)
+    if chosen is None:
+        raise ValueError(f"No rank x bits pair fits {budget} bits per weight (each would remove more than "
+                         f"{MAX_AUTO_RATIO:.0%} of the parameters); raise --bits-per-weight.")
+    for row in rows[1:]:
+        row["chosen"] = "loss" in row and row["loss"] == chosen[0]
+    return chosen[1], rows

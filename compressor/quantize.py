@@ -36,20 +36,37 @@ class QuantError(ValueError):
 
 @dataclass
 class QuantConfig:
-    scheme: str = "none"  # none | int8 | int4 | nf4
+    # none | int8 | int4 | nf4, or auto: the rank x bits pair (ratio and scheme) that fits
+    # bits_per_weight with the lowest calibration loss (pipeline.select_rank_and_bits).
+    scheme: str = "none"
     group_size: int = 128  # weights per scale (per row for int, per flattened block for nf4)
-    symmetric: bool = False  # int schemes: no zero point (nf4 is always absmax-scaled)
+    symmetric: bool = False  # int schemes: no zero points (nf4 is always absmax-scaled)
+    bits_per_weight: float | None = None  # auto: stored bits per dense decoder-linear weight
 
     def validate(self) -> "QuantConfig":
-        if self.scheme not in QUANT_SCHEMES:
+        if self.scheme not in (*QUANT_SCHEMES, "auto"):
             raise QuantError(f"Unknown quantization scheme {self.scheme!r}; choose one of "
-                             f"{', '.join(QUANT_SCHEMES)}.")
+                             f"{', '.join(QUANT_SCHEMES)} or auto.")
         if self.group_size < 1:
             raise QuantError(f"Quantization group size must be >= 1; got {self.group_size}.")
         if self.scheme == "nf4" and self.group_size not in NF4_BLOCK_SIZES:
             raise QuantError(f"nf4 block size must be one of {NF4_BLOCK_SIZES} (bitsandbytes); "
                              f"got {self.group_size}.")
+        if (self.scheme == "auto") != (self.bits_per_weight is not None):
+            raise QuantError("--quant auto needs --bits-per-weight (the byte budget), and only auto uses it.")
+        if self.bits_per_weight is not None and not 0 < self.bits_per_weight < 16:
+            raise QuantError(f"bits_per_weight must be in (0, 16); got {self.bits_per_weight}.")
         return self
+
+
+def stored_bits(config: QuantConfig) -> float:
+    """Stored bits per weight of a scheme, scales and zero points included (full groups)."""
+    if config.scheme == "none":
+        return 16.0  # float16 export
+    if config.scheme == "nf4":
+        return 4 + 32 / config.group_size  # float32 absmax per block
+    zero_bits = 0 if config.symmetric else 8
+    return SCHEME_BITS[config.scheme] + (16 + zero_bits) / config.group_size
 
 
 @dataclass
@@ -133,8 +150,8 @@ def quantize_nf4(weight: torch.Tensor, block_size: int) -> Quantized:
 
 def quantize_matrix(weight: torch.Tensor, config: QuantConfig) -> Quantized:
     config.validate()
-    if config.scheme == "none":
-        raise QuantError("quantize_matrix needs a scheme other than 'none'.")
+    if config.scheme not in SCHEME_BITS:
+        raise QuantError(f"quantize_matrix needs one of {', '.join(SCHEME_BITS)}; got {config.scheme!r}.")
     if not torch.isfinite(weight).all():
         raise QuantError("Cannot quantize a matrix with NaN or Inf values.")
     if config.scheme == "nf4":
@@ -166,6 +183,8 @@ def quantize_model(model: nn.Module, spec: ArchSpec, config: QuantConfig) -> tup
     weight error ||W - Q(W)|| / ||W||. Embeddings, norms and the LM head stay in floating point.
     """
     config.validate()
+    if config.scheme not in SCHEME_BITS:
+        raise QuantError(f"quantize_model needs one of {', '.join(SCHEME_BITS)}; got {config.scheme!r}.")
     targets = _quantization_targets(model, spec)
     errors = {}
     for name, linear in targets.items():

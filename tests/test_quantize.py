@@ -180,3 +180,31 @@ def test_quantized_adapter_is_smaller_and_loads_transparently(tmp_path, tiny_mod
     assert errors[8] < errors[4] < 0.25 * effect
     with pytest.raises(AdapterError, match="already quantized"):
         quantize_adapter(tmp_path / "q4", tmp_path / "again", 2)
+
+
+def test_auto_rank_x_bits_picks_the_lowest_loss_pair_within_the_budget(tiny_model, blocks):
+    config = CompressConfig(allocation="uniform", tolerance=0.03, quant=QuantConfig("auto", 16, bits_per_weight=6.0),
+                            calibration=CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1], batch_size=4,
+                                                          selection_samples=4))
+    result = compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+    rows = {row["scheme"]: row for row in result.summary["rank_x_bits"]}
+    # 6 bits: float16 keeps 37.5% of the parameters, int8 (9.5 bits with scales) 63%, 4-bit ones all.
+    assert rows["none"]["ratio"] == pytest.approx(1 - 6 / 16, abs=1e-3)
+    assert rows["int8"]["ratio"] == pytest.approx(1 - 6 / 9.5, abs=1e-3)
+    assert rows["int4"]["ratio"] == 0 and "skipped" in rows["nf4"]  # group 16 is no nf4 block size
+    tried = [row for row in rows.values() if "loss" in row and row["scheme"] != "dense float32"]
+    best = min(tried, key=lambda row: row["loss"])
+    assert best["chosen"] and sum(row["chosen"] for row in tried) == 1
+    assert result.config.quant.scheme == best["scheme"] and result.config.ratio == best["ratio"]
+    quant = result.summary["quantization"]
+    stored = quant["decoder_linear_bytes_after"] * 8 / result.summary["decoder_linear_params"]
+    assert stored <= 6.0 * 1.05  # the budget holds for what was built (ragged groups cost a little)
+
+
+def test_auto_needs_a_budget_and_a_reachable_one(tiny_model, blocks):
+    with pytest.raises(QuantError, match="needs --bits-per-weight"):
+        QuantConfig("auto").validate()
+    config = CompressConfig(allocation="uniform", quant=QuantConfig("auto", 64, bits_per_weight=0.2),
+                            calibration=CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1]))
+    with pytest.raises(ValueError, match="No rank x bits pair fits 0.2 bits"):
+        compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
