@@ -120,7 +120,7 @@ def test_compress_quantized_and_quantize_dense(tmp_path, model_dir, capsys):
     summary = json.loads((out / "compression_summary.json").read_text())["summary"]["quantization"]
     assert summary["scheme"] == "int4" and summary["decoder_linear_bytes_after"] < summary["decoder_linear_bytes_before"] / 5
     assert yaml.safe_load((out / "compression.yaml").read_text())["quant"] == {
-        "scheme": "int4", "group_size": 16, "symmetric": False}
+        "scheme": "int4", "group_size": 16, "symmetric": False, "bits_per_weight": None}
     assert main(["eval", "--model", str(out), "--limit", "2", *common]) == 0
 
     dense8 = tmp_path / "dense8"
