@@ -12,10 +12,12 @@ from compressor.config import CalibrationConfig, CompressConfig
 from compressor.export import OutputExistsError, save_compressed
 from compressor.modeling_basis_llama import BasisLlamaForCausalLM, LowRankLinear
 from compressor.pipeline import compress
+from compressor.quantize import QuantConfig
 
 
-def _compress(model, blocks, allocation="uniform", ratio=0.3, score="energy"):
+def _compress(model, blocks, allocation="uniform", ratio=0.3, score="energy", quant="none"):
     config = CompressConfig(ratio=ratio, allocation=allocation, score=score, tolerance=0.02,
+                            quant=QuantConfig(quant, group_size=16),
                             calibration=CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1],
                                                           batch_size=4, sensitivity_samples=4,
                                                           gradient_samples=4))
@@ -53,8 +55,9 @@ def test_export_round_trip(tmp_path, tiny_model, tokenizer, blocks, allocation, 
         assert torch.equal(loaded(blocks).logits, expected)
 
 
-def test_bundled_code_loads_without_the_package(tmp_path, tiny_model, tokenizer, blocks):
-    config, result = _compress(tiny_model, blocks)
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_bundled_code_loads_without_the_package(tmp_path, tiny_model, tokenizer, blocks, quant):
+    config, result = _compress(tiny_model, blocks, quant=quant)
     out = tmp_path / "compressed"
     save_compressed(tiny_model, tokenizer, out, config, result.to_dict())
     with torch.no_grad():
