@@ -391,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # full or read-only disk, permissions: outputs are atomic, so say so
+        print(f"error: cannot write or read {error.filename or 'a file'}: {error.strerror or error}. "
+              "No partial output was left; free space, fix permissions or choose another --out.",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from compressor.arch import ArchSpec, get_spec, to_llama
@@ -30,9 +31,21 @@ def read_model_type(model_dir: Path) -> str:
         raise ModelFolderError(f"{config_path} is not valid JSON: {error}") from None
     if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
         raise ModelFolderError(f"{model_dir} has a config.json but no weights (*.safetensors).")
+    for path in sorted(model_dir.glob("*.safetensors")):
+        check_safetensors(path)
     if "model_type" not in config:
         raise ModelFolderError(f"{config_path} has no model_type.")
     return config["model_type"]
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a weights file whose header is unreadable or whose data it does not cover."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise ModelFolderError(f"Weights file {path} is corrupt or truncated ({error}); "
+                               "download or export the model again.") from None
 
 
 def is_compressed(model_dir: Path) -> bool:

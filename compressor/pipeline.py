@@ -276,7 +276,7 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         selection = None
         if config.quant.scheme == "auto":
             start = time.perf_counter()
-            config, selection = select_rank_and_bits(model, spec, blocks, bases, costs, cache, config, progress)
+            config, selection = select_rank_and_bits(model, spec, blocks, bases, costs, cache, config)
             timings["rank_x_bits_selection"] = time.perf_counter() - start
         start = time.perf_counter()
         ranks = allocate(bases, config, costs)
@@ -325,8 +325,8 @@ def language_model_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int)
 
 
 def select_rank_and_bits(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, bases: Bases,
-                         costs: dict[str, torch.Tensor] | None, cache: StatsCache, config: CompressConfig,
-                         progress: bool = True) -> tuple[CompressConfig, list[dict]]:
+                         costs: dict[str, torch.Tensor] | None, cache: StatsCache,
+                         config: CompressConfig) -> tuple[CompressConfig, list[dict]]:
     """Spend a budget of `quant.bits_per_weight` stored bits per dense decoder-linear weight.
 
     Each scheme s can keep a fraction budget / stored_bits(s) of the parameters: more rank at

@@ -110,3 +110,52 @@ def test_cli_missing_model_folder(tmp_path, capsys):
                  "--home", str(tmp_path / "home"), "--quiet"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_file_is_named(tmp_path, model_dir, damage, capsys):
+    weights = model_dir / "model.safetensors"
+    if damage == "truncated":
+        with open(weights, "r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
+    else:
+        weights.write_bytes(b"\xff" * 1000)
+    for command in (["compress", "--out", str(tmp_path / "o")], ["eval"]):
+        assert main([*command, "--model", str(model_dir), "--home", str(tmp_path / "home"), "--quiet"]) == 2
+        error = capsys.readouterr().err
+        assert f"{weights} is corrupt or truncated" in error and "again" in error
+    assert not (tmp_path / "o").exists()
+
+
+def test_full_disk_during_export_leaves_nothing(tmp_path, model_dir, monkeypatch, capsys):
+    import errno
+
+    import compressor.export
+
+    def fill_disk(model, tokenizer, folder, *args, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(compressor.export, "write_model", fill_disk)
+    out = tmp_path / "runs" / "o"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+    code = main(["compress", "--model", str(model_dir), "--target", str(corpus),
+                 "--samples", "2", "--seq-len", "16", "--allocation", "uniform", "--align", "1", "--out", str(out),
+                 "--home", str(tmp_path / "home"), "--quiet"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "No space left on device" in error and "No partial output was left" in error
+    assert list((tmp_path / "runs").iterdir()) == []  # neither the output nor its temporary folder
+
+
+def test_same_inputs_give_byte_identical_exports(tmp_path, model_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+    for name in ("a", "b"):
+        assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4",
+                     "--seq-len", "32", "--allocation", "global", "--sensitivity-samples", "2",
+                     "--align", "1", "--quant", "int4", "--no-cache", "--out", str(tmp_path / name),
+                     "--home", str(tmp_path / "home"), "--quiet"]) == 0
+    for file in ("model.safetensors", "config.json", "compression.yaml", "basis_scores.safetensors"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
