@@ -2,7 +2,9 @@
 
 The key hashes the model's weights and config and the calibration token ids themselves, so
 statistics are never reused after the model, the data, the tokenizer or the sampling changed.
-A folder is written under a temporary name and renamed when complete.
+A folder is written under a hidden `.KEY.partial` name and renamed when complete. After each
+layer, the hidden states entering the next one are saved there too (one file, replaced
+atomically), so an interrupted calibration resumes at the first layer it had not finished.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from calibration.stats import InputStats
 
 STATS_VERSION = 1
+RESUME_FILE = "resume.safetensors"
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -51,27 +55,46 @@ class StatsCache:
     def complete(self) -> bool:
         return (self.path / "COMPLETE").exists()
 
-    def write_layers(self, layer_stats) -> None:
-        """Consume (index, {group: InputStats}) pairs and store them; rename when all done."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            n_layers = 0
-            for index, stats in layer_stats:
-                tensors, counts = {}, {}
-                for group, item in stats.items():
-                    tensors[f"{group}.gram"] = item.gram
-                    tensors[f"{group}.abs_sum"] = item.abs_sum
-                    counts[group] = str(item.count)
-                save_file(tensors, tmp / f"layer_{index:03d}.safetensors", metadata=counts)
-                n_layers += 1
-            (tmp / "key.json").write_text(json.dumps({**self.info, "layers": n_layers}, indent=2))
-            (tmp / "COMPLETE").write_text("")
-            shutil.rmtree(self.path, ignore_errors=True)
-            tmp.rename(self.path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    @property
+    def partial(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.partial")
+
+    def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
+        """(first unfinished layer, hidden states entering it) of an interrupted calibration
+        of this key; (0, None) when there is none."""
+        path = self.partial / RESUME_FILE
+        if not path.exists():
+            return 0, None
+        with safe_open(path, "pt") as handle:
+            next_layer = int(handle.metadata()["next_layer"])
+        tensors = load_file(path)
+        return next_layer, [tensors[f"batch_{index}"] for index in range(len(tensors))]
+
+    def write_layers(self, layer_stats, start: int = 0) -> None:
+        """Consume (index, {group: InputStats}, next hidden states) triples from layer `start`
+        on (earlier layers are already in the partial folder) and store them; rename when all done."""
+        if start == 0:
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        n_layers = start
+        for index, stats, hidden in layer_stats:
+            tensors, counts = {}, {}
+            for group, item in stats.items():
+                tensors[f"{group}.gram"] = item.gram
+                tensors[f"{group}.abs_sum"] = item.abs_sum
+                counts[group] = str(item.count)
+            save_file(tensors, self.partial / f"layer_{index:03d}.safetensors", metadata=counts)
+            # One file holds the states and the layer they enter: a kill cannot split them.
+            tmp = self.partial / f".{RESUME_FILE}.tmp"
+            save_file({f"batch_{i}": h.contiguous() for i, h in enumerate(hidden)}, tmp,
+                      metadata={"next_layer": str(index + 1)})
+            os.replace(tmp, self.partial / RESUME_FILE)
+            n_layers = index + 1
+        (self.partial / RESUME_FILE).unlink(missing_ok=True)
+        (self.partial / "key.json").write_text(json.dumps({**self.info, "layers": n_layers}, indent=2))
+        (self.partial / "COMPLETE").write_text("")
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.partial.rename(self.path)
 
     def load_layer(self, index: int) -> dict[str, InputStats]:
         path = self.path / f"layer_{index:03d}.safetensors"

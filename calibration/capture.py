@@ -83,10 +83,18 @@ def collect_layer(layer: nn.Module, spec: ArchSpec,
 
 
 def iterate_layers(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, batch_size: int,
-                   progress: bool = True) -> Iterator[tuple[int, dict[str, InputStats]]]:
-    """Yield (layer index, statistics of its input groups), one layer at a time."""
+                   progress: bool = True, start: int = 0, hidden: list[torch.Tensor] | None = None,
+                   ) -> Iterator[tuple[int, dict[str, InputStats], list[torch.Tensor]]]:
+    """Yield (layer index, statistics of its input groups, the hidden states it outputs, per
+    batch), one layer at a time. start / hidden: resume an interrupted run at layer `start`,
+    with the hidden states that enter it (the other layer arguments are captured again)."""
     inputs = capture_first_layer_inputs(model, spec, blocks, batch_size)
+    if start:
+        if hidden is None or [h.shape for h in hidden] != [h.shape for h in inputs.hidden]:
+            raise ValueError("The saved hidden states do not match these calibration batches.")
+        inputs = LayerInputs(hidden, inputs.args, inputs.kwargs)
     layers = decoder_layers(model, spec)
-    for index in tqdm(range(len(layers)), desc="calibration", disable=not progress):
+    for index in tqdm(range(start, len(layers)), desc="calibration", initial=start, total=len(layers),
+                      disable=not progress):
         stats, inputs = collect_layer(layers[index], spec, inputs)
-        yield index, stats
+        yield index, stats, inputs.hidden

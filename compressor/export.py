@@ -45,10 +45,34 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
                                 "pass --overwrite to replace it.")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale(out_dir: Path) -> None:
+    """Remove what a killed writer of `out_dir` left: its temporary folder, and the previous
+    output it had moved aside, which goes back in place if the new one never arrived."""
+    for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.*-*")):
+        kind, _, pid = leftover.name.removeprefix(f".{out_dir.name}.").partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out_dir.exists():
+            leftover.rename(out_dir)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextmanager
 def atomic_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out_dir`, on failure it is removed."""
     out_dir = Path(out_dir)
+    clean_stale(out_dir)
     check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")

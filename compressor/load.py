@@ -31,21 +31,20 @@ def read_model_type(model_dir: Path) -> str:
         raise ModelFolderError(f"{config_path} is not valid JSON: {error}") from None
     if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
         raise ModelFolderError(f"{model_dir} has a config.json but no weights (*.safetensors).")
-    for path in sorted(model_dir.glob("*.safetensors")):
-        check_safetensors(path)
     if "model_type" not in config:
         raise ModelFolderError(f"{config_path} has no model_type.")
     return config["model_type"]
 
 
-def check_safetensors(path: Path) -> None:
+def check_weights(model_dir: Path) -> None:
     """Refuse a weights file whose header is unreadable or whose data it does not cover."""
-    try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except (SafetensorError, OSError) as error:
-        raise ModelFolderError(f"Weights file {path} is corrupt or truncated ({error}); "
-                               "download or export the model again.") from None
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            raise ModelFolderError(f"Weights file {path} is corrupt or truncated ({error}); "
+                                   "download or export the model again.") from None
 
 
 def is_compressed(model_dir: Path) -> bool:
@@ -67,6 +66,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Pre
         raise ModelFolderError(f"{model_dir} is already compressed (model_type {model_type}); "
                                "compress its dense original instead.")
     spec = get_spec(model_type)
+    check_weights(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     llama = to_llama(model, spec)
     llama.eval()
@@ -76,6 +76,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Pre
 def load_any(model_dir: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Dense or compressed: whatever the folder holds, for evaluation."""
     read_model_type(model_dir)
+    check_weights(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.eval()
     return model

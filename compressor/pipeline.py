@@ -109,8 +109,11 @@ def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Co
     cache = StatsCache(cache_root, info)
     if cache.complete:
         log.info("reusing calibration statistics %s", cache.path)
-    else:
-        cache.write_layers(iterate_layers(model, spec, blocks, cal.batch_size, progress))
+        return cache
+    start, hidden = cache.resume_point()
+    if start:
+        log.info("resuming an interrupted calibration at layer %d (%s)", start, cache.partial)
+    cache.write_layers(iterate_layers(model, spec, blocks, cal.batch_size, progress, start, hidden), start)
     return cache
 
 

@@ -1,0 +1,71 @@
+"""kill -9 during calibration, decomposition and export: no output or a complete one, and a
+rerun continues (calibration from its last finished layer) to the same bytes as an
+uninterrupted run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from compressor.cli import main
+
+# Runs `compressor` in a child that SIGKILLs itself on the n-th call of a function.
+DRIVER = """
+import os, signal, sys, importlib
+module_name, function_name, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+module = importlib.import_module(module_name)
+original, calls = getattr(module, function_name), []
+def dying(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(module, function_name, dying)
+from compressor.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+STAGES = {
+    # stage: (module, function, call on which to die)
+    "calibration": ("calibration.capture", "collect_layer", 3),  # layers 0 and 1 are done
+    "decomposition": ("compressor.pipeline", "decompose", 9),
+    "export": ("compressor.export", "save_config", 1),  # the weights are written by then
+}
+
+
+def _args(model_dir, corpus, home, out):
+    return ["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4", "--seq-len", "32",
+            "--allocation", "global", "--sensitivity-samples", "2", "--align", "1", "--out", str(out),
+            "--home", str(home), "--quiet"]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_kill_9_then_rerun_gives_the_uninterrupted_export(tmp_path, model_dir, stage, caplog):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+    reference = tmp_path / "reference"
+    assert main(_args(model_dir, corpus, tmp_path / "home-ref", reference)) == 0
+
+    out, home = tmp_path / "runs" / "out", tmp_path / "home"
+    module, function, kill_at = STAGES[stage]
+    killed = subprocess.run([sys.executable, "-c", DRIVER, module, function, str(kill_at), *_args(model_dir, corpus, home, out)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not out.exists()
+    stats = list((home / "stats").iterdir())
+    if stage == "calibration":
+        assert [path.name.endswith(".partial") for path in stats] == [True]
+        assert sorted(path.name for path in stats[0].iterdir()) == [
+            "layer_000.safetensors", "layer_001.safetensors", "resume.safetensors"]
+    else:
+        assert (stats[0] / "COMPLETE").exists()
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(_args(model_dir, corpus, home, out)) == 0
+    if stage == "calibration":
+        assert "resuming an interrupted calibration at layer 2" in caplog.text
+    assert sorted(os.listdir(tmp_path / "runs")) == ["out"]  # the killed run's leftovers are gone
+    for name in ("model.safetensors", "config.json", "compression.yaml"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
