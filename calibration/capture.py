@@ -96,5 +96,9 @@ def iterate_layers(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, batch
     layers = decoder_layers(model, spec)
     for index in tqdm(range(start, len(layers)), desc="calibration", initial=start, total=len(layers),
                       disable=not progress):
-        stats, inputs = collect_layer(layers[index], spec, inputs)
+        try:
+            stats, inputs = collect_layer(layers[index], spec, inputs)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights "
+                                     "(embeddings, norms) and its dtype.") from None
         yield index, stats, inputs.hidden

@@ -35,7 +35,7 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1]).float()  # (N, in)
         if not torch.isfinite(rows).all():
-            raise ValueError("NaN/Inf in calibration activations; the model or data is broken.")
+            raise FloatingPointError("the calibration inputs contain NaN or Inf")
         self.gram += (rows.T @ rows).double()
         self.abs_sum += rows.abs().sum(0).double()
         self.count += rows.shape[0]
@@ -57,7 +57,10 @@ def recording(modules: dict[str, nn.Module], stats: dict[str, InputStats]) -> It
             x = args[0]
             if name not in stats:
                 stats[name] = InputStats.empty(x.shape[-1])
-            stats[name].add(x)
+            try:
+                stats[name].add(x)
+            except FloatingPointError as error:
+                raise FloatingPointError(f"{name}: {error}") from None
         return hook
 
     try:

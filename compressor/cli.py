@@ -28,7 +28,7 @@ FLAG_TO_CONFIG = {
     "sensitivity_samples": ("calibration", "sensitivity_samples"),
     "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
     "symmetric": ("quant", "symmetric"), "bits_per_weight": ("quant", "bits_per_weight"),
-    "export_dtype": (None, "export_dtype"),
+    "export_dtype": (None, "export_dtype"), "on_failure": (None, "on_failure"),
 }
 
 # compressor train: flag -> (section, key) of TrainConfig.
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--score", help="energy | taylor: how each basis is scored for the target")
     compress.add_argument("--sensitivity-samples", type=int, help="sequences for the sensitivity pass")
     compress.add_argument("--gradient-samples", type=int, help="sequences for the taylor gradients")
+    compress.add_argument("--on-failure", help="stop (default) | dense: a linear that cannot be "
+                                               "decomposed stops the run, or stays dense and is listed")
     compress.add_argument("--dense", action="store_const", const=True,
                           help="export the factors multiplied back, as a stock LlamaForCausalLM")
     _add_quant(compress)
@@ -224,6 +226,8 @@ def format_layers(result) -> str:
                  f"{summary['kept_params']:,} (removed {summary['removed_fraction']:.2%}, asked "
                  f"{summary['ratio_asked']:.2%}); whole model {summary['model_params_before']:,} -> "
                  f"{summary['model_params_after']:,}")
+    for name, error in summary.get("kept_dense_after_failure", {}).items():
+        lines.append(f"kept dense, could not be decomposed: {name} ({error})")
     if "quantization" in summary:
         quant = summary["quantization"]
         lines.append(f"quantized {quant['scheme']} (group {quant['group_size']}, symmetric {quant['symmetric']}): "

@@ -50,6 +50,7 @@ class CompressConfig:
     tolerance: float = 0.005  # relative tolerance on the removed-parameter budget
     damping: float = 1e-4  # Cholesky damping, relative to the Gram matrix's mean diagonal
     asvd_alpha: float = 0.5
+    on_failure: str = "stop"  # a linear that cannot be decomposed: stop (naming it) | dense
     dense_export: bool = False  # also (or instead) write factors multiplied back, stock LLaMA
     export_dtype: str = "auto"  # floating-point tensors of the export (quantized codes aside)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -74,6 +75,8 @@ class CompressConfig:
             raise ConfigError(f"cost_exponent must be >= 1; got {self.cost_exponent}.")
         if self.align < 1:
             raise ConfigError(f"align must be >= 1; got {self.align}.")
+        if self.on_failure not in ("stop", "dense"):
+            raise ConfigError(f"on_failure must be stop or dense; got {self.on_failure!r}.")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ConfigError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}; got {self.export_dtype!r}.")
         self.quant.validate()

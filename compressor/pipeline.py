@@ -39,6 +39,11 @@ from compressor.quantize import QuantError, quantize_model, stored_bits
 from compressor.scoring import reorder, taylor_scores
 
 log = logging.getLogger(__name__)
+
+
+class DecompositionError(RuntimeError):
+    pass
+
 MAX_AUTO_RATIO = 0.9  # quant auto: a pair that must remove more than this is not tried
 
 
@@ -49,6 +54,8 @@ class Bases:
     factors: dict[str, Factorization]
     shapes: dict[str, Shape]
     energy: dict[str, torch.Tensor] = field(default_factory=dict)  # output energy per basis
+    # Linears that could not be decomposed and stay dense (on_failure: dense) -> the error.
+    failed: dict[str, str] = field(default_factory=dict)
     # Position -> index in singular-value order, for matrices whose bases a score reordered.
     order: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -133,7 +140,7 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
     ranks = probe_ranks(bases, config)
 
     def truncated(name: str) -> torch.Tensor | None:
-        if ranks[name] is None:
+        if ranks.get(name) is None:  # kept dense (or not decomposed)
             return None
         up, down = bases.factors[name].factors(ranks[name])
         return up @ down
@@ -196,8 +203,17 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
             item = stats[groups[name]]
             gram = item.mean_gram()
             check_finite(f"Gram matrix of {full_name}", gram)
-            factor = decompose(weight, config.method, gram=gram, abs_mean=item.abs_mean(),
-                               asvd_alpha=config.asvd_alpha, damping=config.damping)
+            try:
+                factor = decompose(weight, config.method, gram=gram, abs_mean=item.abs_mean(),
+                                   asvd_alpha=config.asvd_alpha, damping=config.damping)
+            except (torch.linalg.LinAlgError, RuntimeError) as error:
+                if config.on_failure != "dense":
+                    raise DecompositionError(
+                        f"{full_name} cannot be decomposed ({config.method}): {error}. Rerun with "
+                        "--on-failure dense to keep it dense, or try another --method.") from None
+                log.warning("%s cannot be decomposed (%s); it stays dense", full_name, error)
+                bases.failed[full_name] = str(error)
+                continue
             bases.factors[full_name] = factor
             bases.shapes[full_name] = Shape(*weight.shape)
             bases.energy[full_name] = basis_energy(factor.sigma, factor.w, gram)
@@ -227,6 +243,8 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
         stats = cache.load_layer(index) if measure else None
         for name in spec.linear_names:
             full_name = spec.full_name(index, name)
+            if full_name in bases.failed:
+                continue  # stays dense; listed in the summary
             dense = layer.get_submodule(name)
             shape, rank = bases.shapes[full_name], ranks[full_name]
             report = LayerReport(full_name, shape.out_features, shape.in_features, rank,
@@ -286,6 +304,8 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         reports = apply_ranks(model, spec, bases, ranks, cache, costs)
         timings["allocation_and_replace"] = time.perf_counter() - start
     summary = summarize(bases.shapes, ranks)
+    if bases.failed:  # the budget was spent on the others
+        summary["kept_dense_after_failure"] = bases.failed
     summary["model_params_before"] = params_before
     summary["model_params_after"] = sum(p.numel() for p in model.parameters())
     summary["ratio_asked"] = config.ratio

@@ -159,3 +159,36 @@ def test_same_inputs_give_byte_identical_exports(tmp_path, model_dir):
                      "--home", str(tmp_path / "home"), "--quiet"]) == 0
     for file in ("model.safetensors", "config.json", "compression.yaml", "basis_scores.safetensors"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+
+
+def test_nan_activations_stop_calibration_naming_the_layer(tiny_model, blocks):
+    with torch.no_grad():
+        tiny_model.model.embed_tokens.weight[int(blocks[0, 0])] = float("nan")
+    config = CompressConfig(ratio=0.3, allocation="uniform", calibration=CalibrationConfig(samples=8, seq_len=32))
+    with pytest.raises(FloatingPointError, match=r"Layer 0, self_attn.q_proj: the calibration inputs contain NaN"):
+        compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+
+
+@pytest.mark.parametrize("on_failure", ["stop", "dense"])
+def test_a_linear_that_cannot_be_decomposed(tiny_model, blocks, monkeypatch, on_failure):
+    import compressor.pipeline
+
+    original, calls = compressor.pipeline.decompose, []
+
+    def failing(weight, *args, **kwargs):  # the third linear of layer 0: self_attn.v_proj
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.linalg.LinAlgError("SVD did not converge")
+        return original(weight, *args, **kwargs)
+
+    monkeypatch.setattr(compressor.pipeline, "decompose", failing)
+    config = CompressConfig(ratio=0.3, allocation="global", tolerance=0.03, on_failure=on_failure,
+                            calibration=CalibrationConfig(samples=8, seq_len=32, sensitivity_samples=2))
+    if on_failure == "stop":
+        with pytest.raises(RuntimeError, match="model.layers.0.self_attn.v_proj cannot be decomposed.*--on-failure dense"):
+            compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+        return
+    result = compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+    assert result.summary["kept_dense_after_failure"] == {"model.layers.0.self_attn.v_proj": "SVD did not converge"}
+    assert isinstance(tiny_model.model.layers[0].self_attn.v_proj, torch.nn.Linear)
+    assert result.summary["removed_fraction"] == pytest.approx(0.3, rel=0.03)  # spent on the others
