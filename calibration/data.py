@@ -59,6 +59,8 @@ def general_texts(data_dir: Path) -> list[str]:
 
 
 def file_texts(path: Path) -> list[str]:
+    if path.is_dir():
+        raise CalibrationDataError(f"Calibration source {path} is a folder; pass a .jsonl or .txt file.")
     if not path.is_file():
         raise CalibrationDataError(f"Calibration file {path} does not exist.")
     if path.suffix == ".jsonl":

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from compressor.config import (
     CompressConfig, ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config,
 )
@@ -395,10 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # full or read-only disk, permissions: outputs are atomic, so say so
-        print(f"error: cannot write or read {error.filename or 'a file'}: {error.strerror or error}. "
-              "No partial output was left; free space, fix permissions or choose another --out.",
-              file=sys.stderr)
+    except (OSError, SafetensorError) as error:  # full or read-only disk, permissions
+        where = getattr(error, "filename", None) or "a file"
+        print(f"error: cannot write or read {where}: {getattr(error, 'strerror', None) or error}. "
+              "Outputs are written to a temporary folder first, so no partial output was left; "
+              "free space, fix permissions or choose another --out.", file=sys.stderr)
         return 2
 
 

@@ -75,6 +75,8 @@ class CompressConfig:
             raise ConfigError(f"cost_exponent must be >= 1; got {self.cost_exponent}.")
         if self.align < 1:
             raise ConfigError(f"align must be >= 1; got {self.align}.")
+        if not self.damping >= 0:
+            raise ConfigError(f"damping must be >= 0; got {self.damping}.")
         if self.on_failure not in ("stop", "dense"):
             raise ConfigError(f"on_failure must be stop or dense; got {self.on_failure!r}.")
         if self.export_dtype not in EXPORT_DTYPES:

@@ -72,30 +72,35 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def whitening(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
+MIN_FALLBACK_DAMPING = 1e-6  # where the asked damping is 0 and the Gram matrix is singular
+
+
+def whitening(gram: torch.Tensor, damping: float = 1e-4, name: str = "Gram matrix") -> Whitening:
     """Factor a Gram matrix as S S^T (Cholesky, damped); eigen-decomposition as fallback.
 
-    `damping` is relative to the mean diagonal. Cholesky is tried with growing damping (x10,
-    three times); if it still fails the matrix is eigen-decomposed with eigenvalues clamped.
+    `damping` is relative to the mean diagonal. When Cholesky fails, it is retried with growing
+    damping (x10, three times, from at least MIN_FALLBACK_DAMPING); if it still fails the matrix
+    is eigen-decomposed with its eigenvalues clamped. Either fallback is logged with `name`.
     """
     gram = gram.double()
-    check_finite("Gram matrix", gram)
+    check_finite(name, gram)
     size = gram.shape[0]
     scale = gram.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(size, dtype=gram.dtype)
-    for attempt in range(4):
-        damp = damping * 10**attempt
+    damps = [damping] + [max(damping, MIN_FALLBACK_DAMPING) * 10**k for k in range(1, 4)]
+    for attempt, damp in enumerate(damps):
         s, info = torch.linalg.cholesky_ex(gram + damp * scale * eye)
         if int(info) == 0:
             if attempt:
-                log.warning("Gram matrix needed damping %.0e (asked %.0e) to be positive definite",
-                            damp, damping)
+                log.warning("%s is not positive definite with damping %.0e; damped by %.0e instead",
+                            name, damping, damp)
             return Whitening(s, damp, used_eigh=False)
-    log.warning("Gram matrix is not positive definite even with damping %.0e; using its "
-                "eigen-decomposition with clamped eigenvalues", damp)
+    floor = max(damping, MIN_FALLBACK_DAMPING)
+    log.warning("%s is not positive definite even with damping %.0e; using its eigen-decomposition "
+                "with eigenvalues clamped to %.0e of the mean", name, damp, floor)
     values, vectors = torch.linalg.eigh(gram)
-    values = values.clamp_min(damping * scale)
-    return Whitening(vectors * values.sqrt(), damping, used_eigh=True)
+    values = values.clamp_min(floor * scale)
+    return Whitening(vectors * values.sqrt(), floor, used_eigh=True)
 
 
 def _svd_of(transformed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,27 +109,28 @@ def _svd_of(transformed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def decompose(weight: torch.Tensor, method: str, gram: torch.Tensor | None = None,
               abs_mean: torch.Tensor | None = None, asvd_alpha: float = 0.5,
-              damping: float = 1e-4) -> Factorization:
+              damping: float = 1e-4, name: str = "linear") -> Factorization:
     """Decompose `weight` (out, in) into all its bases with the given method.
 
     gram: X^T X / n of the input (in, in), needed by `whiten`.
     abs_mean: mean |x| per input channel (in,), needed by `asvd`.
+    name: the linear's, for messages.
     """
-    check_finite("weight", weight)
+    check_finite(f"weight of {name}", weight)
     w64 = weight.double()
     if method == "svd":
         u, sigma, w_basis = _svd_of(w64)
     elif method == "asvd":
         if abs_mean is None:
             raise ValueError("asvd needs the mean absolute activation of the input")
-        check_finite("mean |activation|", abs_mean)
+        check_finite(f"mean |activation| of {name}", abs_mean)
         scale = abs_mean.double().clamp_min(1e-6).pow(asvd_alpha)
         u, sigma, vt = _svd_of(w64 * scale)
         w_basis = vt / scale
     elif method == "whiten":
         if gram is None:
             raise ValueError("whiten needs the Gram matrix of the input")
-        white = whitening(gram, damping)
+        white = whitening(gram, damping, f"Gram matrix of {name}")
         u, sigma, vt = _svd_of(w64 @ white.s)
         w_basis = white.right_solve(vt)
     else:

@@ -205,7 +205,7 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
             check_finite(f"Gram matrix of {full_name}", gram)
             try:
                 factor = decompose(weight, config.method, gram=gram, abs_mean=item.abs_mean(),
-                                   asvd_alpha=config.asvd_alpha, damping=config.damping)
+                                   asvd_alpha=config.asvd_alpha, damping=config.damping, name=full_name)
             except (torch.linalg.LinAlgError, RuntimeError) as error:
                 if config.on_failure != "dense":
                     raise DecompositionError(

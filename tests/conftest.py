@@ -7,34 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-VOCAB = 96
-
-
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                    eos_token_id=1, bos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    settings.update(overrides)
-    return LlamaConfig(**settings)
+from compressor.testing import VOCAB, make_tokenizer, tiny_llama_config
 
 
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config()).eval()
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer over printable ASCII (ids < VOCAB)."""
-    chars = [chr(c) for c in range(32, 32 + VOCAB - 3)]
-    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, **{ch: i + 3 for i, ch in enumerate(chars)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                   bos_token="<s>")
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_nan_weight_is_refused():
 def test_nan_statistics_are_refused():
     weight, x, gram = _data()
     gram[1, 2] = float("inf")
-    with pytest.raises(ValueError, match="Gram matrix contains"):
+    with pytest.raises(ValueError, match="Gram matrix .*contains"):
         decompose(weight, "whiten", gram=gram)
 
 

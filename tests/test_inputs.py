@@ -145,7 +145,7 @@ def test_full_disk_during_export_leaves_nothing(tmp_path, model_dir, monkeypatch
                  "--home", str(tmp_path / "home"), "--quiet"])
     assert code == 2
     error = capsys.readouterr().err
-    assert "No space left on device" in error and "No partial output was left" in error
+    assert "No space left on device" in error and "no partial output was left" in error
     assert list((tmp_path / "runs").iterdir()) == []  # neither the output nor its temporary folder
 
 

@@ -3,28 +3,11 @@ rerun continues (calibration from its last finished layer) to the same bytes as 
 uninterrupted run."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from compressor.cli import main
-
-# Runs `compressor` in a child that SIGKILLs itself on the n-th call of a function.
-DRIVER = """
-import os, signal, sys, importlib
-module_name, function_name, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-module = importlib.import_module(module_name)
-original, calls = getattr(module, function_name), []
-def dying(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-setattr(module, function_name, dying)
-from compressor.cli import main
-sys.exit(main(sys.argv[4:]))
-"""
+from compressor.testing import run_killed
 
 STAGES = {
     # stage: (module, function, call on which to die)
@@ -48,9 +31,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_export(tmp_path, model_dir, s
     assert main(_args(model_dir, corpus, tmp_path / "home-ref", reference)) == 0
 
     out, home = tmp_path / "runs" / "out", tmp_path / "home"
-    module, function, kill_at = STAGES[stage]
-    killed = subprocess.run([sys.executable, "-c", DRIVER, module, function, str(kill_at), *_args(model_dir, corpus, home, out)],
-                            capture_output=True, text=True, cwd=tmp_path)
+    killed = run_killed(*STAGES[stage], _args(model_dir, corpus, home, out), cwd=tmp_path)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not out.exists()
     stats = list((home / "stats").iterdir())
