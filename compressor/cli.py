@@ -242,6 +242,20 @@ def format_layers(result) -> str:
     return "\n".join(lines)
 
 
+def _reproduce_record(model_dir: Path, fingerprint: str | None, blocks, seed: int) -> dict:
+    """What a rerun must match to give the same bytes: the source's weights, the token ids, the seed."""
+    import platform
+
+    import torch
+
+    from calibration.cache import model_fingerprint
+    from calibration.data import blocks_fingerprint
+
+    return {"source_fingerprint": fingerprint or model_fingerprint(model_dir), "seed": seed,
+            "tokens_sha256": blocks_fingerprint(blocks), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -256,6 +270,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
+               "reproduce": _reproduce_record(args.model, model_id, blocks, config.calibration.seed),
                "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
     save_compressed(model, tokenizer, args.out, result.config, summary, args.overwrite,
                     dense=config.dense_export, scores=result.scores,

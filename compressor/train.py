@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from calibration.data import blocks_fingerprint
 from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter, write_adapter
 from compressor.config import TrainConfig, config_to_dict, load_config, save_config
 from compressor.export import check_output
@@ -145,7 +146,7 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
                "steps": config.steps, "tokens_per_step": config.batch_size * config.grad_accum * config.seq_len,
                "first_loss": losses[0]["loss"], "final_loss": losses[-1]["loss"],
                "train_seconds_this_run": time.perf_counter() - begin, "resumed_from_step": start_step,
-               "base_model": base_model}
+               "base_model": base_model, "seed": config.seed, "tokens_sha256": blocks_fingerprint(blocks)}
     write_adapter(adapters, work, base_model)  # the whole folder is renamed into place below
     summary["adapter_bytes"] = sum(path.stat().st_size for path in work.glob("adapter_*"))
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -132,3 +132,17 @@ def test_compress_quantized_and_quantize_dense(tmp_path, model_dir, capsys):
     assert main(["quantize", "--model", str(model_dir), "--quant", "int3", "--out", str(tmp_path / "x"), *common]) == 2
     assert "Unknown quantization scheme 'int3'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_summaries_record_what_a_rerun_must_match(tmp_path, model_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+    common = ["--home", str(tmp_path / "home"), "--quiet"]
+    assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4", "--seq-len", "32",
+                 "--allocation", "uniform", "--align", "1", "--seed", "3", "--out", str(tmp_path / "c"), *common]) == 0
+    record = json.loads((tmp_path / "c" / "compression_summary.json").read_text())["reproduce"]
+    assert record["seed"] == 3 and len(record["tokens_sha256"]) == 64 and len(record["source_fingerprint"]) == 64
+    assert main(["train", "--model", str(tmp_path / "c"), "--adapter", "lora", "--target", str(corpus), "--steps", "1",
+                 "--batch-size", "1", "--seq-len", "16", "--out", str(tmp_path / "a"), *common]) == 0
+    summary = json.loads((tmp_path / "a" / "train_summary.json").read_text())
+    assert summary["seed"] == 0 and len(summary["tokens_sha256"]) == 64
