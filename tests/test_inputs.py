@@ -33,6 +33,17 @@ def test_calibration_file_empty_or_missing_or_not_utf8(tmp_path, tokenizer):
         token_blocks(str(latin), tokenizer, 1, 8, 0, tmp_path)
     with pytest.raises(CalibrationDataError, match="Unknown calibration source"):
         token_blocks("poetry", tokenizer, 1, 8, 0, tmp_path)
+    (tmp_path / "folder.txt").mkdir()
+    with pytest.raises(CalibrationDataError, match="is a folder; pass a .jsonl or .txt file"):
+        token_blocks(str(tmp_path / "folder.txt"), tokenizer, 1, 8, 0, tmp_path)
+
+
+def test_missing_tokenizer_is_named(tmp_path, model_dir, capsys):
+    for path in model_dir.glob("tokenizer*"):
+        path.unlink()
+    code = main(["compress", "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                 "--home", str(tmp_path / "home"), "--quiet"])
+    assert code == 2 and f"Cannot load a tokenizer from {model_dir}" in capsys.readouterr().err
 
 
 def test_calibration_blocks_are_seeded(tmp_path, tokenizer):
