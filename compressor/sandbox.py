@@ -1,0 +1,117 @@
+"""Run untrusted generated code (HumanEval completions) in a limited child process.
+
+Each program runs in a fresh `python -I` child, in a new session, in a scratch folder that is
+deleted afterwards, with:
+- a wall-clock timeout (the whole process group is killed) and a CPU-time limit;
+- an address-space limit (a memory bomb gets MemoryError or is killed);
+- a process limit, and process creation disabled in Python (fork, spawn, subprocess,
+  multiprocessing): RLIMIT_NPROC alone does not bind root;
+- no network: socket creation is disabled;
+- writes only inside the scratch folder (open / os.open refuse any other path for writing)
+  and a file-size limit.
+The Python-level guards stop accidents of generated code, not a determined attacker (ctypes
+can undo them); run evaluations of untrusted models in a container or VM as well. Nothing runs
+unless the caller opts in (compressor eval --allow-code-exec).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+# Installed in the child before the program runs; the program arrives on stdin.
+_GUARD = r"""
+import builtins, os, socket, subprocess, sys
+program = sys.stdin.read()
+scratch = os.path.realpath(os.getcwd())
+
+def _inside(path):
+    try:
+        full = os.path.realpath(os.fspath(path) if not isinstance(path, int) else scratch)
+    except TypeError:
+        return False
+    return full == scratch or full.startswith(scratch + os.sep)
+
+_open, _os_open = builtins.open, os.open
+def guarded_open(file, mode="r", *args, **kwargs):
+    if any(flag in mode for flag in "wax+") and not _inside(file):
+        raise PermissionError(f"sandbox: writing outside the scratch folder is not allowed: {file}")
+    return _open(file, mode, *args, **kwargs)
+def guarded_os_open(path, flags, *args, **kwargs):
+    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC) and not _inside(path):
+        raise PermissionError(f"sandbox: writing outside the scratch folder is not allowed: {path}")
+    return _os_open(path, flags, *args, **kwargs)
+def refused(*args, **kwargs):
+    raise PermissionError("sandbox: this operation is disabled")
+
+builtins.open = guarded_open
+os.open = guarded_os_open
+for name in ("fork", "forkpty", "system", "popen", "execv", "execve", "execvp", "execvpe", "execl",
+             "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn",
+             "posix_spawnp", "kill", "killpg", "remove", "unlink", "rmdir", "removedirs", "rename",
+             "renames", "replace", "chmod", "chown", "truncate", "putenv", "setuid", "chdir"):
+    if hasattr(os, name):
+        setattr(os, name, refused)
+subprocess.Popen = refused
+socket.socket = refused
+socket.create_connection = refused
+sys.modules["multiprocessing"] = None
+sys.modules["ctypes"] = None
+exec(compile(program, "<generated>", "exec"), {"__name__": "__main__"})
+"""
+
+
+@dataclass
+class Execution:
+    status: str  # passed | failed | timeout | killed
+    detail: str  # the end of stderr, or why it was killed
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def _limit(memory_bytes: int, cpu_seconds: int, max_processes: int, file_bytes: int):
+    def apply() -> None:  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+        resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return apply
+
+
+def run_program(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 << 30,
+                max_processes: int = 64, file_bytes: int = 16 << 20) -> Execution:
+    """Run `program` (Python source) in the sandbox; passed means it exited 0."""
+    scratch = tempfile.mkdtemp(prefix="basis-sandbox-")
+    env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0",
+           "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-I", "-c", _GUARD], cwd=scratch, env=env, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True,
+                               preexec_fn=_limit(memory_bytes, int(timeout_s) + 1, max_processes, file_bytes))
+    try:
+        _, stderr = process.communicate(program, timeout=timeout_s)
+        status = "passed" if process.returncode == 0 else "failed"
+        if process.returncode < 0:
+            status, stderr = "killed", f"killed by signal {-process.returncode} (a resource limit)\n{stderr}"
+    except subprocess.TimeoutExpired:
+        status, stderr = "timeout", f"no result within {timeout_s:g} s"
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the child and anything it managed to start
+        except ProcessLookupError:
+            pass
+        process.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Execution(status, stderr[-2000:], time.perf_counter() - start)
