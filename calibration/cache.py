@@ -25,10 +25,13 @@ STATS_VERSION = 1
 RESUME_FILE = "resume.safetensors"
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """sha256 over config.json and every weight file of a model folder."""
+def model_fingerprint(model_dir: Path, pattern: str | None = None) -> str:
+    """sha256 over config.json and every weight file of a model folder (or the files matching
+    `pattern`, e.g. an adapter's weights)."""
     digest = hashlib.sha256()
-    files = [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors")), *sorted(model_dir.glob("*.bin"))]
+    model_dir = Path(model_dir)
+    files = ([model_dir / "config.json", *sorted(model_dir.glob("*.safetensors")), *sorted(model_dir.glob("*.bin"))]
+             if pattern is None else sorted(model_dir.glob(pattern)))
     for path in files:
         digest.update(path.name.encode())
         with open(path, "rb") as handle:

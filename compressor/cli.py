@@ -9,6 +9,7 @@ import logging
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -154,8 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(evaluate)
     evaluate.add_argument("--model", type=Path, required=True)
     evaluate.add_argument("--adapter", type=Path, help="evaluate with this adapter merged in")
-    evaluate.add_argument("--sets", default="code,math,general")
-    evaluate.add_argument("--limit", type=int, default=64, help="documents per set (0: all)")
+    evaluate.add_argument("--tasks", default="perplexity",
+                          help="comma-separated: perplexity, gsm8k, humaneval")
+    evaluate.add_argument("--sets", default="code,math,general", help="perplexity sets")
+    evaluate.add_argument("--limit", type=int, default=64,
+                          help="documents per perplexity set and problems per benchmark (0: all)")
+    evaluate.add_argument("--allow-code-exec", action="store_true",
+                          help="humaneval: run the generated code (in a limited subprocess)")
+    evaluate.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot exemplars (from ASDiv)")
+    evaluate.add_argument("--max-new-tokens", type=int, help="benchmarks: generation length "
+                                                              "(default gsm8k 256, humaneval 384)")
+    evaluate.add_argument("--no-cache", action="store_true", help="recompute benchmark results")
     evaluate.add_argument("--max-length", type=int, default=512)
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -379,24 +389,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from compressor.evaluate import evaluate_perplexity, folder_bytes, format_table, parameter_count
     from compressor.load import load_any, load_tokenizer
 
-    _, data = _paths(args)
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    unknown = sorted(set(tasks) - {"perplexity", "gsm8k", "humaneval"})
+    if unknown:
+        raise ValueError(f"Unknown task(s) {unknown}; choose from perplexity, gsm8k, humaneval.")
+    if "humaneval" in tasks and not args.allow_code_exec:
+        raise ValueError("HumanEval runs the code the model writes (in a limited subprocess); "
+                         "pass --allow-code-exec to allow it.")
+    home, data = _paths(args)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
     adapter_record = _with_adapter(model, args.model, args.adapter) if args.adapter else None
-    sets = [name.strip() for name in args.sets.split(",") if name.strip()]
-    results = evaluate_perplexity(model, tokenizer, data, sets, args.limit or None, args.max_length,
-                                  args.batch_size, progress=not args.quiet)
-    print(format_table(results))
     payload = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
                "adapter_trainable_parameters": (adapter_record or {}).get("trainable_parameters"),
-               "parameters": parameter_count(model),
-               "bytes_on_disk": folder_bytes(args.model),
-               "perplexity": {name: result.to_dict() for name, result in results.items()}}
+               "parameters": parameter_count(model), "bytes_on_disk": folder_bytes(args.model),
+               "limit": args.limit or None}
+    if "perplexity" in tasks:
+        sets = [name.strip() for name in args.sets.split(",") if name.strip()]
+        results = evaluate_perplexity(model, tokenizer, data, sets, args.limit or None, args.max_length,
+                                      args.batch_size, progress=not args.quiet)
+        print(format_table(results))
+        payload["perplexity"] = {name: result.to_dict() for name, result in results.items()}
+    benchmarks = [task for task in tasks if task != "perplexity"]
+    if benchmarks:
+        payload["benchmarks"] = _run_benchmarks(args, model, tokenizer, data, home, benchmarks)
     print(json.dumps(payload, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
+
+
+def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[str]) -> dict:
+    """GSM8K / HumanEval results, from the cache when this model, task and settings ran before."""
+    from calibration.cache import model_fingerprint
+    from compressor.generation import cached_task, evaluate_gsm8k, evaluate_humaneval
+
+    model_id = model_fingerprint(args.model)
+    if args.adapter:
+        model_id += "+" + model_fingerprint(args.adapter, pattern="adapter_model.safetensors")
+    limit = args.limit or None
+    runs = {
+        "gsm8k": ({"limit": limit, "shots": args.shots, "max_new_tokens": args.max_new_tokens or 256},
+                  lambda settings: evaluate_gsm8k(model, tokenizer, data, limit, args.shots, settings["max_new_tokens"],
+                                                  args.batch_size, not args.quiet)),
+        "humaneval": ({"limit": limit, "max_new_tokens": args.max_new_tokens or 384},
+                      lambda settings: evaluate_humaneval(model, tokenizer, data, limit, True,
+                                                          settings["max_new_tokens"], args.batch_size,
+                                                          progress=not args.quiet)),
+    }
+    summary = {}
+    for task in tasks:
+        settings, run = runs[task]
+        compute = partial(run, settings)
+        if args.no_cache:
+            result, from_cache = compute(), False
+        else:
+            result, from_cache = cached_task(home / "results", model_id, task, settings, compute)
+        summary[task] = {key: value for key, value in result.to_dict().items() if key != "items"}
+        summary[task]["from_cache"] = from_cache
+        print(f"{task}: " + ", ".join(f"{name} {value:.3f} (95% CI {low:.3f}-{high:.3f})"
+                                      for (name, value), (low, high) in zip(result.metrics.items(),
+                                                                            result.intervals.values()))
+              + f" on {result.n} problems" + (" (cached)" if from_cache else ""))
+    return summary
 
 
 COMMANDS = {"fetch-example": cmd_fetch_example, "calibrate": cmd_calibrate, "compress": cmd_compress,

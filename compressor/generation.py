@@ -1,0 +1,190 @@
+"""Generation benchmarks: GSM8K (greedy, strict and flexible answers) and HumanEval (greedy,
+pass@1 by running the tests in the sandbox). Offline, from the fetched data.
+
+- GSM8K few-shot exemplars are ASDiv problems (never GSM8K test items), written
+  "Question: ...\\nAnswer: The answer is N.\\n#### N"; with a chat template the exemplars are
+  user / assistant turns. Completions stop at the next "Question:".
+- HumanEval prompts are completed as plain text (a completion task, no chat template);
+  generated code runs only with allow_code_exec.
+- Results (metrics, 95% Wilson intervals, every completion) are cached under
+  HOME/results/KEY.json, KEY = hash of (model fingerprint, task, settings).
+
+Own scorer rather than lm-eval: lm-eval's gsm8k fetches its few-shot split from the hub and
+its HumanEval scorer needs `evaluate.load("code_eval")`, neither of which works offline here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from calibration.data import read_jsonl
+from compressor.answers import (
+    GSM8K_STOPS, HUMANEVAL_STOPS, flexible_answer, gold_answer, humaneval_program, strict_answer, truncate,
+)
+from compressor.sandbox import run_program
+
+TASKS = ("gsm8k", "humaneval")
+
+
+class CodeExecutionRefused(ValueError):
+    pass
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]  # accuracy-like, in [0, 1]
+    intervals: dict[str, tuple[float, float]]  # 95% Wilson interval of each metric
+    n: int
+    limit: int | None
+    settings: dict
+    seconds: float
+    items: list[dict] = field(default_factory=list)  # per problem: id, completion, scores
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def gsm8k_exemplars(data_dir: Path, shots: int) -> list[tuple[str, str]]:
+    """(question, answer) pairs from ASDiv with a numeric answer, in file order."""
+    pairs = []
+    for row in read_jsonl(data_dir / "asdiv.jsonl"):
+        number = flexible_answer(row["answer"].split()[0]) if row["answer"].split() else None
+        if number is not None:
+            question = f"{row['passage'].strip()} {row['question'].strip()}"
+            pairs.append((question, f"The answer is {number}.\n#### {number}"))
+        if len(pairs) == shots:
+            break
+    return pairs
+
+
+def gsm8k_prompt(question: str, exemplars: list[tuple[str, str]], tokenizer) -> str:
+    if tokenizer.chat_template:
+        messages = []
+        for shot_question, shot_answer in exemplars:
+            messages += [{"role": "user", "content": f"Question: {shot_question}"},
+                         {"role": "assistant", "content": f"Answer: {shot_answer}"}]
+        messages.append({"role": "user", "content": f"Question: {question}"})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "Answer:"
+    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in exemplars)
+    return f"{shots}Question: {question}\nAnswer:"
+
+
+class StopOnStrings(StoppingCriteria):
+    """Per sequence: done once its generated text holds a stop sequence. (transformers'
+    stop_strings needs a tokenizer whose vocabulary it can map back to strings.)"""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([any(stop in text for stop in self.stops) for text in texts],
+                            device=input_ids.device)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, stops: tuple[str, ...],
+             batch_size: int = 8, progress: bool = True, desc: str = "generate") -> list[str]:
+    """Greedy completions, batched with left padding, each cut at its first stop sequence."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Longest prompts first: batches of similar length waste less padding.
+    order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
+    completions: dict[int, str] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        indices = order[start:start + batch_size]
+        batch = tokenizer([prompts[index] for index in indices], return_tensors="pt", padding=True)
+        stop = StopOnStrings(tokenizer, stops, batch["input_ids"].shape[1])
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id,
+                                stopping_criteria=StoppingCriteriaList([stop]))
+        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        completions.update({index: truncate(text, stops) for index, text in zip(indices, texts)})
+    return [completions[index] for index in range(len(prompts))]
+
+
+def evaluate_gsm8k(model: nn.Module, tokenizer, data_dir: Path, limit: int | None = None, shots: int = 4,
+                   max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True) -> TaskResult:
+    start = time.perf_counter()
+    rows = read_jsonl(data_dir / "gsm8k_test.jsonl")[:limit]
+    exemplars = gsm8k_exemplars(data_dir, shots)
+    prompts = [gsm8k_prompt(row["question"], exemplars, tokenizer) for row in rows]
+    completions = generate(model, tokenizer, prompts, max_new_tokens, GSM8K_STOPS, batch_size, progress, "gsm8k")
+    items = []
+    for index, (row, completion) in enumerate(zip(rows, completions)):
+        gold = gold_answer(row["answer"])
+        items.append({"id": index, "completion": completion, "gold": str(gold),
+                      "strict": strict_answer(completion) == gold, "flexible": flexible_answer(completion) == gold})
+    return _result("gsm8k", items, ("strict", "flexible"), limit,
+                   {"shots": shots, "exemplars": "asdiv", "max_new_tokens": max_new_tokens,
+                    "chat_template": bool(tokenizer.chat_template)}, start)
+
+
+def evaluate_humaneval(model: nn.Module, tokenizer, data_dir: Path, limit: int | None = None,
+                       allow_code_exec: bool = False, max_new_tokens: int = 384, batch_size: int = 8,
+                       timeout_s: float = 10.0, progress: bool = True) -> TaskResult:
+    if not allow_code_exec:
+        raise CodeExecutionRefused("HumanEval runs the code the model writes. It runs in a limited "
+                                   "subprocess, but only when you opt in: pass --allow-code-exec.")
+    start = time.perf_counter()
+    problems = read_jsonl(data_dir / "humaneval.jsonl")[:limit]
+    completions = generate(model, tokenizer, [problem["prompt"] for problem in problems], max_new_tokens,
+                           HUMANEVAL_STOPS, batch_size, progress, "humaneval")
+    items = []
+    for problem, completion in zip(problems, completions):
+        execution = run_program(humaneval_program(problem, completion), timeout_s=timeout_s)
+        items.append({"id": problem["task_id"], "completion": completion, "pass@1": execution.passed,
+                      "status": execution.status})
+    return _result("humaneval", items, ("pass@1",), limit,
+                   {"max_new_tokens": max_new_tokens, "timeout_s": timeout_s, "sampling": "greedy"}, start)
+
+
+def _result(task: str, items: list[dict], metrics: tuple[str, ...], limit: int | None, settings: dict,
+            start: float) -> TaskResult:
+    n = len(items)
+    values = {name: sum(item[name] for item in items) for name in metrics}
+    return TaskResult(task, {name: count / n if n else 0.0 for name, count in values.items()},
+                      {name: wilson_interval(count, n) for name, count in values.items()}, n, limit,
+                      settings, time.perf_counter() - start, items)
+
+
+def result_key(model_id: str, task: str, settings: dict) -> str:
+    blob = json.dumps({"model": model_id, "task": task, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cached_task(results_dir: Path, model_id: str, task: str, settings: dict, compute) -> tuple[TaskResult, bool]:
+    """The stored result of (model, task, settings), or compute() stored for next time.
+    Returns the result and whether it came from the cache."""
+    path = Path(results_dir) / f"{result_key(model_id, task, settings)}.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        data["intervals"] = {name: tuple(bounds) for name, bounds in data["intervals"].items()}
+        return TaskResult(**data), True
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result.to_dict(), indent=1, default=str))
+    tmp.replace(path)
+    return result, False

@@ -1,0 +1,75 @@
+"""GSM8K and HumanEval through `compressor eval` on a tiny model: scoring, caching, opt-in."""
+
+import json
+
+import pytest
+
+import compressor.generation
+from compressor.cli import main
+from compressor.generation import wilson_interval
+
+HUMANEVAL = [{"task_id": f"HumanEval/{i}", "prompt": f"def add_{i}(a, b):\n    \"\"\"a + b + {i}\"\"\"\n",
+              "canonical_solution": f"    return a + b + {i}\n", "entry_point": f"add_{i}",
+              "test": f"def check(candidate):\n    assert candidate(1, 2) == {3 + i}\n"} for i in range(3)]
+GSM8K = [{"question": f"Tom has {i} apples and buys 3. How many?", "answer": f"{i} + 3 = {i + 3}\n#### {i + 3}"}
+         for i in range(3)]
+ASDIV = [{"passage": f"Ann has {i} pens.", "question": "How many pens does Ann have?", "answer": f"{i} pens"}
+         for i in range(1, 6)]
+
+
+@pytest.fixture
+def data(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, rows in (("humaneval", HUMANEVAL), ("gsm8k_test", GSM8K), ("asdiv", ASDIV)):
+        (folder / f"{name}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    return folder
+
+
+def _eval(model_dir, data, tmp_path, *extra):
+    out = tmp_path / "result.json"
+    code = main(["eval", "--model", str(model_dir), "--tasks", "gsm8k,humaneval", "--allow-code-exec",
+                 "--limit", "2", "--max-new-tokens", "8", "--data-dir", str(data), "--home", str(tmp_path / "home"),
+                 "--json", str(out), "--quiet", *extra])
+    return code, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_benchmarks_run_record_their_limit_and_are_cached(tmp_path, model_dir, data, capsys):
+    code, result = _eval(model_dir, data, tmp_path)
+    assert code == 0
+    for task, metrics in (("gsm8k", {"strict", "flexible"}), ("humaneval", {"pass@1"})):
+        bench = result["benchmarks"][task]
+        assert bench["n"] == 2 and bench["limit"] == 2 and set(bench["metrics"]) == metrics
+        assert not bench["from_cache"]
+    (tmp_path / "result.json").unlink()
+    code, again = _eval(model_dir, data, tmp_path)
+    assert all(again["benchmarks"][task]["from_cache"] for task in ("gsm8k", "humaneval"))
+    assert again["benchmarks"]["gsm8k"]["metrics"] == result["benchmarks"]["gsm8k"]["metrics"]
+
+
+def test_scoring_counts_right_answers(tmp_path, model_dir, data, monkeypatch):
+    """A model that writes the reference answers scores 1; the plumbing, not the tiny model, is tested."""
+    def perfect(model, tokenizer, prompts, max_new_tokens, stops, *args, **kwargs):
+        if "Question:" in prompts[0]:
+            return [f" {row['answer']}" for row in GSM8K[:len(prompts)]]
+        return [problem["canonical_solution"] for problem in HUMANEVAL[:len(prompts)]]
+
+    monkeypatch.setattr(compressor.generation, "generate", perfect)
+    code, result = _eval(model_dir, data, tmp_path, "--no-cache")
+    assert code == 0
+    assert result["benchmarks"]["gsm8k"]["metrics"] == {"strict": 1.0, "flexible": 1.0}
+    assert result["benchmarks"]["humaneval"]["metrics"] == {"pass@1": 1.0}
+    low, high = result["benchmarks"]["humaneval"]["intervals"]["pass@1"]
+    assert 0.3 < low < 1.0 and high == 1.0
+
+
+def test_code_execution_needs_opt_in(tmp_path, model_dir, data, capsys):
+    code = main(["eval", "--model", str(model_dir), "--tasks", "humaneval", "--data-dir", str(data),
+                 "--home", str(tmp_path / "home"), "--quiet"])
+    assert code == 2 and "--allow-code-exec" in capsys.readouterr().err
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
