@@ -1,5 +1,5 @@
 """Command line: `compressor fetch-example | calibrate | compress | quantize | train | merge |
-quantize-adapter | eval`."""
+quantize-adapter | eval | report`."""
 
 from __future__ import annotations
 
@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-length", type=int, default=512)
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    report = sub.add_parser("report", help="report.md, report.html and metrics.json over model folders")
+    _add_common(report)
+    report.add_argument("models", nargs="+", type=Path, help="model folders (dense and compressed)")
+    report.add_argument("--out", type=Path, required=True, help="report folder (replaced)")
+    report.add_argument("--tasks", default="perplexity", help="comma-separated: perplexity, gsm8k, humaneval")
+    report.add_argument("--limit", type=int, default=32, help="documents / problems per set (0: all)")
+    report.add_argument("--allow-code-exec", action="store_true", help="humaneval: run the generated code")
+    report.add_argument("--batch-size", type=int, default=8)
     return parser
 
 
@@ -455,9 +463,27 @@ def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[
     return summary
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from compressor.report import ReportSettings, environment, measure_model, write_report
+
+    tasks = tuple(name.strip() for name in args.tasks.split(",") if name.strip())
+    unknown = sorted(set(tasks) - {"perplexity", "gsm8k", "humaneval"})
+    if unknown:
+        raise ValueError(f"Unknown task(s) {unknown}; choose from perplexity, gsm8k, humaneval.")
+    if "humaneval" in tasks and not args.allow_code_exec:
+        raise ValueError("HumanEval runs the code the model writes (in a limited subprocess); "
+                         "pass --allow-code-exec to allow it.")
+    home, data = _paths(args)
+    settings = ReportSettings(tasks, args.limit or None, args.allow_code_exec, args.batch_size)
+    rows = [measure_model(folder, data, home, settings, progress=not args.quiet) for folder in args.models]
+    write_report(rows, settings, environment(data), args.out)
+    print(f"report: {args.out / 'report.md'}, {args.out / 'report.html'}, {args.out / 'metrics.json'}")
+    return 0
+
+
 COMMANDS = {"fetch-example": cmd_fetch_example, "calibrate": cmd_calibrate, "compress": cmd_compress,
             "quantize": cmd_quantize, "train": cmd_train, "merge": cmd_merge,
-            "quantize-adapter": cmd_quantize_adapter, "eval": cmd_eval}
+            "quantize-adapter": cmd_quantize_adapter, "eval": cmd_eval, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,22 +169,24 @@ def _result(task: str, items: list[dict], metrics: tuple[str, ...], limit: int |
                       settings, time.perf_counter() - start, items)
 
 
-def result_key(model_id: str, task: str, settings: dict) -> str:
-    blob = json.dumps({"model": model_id, "task": task, **settings}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def cached_task(results_dir: Path, model_id: str, task: str, settings: dict, compute) -> tuple[TaskResult, bool]:
-    """The stored result of (model, task, settings), or compute() stored for next time.
-    Returns the result and whether it came from the cache."""
-    path = Path(results_dir) / f"{result_key(model_id, task, settings)}.json"
+def cached_json(results_dir: Path, fields: dict, compute) -> tuple[dict, bool]:
+    """The stored JSON result for `fields` (model, task, settings), or compute() stored for
+    next time. Returns the result and whether it came from the cache."""
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = Path(results_dir) / f"{key}.json"
     if path.exists():
-        data = json.loads(path.read_text())
-        data["intervals"] = {name: tuple(bounds) for name, bounds in data["intervals"].items()}
-        return TaskResult(**data), True
+        return json.loads(path.read_text())["result"], True
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1, default=str))
+    tmp.write_text(json.dumps({"fields": fields, "result": result}, indent=1, default=str))
     tmp.replace(path)
-    return result, False
+    return json.loads(path.read_text())["result"], False  # the same types either way
+
+
+def cached_task(results_dir: Path, model_id: str, task: str, settings: dict, compute) -> tuple[TaskResult, bool]:
+    """A benchmark's TaskResult for (model, task, settings), from the cache when it ran before."""
+    data, from_cache = cached_json(results_dir, {"model": model_id, "task": task, **settings},
+                                   lambda: compute().to_dict())
+    data["intervals"] = {name: tuple(bounds) for name, bounds in data["intervals"].items()}
+    return TaskResult(**data), from_cache

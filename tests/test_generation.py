@@ -73,3 +73,33 @@ def test_wilson_interval():
     assert wilson_interval(0, 0) == (0.0, 1.0)
     low, high = wilson_interval(50, 100)
     assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
+
+
+def test_report_over_dense_and_compressed_models(tmp_path, model_dir, data, capsys):
+    from compressor.cli import main as cli
+
+    (data / "boolq.jsonl").write_text("\n".join(json.dumps({"passage": f"Passage {i} about rivers.", "question": "q"})
+                                                for i in range(60)))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+    common = ["--data-dir", str(data), "--home", str(tmp_path / "home"), "--quiet"]
+    assert cli(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4", "--seq-len", "32",
+                "--allocation", "uniform", "--align", "1", "--out", str(tmp_path / "c30"), *common]) == 0
+    out = tmp_path / "report"
+    args = ["report", str(model_dir), str(tmp_path / "c30"), "--tasks", "perplexity,gsm8k,humaneval",
+            "--allow-code-exec", "--limit", "2", "--out", str(out), *common]
+    assert cli(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    dense, compressed = metrics["models"]
+    assert dense["bytes_on_disk"] > compressed["bytes_on_disk"] and dense["parameters"] > compressed["parameters"]
+    assert set(compressed["perplexity"]) == {"code", "math", "general"} and compressed["gsm8k"]["n"] == 2
+    assert compressed["compression"]["ratio"] == 0.2 and compressed["reproduce"]["seed"] == 0
+    assert max(v for v in compressed["ranks"]["q_proj"] if v is not None) < 1
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3  # perplexity, accuracy, one rank map
+    assert "the first 2 documents" in (out / "report.md").read_text()
+    # Rebuilt from the cache: the same numbers, nothing evaluated again.
+    before = sorted((tmp_path / "home" / "results").iterdir())
+    assert cli(args) == 0
+    assert sorted((tmp_path / "home" / "results").iterdir()) == before
+    assert json.loads((out / "metrics.json").read_text())["models"] == metrics["models"]
