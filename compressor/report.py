@@ -25,7 +25,7 @@ from calibration.cache import model_fingerprint
 from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
 from compressor.generation import cached_json, cached_task, evaluate_gsm8k, evaluate_humaneval
 from compressor.load import load_any, load_tokenizer
-from compressor.modeling_basis_llama import LowRankLinear
+from compressor.modeling_basis_llama import LowRankLinear, QuantizedLinear
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,7 +62,7 @@ def measure_model(folder: Path, data_dir: Path, home: Path, settings: ReportSett
                            if key not in ("ranks", "quant")},
            "quant": (config.get("compression", {}).get("quant") or {}).get("scheme"),
            "parameters": parameter_count(model), "bytes_on_disk": folder_bytes(folder),
-           "ranks": rank_table(model)}
+           "ranks": rank_table(model), "spectra": spectra(model)}
     results = home / "results"
     row["tokens_per_second"], _ = cached_json(results, {"model": model_id, "task": "speed", "batch": 1},
                                               lambda: {"value": tokens_per_second(model, tokenizer)})
@@ -98,6 +98,26 @@ def rank_table(model) -> dict[str, list[float | None]]:
             full = min(module.in_features, module.out_features)
             table[name].append(module.rank / full if isinstance(module, LowRankLinear) else None)
     return table
+
+
+@torch.no_grad()
+def spectra(model, names: tuple[str, ...] = ("self_attn.q_proj", "mlp.down_proj")) -> dict[str, list[float]]:
+    """Singular values (largest first, relative to the largest) of a few linears in the first,
+    middle and last layers; a low-rank linear's are those of its product up @ down."""
+    layers = model.model.layers
+    result = {}
+    for index in sorted({0, len(layers) // 2, len(layers) - 1}):
+        for name in names:
+            values = torch.linalg.svdvals(_matrix(layers[index].get_submodule(name)).float())
+            result[f"layer {index} {name.split('.')[-1]}"] = (values / values[0].clamp_min(1e-30)).tolist()
+    return result
+
+
+def _matrix(module) -> torch.Tensor:
+    """The weight a linear applies: the product of low-rank factors, decoded when quantized."""
+    if isinstance(module, LowRankLinear):
+        return _matrix(module.up) @ _matrix(module.down)
+    return module.dequantized_weight() if isinstance(module, QuantizedLinear) else module.weight
 
 
 def environment(data_dir: Path) -> dict:
@@ -162,7 +182,17 @@ def plots(rows: list[dict]) -> dict[str, bytes]:
     for row in rows:
         if any(value is not None for values in row["ranks"].values() for value in values):
             images[f"ranks_{row['name']}"] = _figure_png(lambda figure, row=row: _heat_map(figure, row))
+        images[f"spectra_{row['name']}"] = _figure_png(lambda figure, row=row: _spectra_plot(figure, row))
     return images
+
+
+def _spectra_plot(figure, row: dict) -> None:
+    axes = figure.add_subplot()
+    for name, values in row["spectra"].items():
+        axes.plot(range(1, len(values) + 1), values, label=name)
+    axes.set(xlabel="basis index", ylabel="singular value / largest", yscale="log",
+             title=f"{row['name']}: singular-value spectra")
+    axes.legend(fontsize=7)
 
 
 def _heat_map(figure, row: dict) -> None:
@@ -236,4 +266,22 @@ def _html(intro: str, header: list[str], body: list[list[str]], images: dict[str
             "padding:4px 8px;text-align:right}img{max-width:100%}</style></head><body>"
             f"<h1>Compression report</h1><p>{html.escape(intro)}</p><table><tr>{head}</tr>{rows}</table>"
             f"{figures}<h2>Environment</h2><pre>{html.escape(json.dumps(env, indent=2, default=str))}</pre>"
-            "</body></html>")
+            # Lets a headless browser report whether every embedded plot decoded (check_renders).
+            "<script>window.addEventListener('load',()=>{document.body.dataset.imagesRendered="
+            "[...document.images].every(i=>i.complete&&i.naturalWidth>0)})</script></body></html>")
+
+
+def check_renders(html_path: Path, browser: str = "chromium", timeout_s: float = 60) -> dict:
+    """Load the report in a real headless browser: did the table and every plot render?"""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which(browser) is None:
+        raise FileNotFoundError(f"{browser} is not installed (Debian: apt-get install chromium).")
+    run = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", Path(html_path).resolve().as_uri()],
+                         capture_output=True, text=True, timeout=timeout_s)
+    dom = run.stdout
+    return {"browser_exit": run.returncode, "table_rows": dom.count("<tr>"), "images": dom.count("<img"),
+            "images_rendered": bool(re.search(r'data-images-rendered="true"', dom))}

@@ -1,6 +1,7 @@
 """GSM8K and HumanEval through `compressor eval` on a tiny model: scoring, caching, opt-in."""
 
 import json
+import shutil
 
 import pytest
 
@@ -84,7 +85,8 @@ def test_report_over_dense_and_compressed_models(tmp_path, model_dir, data, caps
     corpus.write_text("def f(x):\n    return x * 2\n" * 100)
     common = ["--data-dir", str(data), "--home", str(tmp_path / "home"), "--quiet"]
     assert cli(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4", "--seq-len", "32",
-                "--allocation", "uniform", "--align", "1", "--out", str(tmp_path / "c30"), *common]) == 0
+                "--allocation", "uniform", "--align", "1", "--quant", "int8", "--out", str(tmp_path / "c30"),
+                *common]) == 0
     out = tmp_path / "report"
     args = ["report", str(model_dir), str(tmp_path / "c30"), "--tasks", "perplexity,gsm8k,humaneval",
             "--allow-code-exec", "--limit", "2", "--out", str(out), *common]
@@ -94,12 +96,19 @@ def test_report_over_dense_and_compressed_models(tmp_path, model_dir, data, caps
     assert dense["bytes_on_disk"] > compressed["bytes_on_disk"] and dense["parameters"] > compressed["parameters"]
     assert set(compressed["perplexity"]) == {"code", "math", "general"} and compressed["gsm8k"]["n"] == 2
     assert compressed["compression"]["ratio"] == 0.2 and compressed["reproduce"]["seed"] == 0
+    assert compressed["quant"] == "int8" and len(compressed["spectra"]) == 6
     assert max(v for v in compressed["ranks"]["q_proj"] if v is not None) < 1
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # perplexity, accuracy, one rank map
+    assert html.count("data:image/png;base64,") == 5  # perplexity, accuracy, one rank map, two spectra
     assert "the first 2 documents" in (out / "report.md").read_text()
     # Rebuilt from the cache: the same numbers, nothing evaluated again.
     before = sorted((tmp_path / "home" / "results").iterdir())
     assert cli(args) == 0
     assert sorted((tmp_path / "home" / "results").iterdir()) == before
     assert json.loads((out / "metrics.json").read_text())["models"] == metrics["models"]
+
+    if shutil.which("chromium"):  # Debian's chromium, where installed: the HTML renders for real
+        from compressor.report import check_renders
+
+        rendered = check_renders(out / "report.html")
+        assert rendered["images_rendered"] and rendered["images"] == 5 and rendered["table_rows"] == 3
