@@ -128,6 +128,9 @@ def quantize_int(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
         zero = torch.round(-low / scale.float()).clamp(0, top)
         q = (torch.round(padded / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, top)
         zero = zero.to(torch.uint8)
+    if not torch.isfinite(scale).all():
+        raise QuantError(f"Weights up to {float(padded.abs().max()):.3g} overflow float16 scales; "
+                         "this matrix cannot be stored at these bits.")
     codes = q.view(rows, -1)[:, :cols]
     return Quantized(pack_codes(codes, bits), scale.view(torch.int16), zero, (rows, cols), bits, group_size)
 

@@ -69,6 +69,11 @@ def test_nf4_matches_bitsandbytes_and_its_error_bound():
     assert ((quantized.dequantize() - WEIGHT).abs().reshape(-1) <= bound + 1e-7).all()
 
 
+def test_weights_beyond_float16_scales_are_refused():
+    with pytest.raises(QuantError, match="overflow float16 scales"):
+        quantize_int(torch.tensor([[1e9, -1e9]]), 4, 2, False)
+
+
 def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
     with pytest.raises(QuantError, match="pip install bitsandbytes"):
