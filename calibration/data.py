@@ -73,9 +73,10 @@ def file_texts(path: Path) -> list[str]:
                 texts.append(text)
         return texts
     try:
-        return [path.read_text(encoding="utf-8")]
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise CalibrationDataError(f"Calibration file {path} is not UTF-8 text: {error}") from None
+    return [text] if text.strip() else []  # empty: refused by the caller, which names the file
 
 
 def source_texts(source: str, data_dir: Path) -> list[str]:

@@ -25,6 +25,9 @@ def test_calibration_file_empty_or_missing_or_not_utf8(tmp_path, tokenizer):
     empty.write_text("")
     with pytest.raises(CalibrationDataError, match="is empty"):
         token_blocks(str(empty), tokenizer, 1, 8, 0, tmp_path)
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(CalibrationDataError, match="is empty"):
+        token_blocks(str(tmp_path / "blank.txt"), tokenizer, 1, 8, 0, tmp_path)
     with pytest.raises(CalibrationDataError, match="does not exist"):
         token_blocks(str(tmp_path / "missing.txt"), tokenizer, 1, 8, 0, tmp_path)
     latin = tmp_path / "latin.txt"
