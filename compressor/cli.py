@@ -393,17 +393,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_tasks(text: str, allow_code_exec: bool) -> list[str]:
+    """--tasks, checked before any model is loaded: known names, and opt-in for code execution."""
+    tasks = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(tasks) - {"perplexity", "gsm8k", "humaneval"})
+    if unknown or not tasks:
+        raise ValueError(f"Unknown task(s) {unknown or '(none given)'}; choose from perplexity, gsm8k, humaneval.")
+    if "humaneval" in tasks and not allow_code_exec:
+        raise ValueError("HumanEval runs the code the model writes (in a limited subprocess); "
+                         "pass --allow-code-exec to allow it.")
+    return tasks
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from compressor.evaluate import evaluate_perplexity, folder_bytes, format_table, parameter_count
     from compressor.load import load_any, load_tokenizer
 
-    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    unknown = sorted(set(tasks) - {"perplexity", "gsm8k", "humaneval"})
-    if unknown:
-        raise ValueError(f"Unknown task(s) {unknown}; choose from perplexity, gsm8k, humaneval.")
-    if "humaneval" in tasks and not args.allow_code_exec:
-        raise ValueError("HumanEval runs the code the model writes (in a limited subprocess); "
-                         "pass --allow-code-exec to allow it.")
+    tasks = parse_tasks(args.tasks, args.allow_code_exec)
     home, data = _paths(args)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -466,13 +472,7 @@ def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[
 def cmd_report(args: argparse.Namespace) -> int:
     from compressor.report import ReportSettings, environment, measure_model, write_report
 
-    tasks = tuple(name.strip() for name in args.tasks.split(",") if name.strip())
-    unknown = sorted(set(tasks) - {"perplexity", "gsm8k", "humaneval"})
-    if unknown:
-        raise ValueError(f"Unknown task(s) {unknown}; choose from perplexity, gsm8k, humaneval.")
-    if "humaneval" in tasks and not args.allow_code_exec:
-        raise ValueError("HumanEval runs the code the model writes (in a limited subprocess); "
-                         "pass --allow-code-exec to allow it.")
+    tasks = tuple(parse_tasks(args.tasks, args.allow_code_exec))
     home, data = _paths(args)
     settings = ReportSettings(tasks, args.limit or None, args.allow_code_exec, args.batch_size)
     rows = [measure_model(folder, data, home, settings, progress=not args.quiet) for folder in args.models]
