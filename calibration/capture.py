@@ -91,7 +91,9 @@ def iterate_layers(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, batch
     inputs = capture_first_layer_inputs(model, spec, blocks, batch_size)
     if start:
         if hidden is None or [h.shape for h in hidden] != [h.shape for h in inputs.hidden]:
-            raise ValueError("The saved hidden states do not match these calibration batches.")
+            raise ValueError("The interrupted calibration being resumed used other batches (another "
+                             "--batch-size?); rerun with the same settings, or delete its .partial "
+                             "folder under HOME/stats to start over.")
         inputs = LayerInputs(hidden, inputs.args, inputs.kwargs)
     layers = decoder_layers(model, spec)
     for index in tqdm(range(start, len(layers)), desc="calibration", initial=start, total=len(layers),
