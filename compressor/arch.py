@@ -103,6 +103,13 @@ def decoder_layers(model: PreTrainedModel, spec: ArchSpec) -> torch.nn.ModuleLis
     return model.get_submodule(spec.layers_path)
 
 
+def linear_modules(model: PreTrainedModel, spec: ArchSpec) -> dict[str, torch.nn.Module]:
+    """Every decoder linear the spec names (whatever it has become: low-rank, quantized),
+    keyed by full module name, layer by layer."""
+    return {spec.full_name(index, name): layer.get_submodule(name)
+            for index, layer in enumerate(decoder_layers(model, spec)) for name in spec.linear_names}
+
+
 def to_llama(model: PreTrainedModel, spec: ArchSpec) -> LlamaForCausalLM:
     """Rebuild `model` as a stock LlamaForCausalLM with identical weights (and outputs)."""
     if type(model) is LlamaForCausalLM:

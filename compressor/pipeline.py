@@ -31,7 +31,7 @@ from calibration.data import blocks_fingerprint, token_blocks
 from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
 from compressor.allocate import Shape, basis_energy, global_ranks, measured_costs, summarize, uniform_ranks
-from compressor.arch import ArchSpec, decoder_layers
+from compressor.arch import ArchSpec, decoder_layers, linear_modules
 from compressor.config import CompressConfig
 from compressor.decompose import Factorization, check_finite, decompose, output_error
 from compressor.modeling_basis_llama import SCHEME_BITS, LowRankLinear, replace_module
@@ -87,15 +87,6 @@ class CompressionResult:
     def to_dict(self) -> dict:
         return {"summary": self.summary, "timings_s": self.timings,
                 "layers": [asdict(layer) for layer in self.layers]}
-
-
-def linear_modules(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
-    """Every decoder linear the spec names, keyed by full module name."""
-    modules = {}
-    for index, layer in enumerate(decoder_layers(model, spec)):
-        for name in spec.linear_names:
-            modules[spec.full_name(index, name)] = layer.get_submodule(name)
-    return modules
 
 
 def group_of(spec: ArchSpec) -> dict[str, str]:
@@ -333,9 +324,8 @@ def quantization_summary(model: nn.Module, spec: ArchSpec, config: CompressConfi
 
 def decoder_linear_bytes(model: nn.Module, spec: ArchSpec) -> int:
     """Bytes the decoder linears hold (parameters and buffers: codes, scales and zero points)."""
-    return sum(tensor.numel() * tensor.element_size()
-               for layer in decoder_layers(model, spec) for name in spec.linear_names
-               for tensor in [*layer.get_submodule(name).parameters(), *layer.get_submodule(name).buffers()])
+    return sum(tensor.numel() * tensor.element_size() for module in linear_modules(model, spec).values()
+               for tensor in [*module.parameters(), *module.buffers()])
 
 
 @torch.no_grad()

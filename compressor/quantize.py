@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.arch import ArchSpec, decoder_layers
+from compressor.arch import ArchSpec, linear_modules
 from compressor.modeling_basis_llama import (
     SCHEME_BITS, LowRankLinear, QuantizedLinear, dequantize, replace_module,
 )
@@ -165,16 +165,14 @@ def quantize_matrix(weight: torch.Tensor, config: QuantConfig) -> Quantized:
 def _quantization_targets(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
     """Decoder linears to store quantized: both factors of a low-rank one, else the linear."""
     targets = {}
-    for index, layer in enumerate(decoder_layers(model, spec)):
-        for name in spec.linear_names:
-            full_name, module = spec.full_name(index, name), layer.get_submodule(name)
-            found = ({f"{full_name}.down": module.down, f"{full_name}.up": module.up}
-                     if isinstance(module, LowRankLinear) else {full_name: module})
-            for target_name, target in found.items():
-                if not isinstance(target, nn.Linear):
-                    raise QuantError(f"{target_name} is {type(target).__name__}, not a float linear; "
-                                     "quantize the unquantized model.")
-            targets.update(found)
+    for full_name, module in linear_modules(model, spec).items():
+        found = ({f"{full_name}.down": module.down, f"{full_name}.up": module.up}
+                 if isinstance(module, LowRankLinear) else {full_name: module})
+        for target_name, target in found.items():
+            if not isinstance(target, nn.Linear):
+                raise QuantError(f"{target_name} is {type(target).__name__}, not a float linear; "
+                                 "quantize the unquantized model.")
+        targets.update(found)
     return targets
 
 

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 from calibration.cache import model_fingerprint
+from compressor.arch import decoder_layers, get_spec, linear_modules
 from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
 from compressor.generation import cached_json, cached_task, evaluate_gsm8k, evaluate_humaneval
 from compressor.load import load_any, load_tokenizer
 from compressor.modeling_basis_llama import LowRankLinear, QuantizedLinear
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -89,14 +88,13 @@ def measure_model(folder: Path, data_dir: Path, home: Path, settings: ReportSett
 
 
 def rank_table(model) -> dict[str, list[float | None]]:
-    """Per matrix type, the kept fraction of rank in each layer (None: dense)."""
-    table = {name: [] for name in LINEARS}
-    for layer in model.model.layers:
-        for name in LINEARS:
-            module = layer.get_submodule(("self_attn." if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
-                                          else "mlp.") + name)
-            full = min(module.in_features, module.out_features)
-            table[name].append(module.rank / full if isinstance(module, LowRankLinear) else None)
+    """Per linear of a layer (q_proj ... down_proj), the kept fraction of rank in each layer
+    (None: dense)."""
+    spec = get_spec("llama")
+    table = {name.rsplit(".", 1)[-1]: [] for name in spec.linear_names}
+    for full_name, module in linear_modules(model, spec).items():  # layer by layer
+        full = min(module.in_features, module.out_features)
+        table[full_name.rsplit(".", 1)[-1]].append(module.rank / full if isinstance(module, LowRankLinear) else None)
     return table
 
 
@@ -104,7 +102,7 @@ def rank_table(model) -> dict[str, list[float | None]]:
 def spectra(model, names: tuple[str, ...] = ("self_attn.q_proj", "mlp.down_proj")) -> dict[str, list[float]]:
     """Singular values (largest first, relative to the largest) of a few linears in the first,
     middle and last layers; a low-rank linear's are those of its product up @ down."""
-    layers = model.model.layers
+    layers = decoder_layers(model, get_spec("llama"))
     result = {}
     for index in sorted({0, len(layers) // 2, len(layers) - 1}):
         for name in names:
@@ -197,9 +195,10 @@ def _spectra_plot(figure, row: dict) -> None:
 
 def _heat_map(figure, row: dict) -> None:
     axes = figure.add_subplot()
-    grid = [[1.0 if value is None else value for value in row["ranks"][name]] for name in LINEARS]
+    names = list(row["ranks"])
+    grid = [[1.0 if value is None else value for value in row["ranks"][name]] for name in names]
     image = axes.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    axes.set(yticks=range(len(LINEARS)), yticklabels=LINEARS, xlabel="layer",
+    axes.set(yticks=range(len(names)), yticklabels=names, xlabel="layer",
              title=f"{row['name']}: kept rank / full rank (1 = dense)")
     figure.colorbar(image, ax=axes)
 
