@@ -9,7 +9,6 @@ import logging
 import resource
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -437,29 +436,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[str]) -> dict:
     """GSM8K / HumanEval results, from the cache when this model, task and settings ran before."""
     from calibration.cache import model_fingerprint
-    from compressor.generation import cached_task, evaluate_gsm8k, evaluate_humaneval
+    from compressor.generation import run_benchmark
 
     model_id = model_fingerprint(args.model)
     if args.adapter:
         model_id += "+" + model_fingerprint(args.adapter, pattern="adapter_model.safetensors")
-    limit = args.limit or None
-    runs = {
-        "gsm8k": ({"limit": limit, "shots": args.shots, "max_new_tokens": args.max_new_tokens or 256},
-                  lambda settings: evaluate_gsm8k(model, tokenizer, data, limit, args.shots, settings["max_new_tokens"],
-                                                  args.batch_size, not args.quiet)),
-        "humaneval": ({"limit": limit, "max_new_tokens": args.max_new_tokens or 384},
-                      lambda settings: evaluate_humaneval(model, tokenizer, data, limit, True,
-                                                          settings["max_new_tokens"], args.batch_size,
-                                                          progress=not args.quiet)),
-    }
     summary = {}
     for task in tasks:
-        settings, run = runs[task]
-        compute = partial(run, settings)
-        if args.no_cache:
-            result, from_cache = compute(), False
-        else:
-            result, from_cache = cached_task(home / "results", model_id, task, settings, compute)
+        result, from_cache = run_benchmark(task, model, tokenizer, data, home / "results", model_id,
+                                           args.limit or None, args.shots, args.max_new_tokens, args.batch_size,
+                                           allow_code_exec=args.allow_code_exec, use_cache=not args.no_cache,
+                                           progress=not args.quiet)
         summary[task] = {key: value for key, value in result.to_dict().items() if key != "items"}
         summary[task]["from_cache"] = from_cache
         print(f"{task}: " + ", ".join(f"{name} {value:.3f} (95% CI {low:.3f}-{high:.3f})"

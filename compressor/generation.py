@@ -20,6 +20,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from compressor.answers import (
 from compressor.sandbox import run_program
 
 TASKS = ("gsm8k", "humaneval")
+DEFAULT_NEW_TOKENS = {"gsm8k": 256, "humaneval": 384}
 
 
 class CodeExecutionRefused(ValueError):
@@ -129,7 +131,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
 
 
 def evaluate_gsm8k(model: nn.Module, tokenizer, data_dir: Path, limit: int | None = None, shots: int = 4,
-                   max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True) -> TaskResult:
+                   max_new_tokens: int = DEFAULT_NEW_TOKENS["gsm8k"], batch_size: int = 8, progress: bool = True) -> TaskResult:
     start = time.perf_counter()
     rows = read_jsonl(data_dir / "gsm8k_test.jsonl")[:limit]
     exemplars = gsm8k_exemplars(data_dir, shots)
@@ -146,7 +148,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, data_dir: Path, limit: int | Non
 
 
 def evaluate_humaneval(model: nn.Module, tokenizer, data_dir: Path, limit: int | None = None,
-                       allow_code_exec: bool = False, max_new_tokens: int = 384, batch_size: int = 8,
+                       allow_code_exec: bool = False, max_new_tokens: int = DEFAULT_NEW_TOKENS["humaneval"], batch_size: int = 8,
                        timeout_s: float = 10.0, progress: bool = True) -> TaskResult:
     if not allow_code_exec:
         raise CodeExecutionRefused("HumanEval runs the code the model writes. It runs in a limited "
@@ -194,3 +196,25 @@ def cached_task(results_dir: Path, model_id: str, task: str, settings: dict, com
                                    lambda: compute().to_dict())
     data["intervals"] = {name: tuple(bounds) for name, bounds in data["intervals"].items()}
     return TaskResult(**data), from_cache
+
+
+def run_benchmark(task: str, model: nn.Module, tokenizer, data_dir: Path, results_dir: Path, model_id: str,
+                  limit: int | None, shots: int = 4, max_new_tokens: int | None = None, batch_size: int = 8,
+                  allow_code_exec: bool = False, use_cache: bool = True,
+                  progress: bool = True) -> tuple[TaskResult, bool]:
+    """One benchmark, cached under the settings that change its result (eval and report share
+    the cache). Returns the result and whether it came from the cache."""
+    max_new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS[task]
+    if task == "gsm8k":
+        settings = {"limit": limit, "shots": shots, "max_new_tokens": max_new_tokens}
+        compute = partial(evaluate_gsm8k, model, tokenizer, data_dir, limit, shots, max_new_tokens,
+                          batch_size, progress)
+    elif task == "humaneval":
+        settings = {"limit": limit, "max_new_tokens": max_new_tokens}
+        compute = partial(evaluate_humaneval, model, tokenizer, data_dir, limit, allow_code_exec,
+                          max_new_tokens, batch_size, progress=progress)
+    else:
+        raise ValueError(f"Unknown benchmark {task!r}; choose from {', '.join(TASKS)}.")
+    if not use_cache:
+        return compute(), False
+    return cached_task(results_dir, model_id, task, settings, compute)

@@ -24,7 +24,7 @@ import torch
 from calibration.cache import model_fingerprint
 from compressor.arch import decoder_layers, get_spec, linear_modules
 from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
-from compressor.generation import cached_json, cached_task, evaluate_gsm8k, evaluate_humaneval
+from compressor.generation import cached_json, run_benchmark
 from compressor.load import load_any, load_tokenizer
 from compressor.modeling_basis_llama import LowRankLinear, QuantizedLinear
 
@@ -71,14 +71,11 @@ def measure_model(folder: Path, data_dir: Path, home: Path, settings: ReportSett
             name: result.to_dict() for name, result in evaluate_perplexity(
                 model, tokenizer, data_dir, limit=settings.limit, batch_size=settings.batch_size,
                 progress=progress).items()})
-    runs = {"gsm8k": lambda: evaluate_gsm8k(model, tokenizer, data_dir, settings.limit,
-                                            batch_size=settings.batch_size, progress=progress),
-            "humaneval": lambda: evaluate_humaneval(model, tokenizer, data_dir, settings.limit,
-                                                    settings.allow_code_exec, batch_size=settings.batch_size,
-                                                    progress=progress)}
     for task in ("gsm8k", "humaneval"):
         if task in settings.tasks:
-            result, _ = cached_task(results, model_id, task, {"limit": settings.limit}, runs[task])
+            result, _ = run_benchmark(task, model, tokenizer, data_dir, results, model_id, settings.limit,
+                                      batch_size=settings.batch_size, allow_code_exec=settings.allow_code_exec,
+                                      progress=progress)
             row[task] = {"metrics": result.metrics, "intervals": result.intervals, "n": result.n}
     summary = folder / "compression_summary.json"
     if summary.exists():
