@@ -32,6 +32,14 @@ def model_dir(tmp_path: Path, tiny_model: LlamaForCausalLM, tokenizer) -> Path:
 
 
 @pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small Python-like calibration / training text file."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("def f(x):\n    return x * 2\n" * 200)
+    return path
+
+
+@pytest.fixture
 def blocks() -> torch.Tensor:
     return torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
 

@@ -21,10 +21,8 @@ def _data_dir(tmp_path):
     return data
 
 
-def test_compress_then_eval(tmp_path, model_dir, capsys):
+def test_compress_then_eval(tmp_path, corpus, model_dir, capsys):
     data = _data_dir(tmp_path)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 200)
     config = tmp_path / "settings.yaml"
     config.write_text(yaml.safe_dump({"method": "whiten", "allocation": "global", "tolerance": 0.02,
                                       "calibration": {"samples": 6, "seq_len": 32, "batch_size": 3,
@@ -52,11 +50,9 @@ def test_compress_then_eval(tmp_path, model_dir, capsys):
     assert result["bytes_on_disk"] > 0
 
 
-def test_compress_train_merge_eval(tmp_path, model_dir, capsys):
+def test_compress_train_merge_eval(tmp_path, corpus, model_dir, capsys):
     """compress --score taylor -> train a NOLA adapter -> eval with it -> merge -> eval merged."""
     data = _data_dir(tmp_path)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 200)
     common = ["--home", str(tmp_path / "home"), "--data-dir", str(data), "--quiet"]
     out = tmp_path / "compressed"
     config = tmp_path / "settings.yaml"
@@ -108,10 +104,8 @@ def test_compress_train_merge_eval(tmp_path, model_dir, capsys):
             assert abs(value["perplexity"] / merged_ppl[key]["perplexity"] - 1) < 0.05
 
 
-def test_compress_quantized_and_quantize_dense(tmp_path, model_dir, capsys):
+def test_compress_quantized_and_quantize_dense(tmp_path, corpus, model_dir, capsys):
     data = _data_dir(tmp_path)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 200)
     common = ["--home", str(tmp_path / "home"), "--data-dir", str(data), "--quiet"]
     out = tmp_path / "q4"
     assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3",
@@ -134,9 +128,7 @@ def test_compress_quantized_and_quantize_dense(tmp_path, model_dir, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_summaries_record_what_a_rerun_must_match(tmp_path, model_dir):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+def test_summaries_record_what_a_rerun_must_match(tmp_path, corpus, model_dir):
     common = ["--home", str(tmp_path / "home"), "--quiet"]
     assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4", "--seq-len", "32",
                  "--allocation", "uniform", "--align", "1", "--seed", "3", "--out", str(tmp_path / "c"), *common]) == 0

@@ -76,13 +76,11 @@ def test_wilson_interval():
     assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
 
 
-def test_report_over_dense_and_compressed_models(tmp_path, model_dir, data, capsys):
+def test_report_over_dense_and_compressed_models(tmp_path, corpus, model_dir, data, capsys):
     from compressor.cli import main as cli
 
     (data / "boolq.jsonl").write_text("\n".join(json.dumps({"passage": f"Passage {i} about rivers.", "question": "q"})
                                                 for i in range(60)))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
     common = ["--data-dir", str(data), "--home", str(tmp_path / "home"), "--quiet"]
     assert cli(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4", "--seq-len", "32",
                 "--allocation", "uniform", "--align", "1", "--quant", "int8", "--out", str(tmp_path / "c30"),

@@ -141,7 +141,7 @@ def test_corrupt_weights_file_is_named(tmp_path, model_dir, damage, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_full_disk_during_export_leaves_nothing(tmp_path, model_dir, monkeypatch, capsys):
+def test_full_disk_during_export_leaves_nothing(tmp_path, corpus, model_dir, monkeypatch, capsys):
     import errno
 
     import compressor.export
@@ -152,8 +152,6 @@ def test_full_disk_during_export_leaves_nothing(tmp_path, model_dir, monkeypatch
 
     monkeypatch.setattr(compressor.export, "write_model", fill_disk)
     out = tmp_path / "runs" / "o"
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
     code = main(["compress", "--model", str(model_dir), "--target", str(corpus),
                  "--samples", "2", "--seq-len", "16", "--allocation", "uniform", "--align", "1", "--out", str(out),
                  "--home", str(tmp_path / "home"), "--quiet"])
@@ -163,9 +161,7 @@ def test_full_disk_during_export_leaves_nothing(tmp_path, model_dir, monkeypatch
     assert list((tmp_path / "runs").iterdir()) == []  # neither the output nor its temporary folder
 
 
-def test_same_inputs_give_byte_identical_exports(tmp_path, model_dir):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+def test_same_inputs_give_byte_identical_exports(tmp_path, corpus, model_dir):
     for name in ("a", "b"):
         assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4",
                      "--seq-len", "32", "--allocation", "global", "--sensitivity-samples", "2",

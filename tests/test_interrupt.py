@@ -24,9 +24,7 @@ def _args(model_dir, corpus, home, out):
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_kill_9_then_rerun_gives_the_uninterrupted_export(tmp_path, model_dir, stage, caplog):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+def test_kill_9_then_rerun_gives_the_uninterrupted_export(tmp_path, corpus, model_dir, stage, caplog):
     reference = tmp_path / "reference"
     assert main(_args(model_dir, corpus, tmp_path / "home-ref", reference)) == 0
 
