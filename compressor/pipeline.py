@@ -115,6 +115,12 @@ def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Co
     return cache
 
 
+def _bases_key(config: CompressConfig) -> str:
+    """What, besides the method, changes the bases: part of the keys of statistics about them."""
+    solver = "" if config.solver == "svd" else f"_{config.solver}"  # svd: keys as before solvers
+    return f"_damp{config.damping:g}_alpha{config.asvd_alpha:g}{solver}"
+
+
 def probe_ranks(bases: Bases, config: CompressConfig) -> dict[str, int | None]:
     return uniform_ranks(bases.shapes, config.probe_ratio, config.align, tolerance=0.05)
 
@@ -123,8 +129,7 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
                   bases: Bases, config: CompressConfig, progress: bool = True) -> dict[str, float]:
     """Measured KL of truncating each linear alone to its probe rank (cached per method)."""
     n = config.calibration.sensitivity_samples
-    key = (f"sensitivity_{config.method}_probe{config.probe_ratio:g}_align{config.align}_n{n}"
-           f"_damp{config.damping:g}_alpha{config.asvd_alpha:g}")
+    key = f"sensitivity_{config.method}_probe{config.probe_ratio:g}_align{config.align}_n{n}{_bases_key(config)}"
     cached = cache.load_json(key)
     if cached is not None:
         return cached
@@ -145,7 +150,7 @@ def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: 
               config: CompressConfig, progress: bool = True) -> dict[str, torch.Tensor]:
     """Mean gradient and per-token Fisher of every basis coefficient (cached per method)."""
     n = config.calibration.gradient_samples
-    key = f"taylor2_{config.method}_n{n}_damp{config.damping:g}_alpha{config.asvd_alpha:g}"
+    key = f"taylor2_{config.method}_n{n}{_bases_key(config)}"
     cached = cache.load_tensors(key)
     if cached is not None:
         return cached
@@ -196,7 +201,8 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
             check_finite(f"Gram matrix of {full_name}", gram)
             try:
                 factor = decompose(weight, config.method, gram=gram, abs_mean=item.abs_mean(),
-                                   asvd_alpha=config.asvd_alpha, damping=config.damping, name=full_name)
+                                   asvd_alpha=config.asvd_alpha, damping=config.damping, name=full_name,
+                                   solver=config.solver)
             except (torch.linalg.LinAlgError, RuntimeError) as error:
                 if config.on_failure != "dense":
                     raise DecompositionError(

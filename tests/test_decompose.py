@@ -22,6 +22,27 @@ def test_full_rank_reproduces_weight(method):
     assert torch.allclose(up @ down, weight, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])  # both sides of the eigen solver
+@pytest.mark.parametrize("method", ["svd", "asvd", "whiten"])
+def test_eigh_solver_gives_the_svd_bases(method, shape):
+    weight, x, gram = _data(*shape)
+    exact = decompose(weight, method, gram=gram, abs_mean=x.abs().mean(0), solver="svd")
+    fast = decompose(weight, method, gram=gram, abs_mean=x.abs().mean(0), solver="eigh")
+    assert torch.allclose(fast.sigma, exact.sigma, rtol=1e-4, atol=1e-4 * float(exact.sigma[0]))
+    for rank in (1, 5, exact.full_rank):
+        up, down = fast.factors(rank)
+        up_exact, down_exact = exact.factors(rank)
+        assert torch.allclose(up @ down, up_exact @ down_exact, atol=1e-3 * float(weight.abs().max()))
+        assert output_error(weight, up, down, gram) == pytest.approx(
+            output_error(weight, up_exact, down_exact, gram), rel=1e-3, abs=1e-6)
+
+
+def test_unknown_solver():
+    weight, _, gram = _data()
+    with pytest.raises(ValueError, match="solver"):
+        decompose(weight, "whiten", gram=gram, solver="qr")
+
+
 @pytest.mark.parametrize("rank", [1, 4, 9])
 def test_whitened_truncation_error_equals_dropped_singular_values(rank):
     weight, x, gram = _data()
