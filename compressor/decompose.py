@@ -212,3 +212,12 @@ def output_error(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
     num = ((delta @ gram) * delta).sum()
     den = ((weight.double() @ gram) * weight.double()).sum().clamp_min(1e-30)
     return float(num / den)
+
+
+def kept_output_error(weight: torch.Tensor, factor: Factorization, rank: int, gram: torch.Tensor) -> float:
+    """Relative output error of keeping the first `rank` bases. For whiten it is the dropped
+    singular energy (exact, in the damped whitened space) and costs nothing; the others are
+    measured against the Gram matrix (an (out, in, in) product: 50 s for a 7B MLP matrix)."""
+    if factor.method == "whiten":
+        return factor.truncation_error(rank)
+    return output_error(weight, *factor.factors(rank), gram)

@@ -107,9 +107,9 @@ def quant_record(model: nn.Module) -> dict | None:
     return {"scheme": scheme, "group_size": group_size, "symmetric": symmetric, "modules": list(quantized)}
 
 
-def to_basis_model(model: LlamaForCausalLM, compression: dict) -> BasisLlamaForCausalLM:
-    """The same tensors, wrapped in the exportable class with ranks (and the quantized
-    linears) recorded in its config."""
+def basis_config(model: nn.Module, compression: dict) -> BasisLlamaConfig:
+    """The exportable config of a LLaMA model whose linears were compressed: its own settings,
+    plus the rank of every low-rank linear (and the quantized ones) and the format version."""
     record = {"ranks": low_rank_ranks(model), "format_version": FORMAT_VERSION}
     if (quant := quant_record(model)) is not None:
         record.update(quant=quant, format_version=QUANTIZED_FORMAT_VERSION)
@@ -119,6 +119,13 @@ def to_basis_model(model: LlamaForCausalLM, compression: dict) -> BasisLlamaForC
     config = BasisLlamaConfig(compression={**compression, **record}, **config_dict)
     config.architectures = [BasisLlamaForCausalLM.__name__]
     config.auto_map = dict(AUTO_MAP)
+    return config
+
+
+def to_basis_model(model: LlamaForCausalLM, compression: dict) -> BasisLlamaForCausalLM:
+    """The same tensors, wrapped in the exportable class with ranks (and the quantized
+    linears) recorded in its config."""
+    config = basis_config(model, compression)
     with torch.device("meta"):
         basis = BasisLlamaForCausalLM(config)
     basis.load_state_dict(model.state_dict(), strict=True, assign=True)

@@ -33,7 +33,7 @@ from calibration.sensitivity import truncation_sensitivity
 from compressor.allocate import Shape, basis_energy, global_ranks, measured_costs, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers, linear_modules
 from compressor.config import CompressConfig
-from compressor.decompose import Factorization, check_finite, decompose, output_error
+from compressor.decompose import Factorization, check_finite, decompose, kept_output_error
 from compressor.modeling_basis_llama import SCHEME_BITS, LowRankLinear, replace_module
 from compressor.quantize import QuantError, quantize_model, stored_bits
 from compressor.scoring import reorder, taylor_scores
@@ -229,6 +229,19 @@ def allocate(bases: Bases, config: CompressConfig,
 
 
 @torch.no_grad()
+def low_rank_linear(dense: nn.Linear, up: torch.Tensor, down: torch.Tensor) -> LowRankLinear:
+    """The factors (up (out, r), down (r, in)) as a LowRankLinear in the dense linear's dtype,
+    keeping its bias."""
+    low_rank = LowRankLinear(dense.in_features, dense.out_features, down.shape[0],
+                             bias=dense.bias is not None, dtype=dense.weight.dtype)
+    low_rank.up.weight.copy_(up)
+    low_rank.down.weight.copy_(down)
+    if dense.bias is not None:
+        low_rank.up.bias.copy_(dense.bias)
+    return low_rank
+
+
+@torch.no_grad()
 def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str, int | None],
                 cache: StatsCache, costs: dict[str, torch.Tensor] | None = None,
                 measure: bool = True) -> list[LayerReport]:
@@ -250,18 +263,12 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
                 up, down = bases.factors[full_name].factors(rank)
                 if measure:
                     gram = stats[groups[name]].mean_gram().float()
-                    report.output_error = output_error(dense.weight.float(), up, down, gram)
+                    report.output_error = kept_output_error(dense.weight.float(), bases.factors[full_name], rank, gram)
                 if costs is not None:
                     report.score_dropped = float(costs[full_name][rank:].sum())
                 if full_name in bases.order:
                     report.out_of_order = int((bases.order[full_name][:rank] >= rank).sum())
-                low_rank = LowRankLinear(shape.in_features, shape.out_features, rank,
-                                         bias=dense.bias is not None, dtype=dense.weight.dtype)
-                low_rank.up.weight.copy_(up)
-                low_rank.down.weight.copy_(down)
-                if dense.bias is not None:
-                    low_rank.up.bias.copy_(dense.bias)
-                replace_module(layer, name, low_rank)
+                replace_module(layer, name, low_rank_linear(dense, up, down))
             reports.append(report)
     return reports
 

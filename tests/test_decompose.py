@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compressor.decompose import decompose, output_error, whitening
+from compressor.decompose import decompose, kept_output_error, output_error, whitening
 
 
 def _data(out=24, inp=16, rows=200, seed=0):
@@ -56,6 +56,7 @@ def test_whitened_truncation_error_equals_dropped_singular_values(rank):
     total = float(factor.sigma.double().pow(2).sum())
     assert factor.truncation_error(rank) == pytest.approx(dropped / total, rel=1e-6)
     assert output_error(weight, up, down, gram) == pytest.approx(dropped / total, rel=1e-3)
+    assert kept_output_error(weight, factor, rank, gram) == pytest.approx(dropped / total, rel=1e-6)
 
 
 def test_whitening_beats_plain_svd_on_output_error():

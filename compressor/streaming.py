@@ -1,0 +1,286 @@
+"""Compress a checkpoint larger than memory: one decoder layer in memory at a time.
+
+    model   = skeleton(...)                  the model on the meta device; only embeddings,
+                                             final norm and LM head are read
+    inputs  = first layer's inputs           one forward that stops at decoder layer 0
+    for each layer:
+        materialize_layer(...)               its tensors read from the safetensors files
+        stats, outputs = collect_layer(...)  its input statistics; its (dense) outputs feed the
+                                             next layer, as in the in-memory pipeline
+        decompose + cut to uniform ranks     LowRankLinear in place of its linears
+        write its shard, back to meta        nothing of it stays in memory
+
+Peak memory is one layer (in float32) with its statistics and the calibration activations,
+whatever the number of layers. Only `uniform` allocation streams: a global allocation must see
+every layer's bases before it can cut the first. The result equals the in-memory pipeline's
+with uniform allocation (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from calibration.capture import LayerInputs, capture_first_layer_inputs, collect_layer
+from compressor import modeling_basis_llama
+from compressor.allocate import Shape, summarize, uniform_ranks
+from compressor.arch import ArchSpec, decoder_layers, get_spec, linear_modules
+from compressor.config import CompressConfig, ConfigError, save_config
+from compressor.decompose import check_finite, decompose, kept_output_error
+from compressor.export import atomic_folder, basis_config
+from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
+from compressor.modeling_basis_llama import replace_module
+from compressor.pipeline import LayerReport, group_of, low_rank_linear
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class LazyCheckpoint:
+    """The tensors of a safetensors checkpoint (one file, or shards with an index), read on
+    demand. Each file is opened (memory-mapped) only while tensors are read from it, so the
+    pages of layers already done do not stay mapped into the process."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / INDEX_NAME
+        if index.is_file():
+            self.file_of = dict(json.loads(index.read_text())["weight_map"])
+        else:
+            self.file_of = {}
+            for path in sorted(self.model_dir.glob("*.safetensors")):
+                with safe_open(path, framework="pt") as handle:
+                    self.file_of.update(dict.fromkeys(handle.keys(), path.name))
+        if not self.file_of:
+            raise ModelFolderError(f"{self.model_dir} has no safetensors weights; streaming reads only "
+                                   "safetensors (convert *.bin checkpoints with save_pretrained first).")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        by_file = defaultdict(list)
+        for name in names:
+            by_file[self.file_of[name]].append(name)
+        tensors = {}
+        for file_name, file_names in by_file.items():
+            with safe_open(self.model_dir / file_name, framework="pt") as handle:
+                for name in file_names:
+                    tensors[name] = handle.get_tensor(name).to(dtype)  # a copy, off the mapping
+        return tensors
+
+
+def _fill_missing(module: torch.nn.Module, state: dict[str, torch.Tensor], spec: ArchSpec,
+                  prefix: str, dtype: torch.dtype) -> None:
+    """Zeros for the biases the spec declares absent from the source; any other missing
+    tensor is an error (never a random initialisation)."""
+    for key, param in module.state_dict(keep_vars=True).items():
+        if key in state:
+            continue
+        if not key.endswith(spec.zero_biases):
+            raise ModelFolderError(f"The checkpoint has no tensor {prefix}{key}; it is incomplete.")
+        state[key] = torch.zeros(param.shape, dtype=dtype)
+
+
+def skeleton(model_dir: Path, spec: ArchSpec, checkpoint: LazyCheckpoint,
+             dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """The model as LLaMA on the meta device, with everything outside the decoder layers
+    (embeddings, final norm, LM head, rotary frequencies) read into memory."""
+    llama_config = spec.to_llama_config(AutoConfig.from_pretrained(model_dir))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config)
+    layers_prefix = f"{spec.layers_path}."
+    names = [name for name, _ in model.named_parameters() if not name.startswith(layers_prefix)]
+    if llama_config.tie_word_embeddings and "lm_head.weight" in names:
+        names.remove("lm_head.weight")  # the embedding's
+    missing = [name for name in names if name not in checkpoint]
+    if missing:
+        raise ModelFolderError(f"The checkpoint in {model_dir} has no tensor {missing[0]}; it is incomplete.")
+    model.load_state_dict(checkpoint.read(names, dtype), strict=False, assign=True)
+    model.model.rotary_emb = LlamaRotaryEmbedding(llama_config)  # non-persistent buffer
+    if llama_config.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    return model
+
+
+def materialize_layer(model: LlamaForCausalLM, spec: ArchSpec, checkpoint: LazyCheckpoint, index: int,
+                      dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    layer = decoder_layers(model, spec)[index]
+    prefix = f"{spec.layers_path}.{index}."
+    keys = [key for key in layer.state_dict() if prefix + key in checkpoint]
+    state = {key[len(prefix):]: tensor for key, tensor in checkpoint.read([prefix + k for k in keys], dtype).items()}
+    _fill_missing(layer, state, spec, prefix, dtype)
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer
+
+
+@dataclass
+class LayerTiming:
+    index: int
+    read_s: float
+    calibration_s: float
+    decomposition_s: float
+    write_s: float
+    rss_after_bytes: int  # resident memory when the layer is done (back on meta)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def check_streamable(config: CompressConfig) -> None:
+    config.validate()
+    if config.allocation != "uniform":
+        raise ConfigError("Streaming compresses with --allocation uniform: a global allocation must see every "
+                          "layer's bases before it cuts the first, which needs the whole model.")
+    if config.score != "energy":
+        raise ConfigError("Streaming scores bases by energy only (taylor needs the whole model's gradients).")
+    if config.quant.scheme != "none":
+        raise ConfigError("Streaming writes float factors; quantize its output afterwards with "
+                          "`compressor quantize`, or compress without --streaming.")
+    if config.dense_export:
+        raise ConfigError("Streaming writes the low-rank export only; drop --dense.")
+
+
+def _decompose_layer(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict,
+                     ranks: dict[str, int | None], config: CompressConfig) -> list[LayerReport]:
+    """Cut every linear of one materialized layer to its rank, in place."""
+    groups = group_of(spec)
+    reports = []
+    for name in spec.linear_names:
+        full_name = spec.full_name(index, name)
+        dense = layer.get_submodule(name)
+        shape, rank = Shape(dense.out_features, dense.in_features), ranks[full_name]
+        report = LayerReport(full_name, shape.out_features, shape.in_features, rank,
+                             min(shape.out_features, shape.in_features), shape.dense, shape.stored(rank), 0.0)
+        reports.append(report)
+        if rank is None:
+            continue
+        item = stats[groups[name]]
+        gram = item.mean_gram()
+        check_finite(f"Gram matrix of {full_name}", gram)
+        factor = decompose(dense.weight.detach(), config.method, gram=gram, abs_mean=item.abs_mean(),
+                           asvd_alpha=config.asvd_alpha, damping=config.damping, name=full_name,
+                           solver=config.solver)
+        report.output_error = kept_output_error(dense.weight.detach(), factor, rank, gram)
+        replace_module(layer, name, low_rank_linear(dense, *factor.factors(rank)))
+    return reports
+
+
+def _write_rest(model: LlamaForCausalLM, spec: ArchSpec, folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    layers_prefix = f"{spec.layers_path}."
+    state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(layers_prefix)}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
+
+
+def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressConfig, out_dir: Path,
+                       tokenizer=None, overwrite: bool = False, progress: bool = True,
+                       on_layer: Callable[[int, LlamaForCausalLM], None] | None = None) -> dict:
+    """Compress the checkpoint in `model_dir` layer by layer into `out_dir` (uniform ranks).
+
+    blocks: (samples, seq_len) calibration token ids. tokenizer: saved with the export when
+    given. on_layer(index, model) is called after each layer is written and freed.
+    Returns the run summary (also written as compression_summary.json).
+    """
+    check_streamable(config)
+    model_dir = Path(model_dir)
+    source = get_spec(read_model_type(model_dir))
+    check_weights(model_dir)
+    checkpoint = LazyCheckpoint(model_dir)
+    dtype = source_dtype(model_dir) if config.export_dtype == "auto" else getattr(torch, config.export_dtype)
+    start = time.perf_counter()
+    model = skeleton(model_dir, source, checkpoint)
+    spec = get_spec("llama")
+    shapes = {name: Shape(module.out_features, module.in_features)
+              for name, module in linear_modules(model, spec).items()}
+    ranks = uniform_ranks(shapes, config.ratio, config.align, config.tolerance)
+    params_before = sum(p.numel() for p in model.parameters())
+    layers = decoder_layers(model, spec)
+    weight_map, reports, timings = {}, [], []
+    with atomic_folder(out_dir, overwrite) as tmp:
+        inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size)
+        for index in tqdm(range(len(layers)), desc="streaming compress", disable=not progress):
+            inputs = _stream_layer(model, source, spec, checkpoint, index, inputs, ranks, config,
+                                   tmp, dtype, weight_map, reports, timings)
+            if on_layer is not None:
+                on_layer(index, model)
+        rest = _write_rest(model, spec, tmp, dtype)
+        save_file(rest, tmp / "model-rest.safetensors", metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(rest, "model-rest.safetensors"))
+        total_size = sum((tmp / name).stat().st_size for name in set(weight_map.values()))
+        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size},
+                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        export_config = basis_config(model, {"method": config.method, "allocation": config.allocation,
+                                             "score": config.score, "ratio": config.ratio})
+        export_config.dtype = dtype
+        export_config.save_pretrained(tmp)
+        for name in ("generation_config.json",):
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, tmp / name)
+        shutil.copyfile(modeling_basis_llama.__file__, tmp / "modeling_basis_llama.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_config(config, tmp / "compression.yaml")
+        summary = summarize(shapes, ranks) | {
+            "streaming": True, "model_params_before": params_before,
+            "model_params_after": _params_after(params_before, reports), "ratio_asked": config.ratio,
+            "total_seconds": time.perf_counter() - start, "peak_rss_bytes": _peak_rss(),
+            "per_layer": [asdict(timing) for timing in timings], "layers": [asdict(r) for r in reports],
+            "timings_s": {stage: sum(getattr(t, f"{stage}_s") for t in timings)
+                          for stage in ("read", "calibration", "decomposition", "write")}}
+        (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint, index: int,
+                  inputs: LayerInputs, ranks: dict, config: CompressConfig, folder: Path, dtype: torch.dtype,
+                  weight_map: dict, reports: list, timings: list) -> LayerInputs:
+    """Read, calibrate, cut and write one layer; returns the next layer's inputs."""
+    clock = time.perf_counter()
+    layer = materialize_layer(model, source, checkpoint, index)
+    read_s, clock = time.perf_counter() - clock, time.perf_counter()
+    try:
+        stats, outputs = collect_layer(layer, spec, inputs)
+    except FloatingPointError as error:
+        raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
+    calibration_s, clock = time.perf_counter() - clock, time.perf_counter()
+    reports += _decompose_layer(layer, spec, index, stats, ranks, config)
+    decomposition_s, clock = time.perf_counter() - clock, time.perf_counter()
+    prefix = f"{spec.layers_path}.{index}."
+    shard = f"model-layer-{index:05d}.safetensors"
+    state = {prefix + key: tensor.to(dtype).contiguous() for key, tensor in layer.state_dict().items()}
+    save_file(state, folder / shard, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(state, shard))
+    del stats, state
+    layer.to("meta")  # frees its tensors; the skeleton keeps the (now low-rank) structure
+    timings.append(LayerTiming(index, read_s, calibration_s, decomposition_s, time.perf_counter() - clock,
+                               rss_bytes()))
+    return outputs
+
+
+def _params_after(params_before: int, reports: list[LayerReport]) -> int:
+    return params_before - sum(report.params_before - report.params_after for report in reports)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

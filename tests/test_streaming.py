@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from compressor.arch import decoder_layers, get_spec
+from compressor.config import CalibrationConfig, CompressConfig, ConfigError
+from compressor.load import ModelFolderError, load_model
+from compressor.pipeline import compress
+from compressor.streaming import compress_streaming
+from compressor.testing import VOCAB, make_tokenizer
+
+
+def _config(method="whiten", solver="svd", **overrides) -> CompressConfig:
+    return CompressConfig(ratio=0.3, method=method, solver=solver, allocation="uniform", tolerance=0.02,
+                          calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4), **overrides)
+
+
+def _materialized_layers(model) -> list[int]:
+    return [index for index, layer in enumerate(decoder_layers(model, get_spec("llama")))
+            if any(not p.is_meta for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("method,solver", [("whiten", "svd"), ("asvd", "eigh")])
+def test_streaming_equals_the_in_memory_pipeline(tmp_path, tiny_model, tokenizer, blocks, method, solver):
+    source = tmp_path / "sharded"
+    tiny_model.save_pretrained(source, max_shard_size="60KB")  # several shards and an index
+    tokenizer.save_pretrained(source)
+    assert (source / "model.safetensors.index.json").exists()
+
+    alive = []
+    summary = compress_streaming(source, blocks, _config(method, solver), tmp_path / "streamed", tokenizer,
+                                 progress=False, on_layer=lambda index, model: alive.append(_materialized_layers(model)))
+    assert alive == [[], [], []]  # each layer was freed before the next was read
+
+    model, spec = load_model(source)
+    result = compress(model, spec, blocks, _config(method, solver), progress=False)
+    assert {layer["name"]: layer["rank"] for layer in summary["layers"]} == result.ranks
+    assert summary["model_params_after"] == result.summary["model_params_after"]
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(blocks).logits, model(blocks).logits, rtol=1e-4, atol=1e-4)
+    saved = json.loads((tmp_path / "streamed" / "compression_summary.json").read_text())
+    assert [row["index"] for row in saved["per_layer"]] == [0, 1, 2]
+    assert (tmp_path / "streamed" / "compression.yaml").exists()
+
+
+def test_streaming_a_qwen2_checkpoint(tmp_path, blocks):
+    """Qwen2 has q/k/v biases and no o_proj bias: the LLaMA form gets that bias as zeros."""
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=176,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=True)).eval()
+    qwen.save_pretrained(tmp_path / "qwen")
+    compress_streaming(tmp_path / "qwen", blocks, _config(), tmp_path / "out", make_tokenizer(), progress=False)
+    model, spec = load_model(tmp_path / "qwen")
+    compress(model, spec, blocks, _config(), progress=False)
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(blocks).logits, model(blocks).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"allocation": "global"}, "uniform"),
+    ({"score": "taylor"}, "energy"),
+    ({"dense_export": True}, "dense"),
+])
+def test_streaming_refuses_what_needs_the_whole_model(tmp_path, model_dir, blocks, overrides, message):
+    config = _config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with pytest.raises(ConfigError, match=message):
+        compress_streaming(model_dir, blocks, config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_streaming_an_incomplete_checkpoint_leaves_nothing(tmp_path, model_dir, blocks):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(model_dir / "model.safetensors")
+    del state["model.layers.2.mlp.down_proj.weight"]
+    save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelFolderError, match="model.layers.2.mlp.down_proj.weight"):
+        compress_streaming(model_dir, blocks, _config(), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
