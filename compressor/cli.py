@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--bits-per-weight", type=float,
                           help="--quant auto: stored bits per dense decoder-linear weight; the ratio "
                                "and scheme that fit it with the lowest calibration loss are chosen")
+    compress.add_argument("--streaming", action="store_true",
+                          help="one decoder layer in memory at a time, read from the safetensors: for "
+                               "checkpoints larger than RAM (uniform allocation, energy score, no --quant)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     compress.add_argument("--no-cache", action="store_true", help="do not reuse or save statistics")
 
@@ -285,6 +288,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     check_output(args.out, args.overwrite)  # refuse before hours of work, not after
+    if args.streaming:
+        return _compress_streaming(args, config)
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
     start = time.perf_counter()
     result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
@@ -295,6 +300,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
                     dense=config.dense_export, scores=result.scores,
                     dtype=export_dtype(config.export_dtype, args.model))
     print(format_layers(result))
+    print(f"saved: {args.out}")
+    return 0
+
+
+def _compress_streaming(args: argparse.Namespace, config: CompressConfig) -> int:
+    from compressor.load import load_tokenizer
+    from compressor.pipeline import calibration_blocks
+    from compressor.streaming import check_streamable, compress_streaming
+
+    check_streamable(config)  # before the data is read
+    _, data = _paths(args)
+    tokenizer = load_tokenizer(args.model)
+    blocks = calibration_blocks(tokenizer, config, data)
+    record = {"source_model": str(args.model), "command": sys.argv,
+              "reproduce": _reproduce_record(args.model, None, blocks, config.calibration.seed)}
+    summary = compress_streaming(args.model, blocks, config, args.out, tokenizer, args.overwrite,
+                                 progress=not args.quiet, record=record)
+    stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in summary["timings_s"].items())
+    print(f"removed {summary['summary']['removed_fraction']:.1%} of decoder-linear parameters; {stages}; "
+          f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"saved: {args.out}")
     return 0
 

@@ -195,11 +195,13 @@ def _write_rest(model: LlamaForCausalLM, spec: ArchSpec, folder: Path, dtype: to
 
 def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressConfig, out_dir: Path,
                        tokenizer=None, overwrite: bool = False, progress: bool = True,
-                       on_layer: Callable[[int, LlamaForCausalLM], None] | None = None) -> dict:
+                       on_layer: Callable[[int, LlamaForCausalLM], None] | None = None,
+                       record: dict | None = None) -> dict:
     """Compress the checkpoint in `model_dir` layer by layer into `out_dir` (uniform ranks).
 
     blocks: (samples, seq_len) calibration token ids. tokenizer: saved with the export when
-    given. on_layer(index, model) is called after each layer is written and freed.
+    given. on_layer(index, model) is called after each layer is written and freed. record:
+    added to the summary (e.g. the command line).
     Returns the run summary (also written as compression_summary.json).
     """
     check_streamable(config)
@@ -241,13 +243,13 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_config(config, tmp / "compression.yaml")
-        summary = summarize(shapes, ranks) | {
-            "streaming": True, "model_params_before": params_before,
-            "model_params_after": _params_after(params_before, reports), "ratio_asked": config.ratio,
-            "total_seconds": time.perf_counter() - start, "peak_rss_bytes": _peak_rss(),
-            "per_layer": [asdict(timing) for timing in timings], "layers": [asdict(r) for r in reports],
-            "timings_s": {stage: sum(getattr(t, f"{stage}_s") for t in timings)
-                          for stage in ("read", "calibration", "decomposition", "write")}}
+        totals = summarize(shapes, ranks) | {
+            "model_params_before": params_before, "model_params_after": _params_after(params_before, reports),
+            "ratio_asked": config.ratio, "streaming": True}
+        summary = {"summary": totals, "timings_s": {stage: sum(getattr(t, f"{stage}_s") for t in timings)
+                                                     for stage in ("read", "calibration", "decomposition", "write")},
+                   "layers": [asdict(report) for report in reports], "per_layer": [asdict(t) for t in timings],
+                   "total_seconds": time.perf_counter() - start, "peak_rss_bytes": _peak_rss(), **(record or {})}
         (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

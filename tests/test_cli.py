@@ -50,6 +50,23 @@ def test_compress_then_eval(tmp_path, corpus, model_dir, capsys):
     assert result["bytes_on_disk"] > 0
 
 
+def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
+    common = ["--home", str(tmp_path / "home"), "--data-dir", str(_data_dir(tmp_path)), "--quiet"]
+    args = ["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3", "--samples", "6",
+            "--seq-len", "32", "--allocation", "uniform", "--solver", "eigh", "--streaming", *common]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert "peak RSS" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "compression_summary.json").read_text())
+    assert summary["summary"]["streaming"] and abs(summary["summary"]["removed_fraction"] - 0.3) < 0.3 * 0.01
+    assert summary["reproduce"]["tokens_sha256"] and len(summary["per_layer"]) == 3
+    assert yaml.safe_load((tmp_path / "out" / "compression.yaml").read_text())["solver"] == "eigh"
+    assert main(["eval", "--model", str(tmp_path / "out"), "--limit", "2", *common]) == 0
+    # Global allocation needs the whole model: refused with what to do, before any work.
+    assert main([*args[:-6], "--allocation", "global", "--streaming", *common,
+                 "--out", str(tmp_path / "global")]) == 2
+    assert "uniform" in capsys.readouterr().err and not (tmp_path / "global").exists()
+
+
 def test_compress_train_merge_eval(tmp_path, corpus, model_dir, capsys):
     """compress --score taylor -> train a NOLA adapter -> eval with it -> merge -> eval merged."""
     data = _data_dir(tmp_path)
