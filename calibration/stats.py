@@ -28,9 +28,9 @@ class InputStats:
     count: int = 0
 
     @classmethod
-    def empty(cls, features: int) -> "InputStats":
-        return cls(torch.zeros(features, features, dtype=torch.float64),
-                   torch.zeros(features, dtype=torch.float64))
+    def empty(cls, features: int, device: torch.device | str | None = None) -> "InputStats":
+        return cls(torch.zeros(features, features, dtype=torch.float64, device=device),
+                   torch.zeros(features, dtype=torch.float64, device=device))
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1]).float()  # (N, in)
@@ -56,7 +56,7 @@ def recording(modules: dict[str, nn.Module], stats: dict[str, InputStats]) -> It
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if name not in stats:
-                stats[name] = InputStats.empty(x.shape[-1])
+                stats[name] = InputStats.empty(x.shape[-1], x.device)
             try:
                 stats[name].add(x)
             except FloatingPointError as error:

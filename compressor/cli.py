@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--streaming", action="store_true",
                           help="one decoder layer in memory at a time, read from the safetensors: for "
                                "checkpoints larger than RAM (uniform allocation, energy score, no --quant)")
+    compress.add_argument("--device", default="cpu",
+                          help="with --streaming: where each layer is calibrated and decomposed (cpu, cuda, "
+                               "cuda:1); one layer at a time, so a GPU smaller than the model serves")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     compress.add_argument("--no-cache", action="store_true", help="do not reuse or save statistics")
 
@@ -290,6 +293,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)  # refuse before hours of work, not after
     if args.streaming:
         return _compress_streaming(args, config)
+    if args.device != "cpu":
+        raise ConfigError("--device applies to --streaming; the in-memory pipeline runs on the CPU.")
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
     start = time.perf_counter()
     result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
@@ -316,7 +321,7 @@ def _compress_streaming(args: argparse.Namespace, config: CompressConfig) -> int
     record = {"source_model": str(args.model), "command": sys.argv,
               "reproduce": _reproduce_record(args.model, None, blocks, config.calibration.seed)}
     summary = compress_streaming(args.model, blocks, config, args.out, tokenizer, args.overwrite,
-                                 progress=not args.quiet, record=record)
+                                 progress=not args.quiet, record=record, device=args.device)
     stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in summary["timings_s"].items())
     print(f"removed {summary['summary']['removed_fraction']:.1%} of decoder-linear parameters; {stages}; "
           f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB")

@@ -96,7 +96,7 @@ def whitening(gram: torch.Tensor, damping: float = 1e-4, name: str = "Gram matri
     check_finite(name, gram)
     size = gram.shape[0]
     scale = gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(size, dtype=gram.dtype)
+    eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
     damps = [damping] + [max(damping, MIN_FALLBACK_DAMPING) * 10**k for k in range(1, 4)]
     for attempt, damp in enumerate(damps):
         s, info = torch.linalg.cholesky_ex(gram + damp * scale * eye)
@@ -183,8 +183,8 @@ def decompose(weight: torch.Tensor, method: str, gram: torch.Tensor | None = Non
         out_features, in_features = weight.shape
         if solver == "eigh" and out_features <= in_features:  # no factor needed: damp G itself
             check_finite(f"Gram matrix of {name}", gram)
-            damped = gram.double() + damping * gram.double().diagonal().mean().clamp_min(1e-12) * torch.eye(
-                gram.shape[0], dtype=torch.float64)
+            damped = gram.to(torch.float32, copy=True)
+            damped.diagonal().add_(damping * float(gram.diagonal().mean().clamp_min(1e-12)))
         else:
             white = whitening(gram, damping, f"Gram matrix of {name}")
     elif method != "svd":

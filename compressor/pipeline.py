@@ -233,7 +233,7 @@ def low_rank_linear(dense: nn.Linear, up: torch.Tensor, down: torch.Tensor) -> L
     """The factors (up (out, r), down (r, in)) as a LowRankLinear in the dense linear's dtype,
     keeping its bias."""
     low_rank = LowRankLinear(dense.in_features, dense.out_features, down.shape[0],
-                             bias=dense.bias is not None, dtype=dense.weight.dtype)
+                             bias=dense.bias is not None, device=up.device, dtype=dense.weight.dtype)
     low_rank.up.weight.copy_(up)
     low_rank.down.weight.copy_(down)
     if dense.bias is not None:

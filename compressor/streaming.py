@@ -11,7 +11,8 @@
         write its shard, back to meta        nothing of it stays in memory
 
 Peak memory is one layer (in float32) with its statistics and the calibration activations,
-whatever the number of layers. Only `uniform` allocation streams: a global allocation must see
+whatever the number of layers. With device="cuda" the layer, its statistics and its
+decomposition live on the GPU; the host holds the embeddings and reads the shards. Only `uniform` allocation streams: a global allocation must see
 every layer's bases before it can cut the first. The result equals the in-memory pipeline's
 with uniform allocation (tested).
 """
@@ -98,9 +99,9 @@ def _fill_missing(module: torch.nn.Module, state: dict[str, torch.Tensor], spec:
 
 
 def skeleton(model_dir: Path, spec: ArchSpec, checkpoint: LazyCheckpoint,
-             dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """The model as LLaMA on the meta device, with everything outside the decoder layers
-    (embeddings, final norm, LM head, rotary frequencies) read into memory."""
+    (embeddings, final norm, LM head, rotary frequencies) read onto `device`."""
     llama_config = spec.to_llama_config(AutoConfig.from_pretrained(model_dir))
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config)
@@ -115,18 +116,20 @@ def skeleton(model_dir: Path, spec: ArchSpec, checkpoint: LazyCheckpoint,
     model.model.rotary_emb = LlamaRotaryEmbedding(llama_config)  # non-persistent buffer
     if llama_config.tie_word_embeddings:
         model.tie_weights()
+    for part in (model.model.embed_tokens, model.model.rotary_emb, model.model.norm, model.lm_head):
+        part.to(device)  # not model.to(): the meta layers cannot move
     model.eval()
     return model
 
 
 def materialize_layer(model: LlamaForCausalLM, spec: ArchSpec, checkpoint: LazyCheckpoint, index: int,
-                      dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     layer = decoder_layers(model, spec)[index]
     prefix = f"{spec.layers_path}.{index}."
     keys = [key for key in layer.state_dict() if prefix + key in checkpoint]
     state = {key[len(prefix):]: tensor for key, tensor in checkpoint.read([prefix + k for k in keys], dtype).items()}
     _fill_missing(layer, state, spec, prefix, dtype)
-    layer.load_state_dict(state, strict=True, assign=True)
+    layer.load_state_dict({key: tensor.to(device) for key, tensor in state.items()}, strict=True, assign=True)
     return layer
 
 
@@ -138,6 +141,7 @@ class LayerTiming:
     decomposition_s: float
     write_s: float
     rss_after_bytes: int  # resident memory when the layer is done (back on meta)
+    device_peak_bytes: int = 0  # GPU memory at its peak during the layer (0 on CPU)
 
 
 def rss_bytes() -> int:
@@ -196,7 +200,7 @@ def _write_rest(model: LlamaForCausalLM, spec: ArchSpec, folder: Path, dtype: to
 def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressConfig, out_dir: Path,
                        tokenizer=None, overwrite: bool = False, progress: bool = True,
                        on_layer: Callable[[int, LlamaForCausalLM], None] | None = None,
-                       record: dict | None = None) -> dict:
+                       record: dict | None = None, device: torch.device | str = "cpu") -> dict:
     """Compress the checkpoint in `model_dir` layer by layer into `out_dir` (uniform ranks).
 
     blocks: (samples, seq_len) calibration token ids. tokenizer: saved with the export when
@@ -211,7 +215,8 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
     checkpoint = LazyCheckpoint(model_dir)
     dtype = source_dtype(model_dir) if config.export_dtype == "auto" else getattr(torch, config.export_dtype)
     start = time.perf_counter()
-    model = skeleton(model_dir, source, checkpoint)
+    device = torch.device(device)
+    model = skeleton(model_dir, source, checkpoint, device)
     spec = get_spec("llama")
     shapes = {name: Shape(module.out_features, module.in_features)
               for name, module in linear_modules(model, spec).items()}
@@ -220,10 +225,11 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
     layers = decoder_layers(model, spec)
     weight_map, reports, timings = {}, [], []
     with atomic_folder(out_dir, overwrite) as tmp:
-        inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size)
+        inputs = capture_first_layer_inputs(model, spec, blocks.to(device), config.calibration.batch_size)
+        rss_before_layers = rss_bytes()  # embeddings, LM head and the first layer's inputs
         for index in tqdm(range(len(layers)), desc="streaming compress", disable=not progress):
             inputs = _stream_layer(model, source, spec, checkpoint, index, inputs, ranks, config,
-                                   tmp, dtype, weight_map, reports, timings)
+                                   tmp, dtype, device, weight_map, reports, timings)
             if on_layer is not None:
                 on_layer(index, model)
         rest = _write_rest(model, spec, tmp, dtype)
@@ -249,35 +255,47 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
         summary = {"summary": totals, "timings_s": {stage: sum(getattr(t, f"{stage}_s") for t in timings)
                                                      for stage in ("read", "calibration", "decomposition", "write")},
                    "layers": [asdict(report) for report in reports], "per_layer": [asdict(t) for t in timings],
-                   "total_seconds": time.perf_counter() - start, "peak_rss_bytes": _peak_rss(), **(record or {})}
+                   "total_seconds": time.perf_counter() - start, "peak_rss_bytes": _peak_rss(),
+                   "rss_before_layers_bytes": rss_before_layers, **(record or {})}
         (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
 def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint, index: int,
                   inputs: LayerInputs, ranks: dict, config: CompressConfig, folder: Path, dtype: torch.dtype,
-                  weight_map: dict, reports: list, timings: list) -> LayerInputs:
+                  device: torch.device, weight_map: dict, reports: list, timings: list) -> LayerInputs:
     """Read, calibrate, cut and write one layer; returns the next layer's inputs."""
-    clock = time.perf_counter()
-    layer = materialize_layer(model, source, checkpoint, index)
-    read_s, clock = time.perf_counter() - clock, time.perf_counter()
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = _now(device)
+    layer = materialize_layer(model, source, checkpoint, index, device)
+    read_s, clock = _now(device) - clock, _now(device)
     try:
         stats, outputs = collect_layer(layer, spec, inputs)
     except FloatingPointError as error:
         raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
-    calibration_s, clock = time.perf_counter() - clock, time.perf_counter()
+    calibration_s, clock = _now(device) - clock, _now(device)
     reports += _decompose_layer(layer, spec, index, stats, ranks, config)
-    decomposition_s, clock = time.perf_counter() - clock, time.perf_counter()
+    decomposition_s, clock = _now(device) - clock, _now(device)
     prefix = f"{spec.layers_path}.{index}."
     shard = f"model-layer-{index:05d}.safetensors"
-    state = {prefix + key: tensor.to(dtype).contiguous() for key, tensor in layer.state_dict().items()}
+    state = {prefix + key: tensor.to(dtype).cpu().contiguous() for key, tensor in layer.state_dict().items()}
     save_file(state, folder / shard, metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(state, shard))
     del stats, state
     layer.to("meta")  # frees its tensors; the skeleton keeps the (now low-rank) structure
-    timings.append(LayerTiming(index, read_s, calibration_s, decomposition_s, time.perf_counter() - clock,
-                               rss_bytes()))
+    device_peak = torch.cuda.max_memory_allocated(device) if on_gpu else 0
+    timings.append(LayerTiming(index, read_s, calibration_s, decomposition_s, _now(device) - clock,
+                               rss_bytes(), device_peak))
     return outputs
+
+
+def _now(device: torch.device) -> float:
+    """Wall clock once the device's queued work is done (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _params_after(params_before: int, reports: list[LayerReport]) -> int:

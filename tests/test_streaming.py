@@ -46,6 +46,19 @@ def test_streaming_equals_the_in_memory_pipeline(tmp_path, tiny_model, tokenizer
     assert (tmp_path / "streamed" / "compression.yaml").exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("solver", ["svd", "eigh"])
+def test_streaming_on_the_gpu_equals_the_cpu(tmp_path, model_dir, blocks, solver):
+    summaries = {device: compress_streaming(model_dir, blocks, _config(solver=solver), tmp_path / device,
+                                            progress=False, device=device) for device in ("cpu", "cuda")}
+    assert summaries["cuda"]["per_layer"][0]["device_peak_bytes"] > 0
+    ranks = {device: [layer["rank"] for layer in summary["layers"]] for device, summary in summaries.items()}
+    assert ranks["cpu"] == ranks["cuda"]
+    cpu, gpu = (AutoModelForCausalLM.from_pretrained(tmp_path / device) for device in ("cpu", "cuda"))
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(blocks).logits, cpu(blocks).logits, rtol=1e-3, atol=1e-3)
+
+
 def test_streaming_a_qwen2_checkpoint(tmp_path, blocks):
     """Qwen2 has q/k/v biases and no o_proj bias: the LLaMA form gets that bias as zeros."""
     torch.manual_seed(0)
