@@ -1,0 +1,124 @@
+"""Compression time against its floor, on the example model, side by side in one run.
+
+The floor is what any calibrated low-rank compression must do at least: one forward of the
+calibration tokens through the decoder layers, plus one decomposition per matrix. Two floors
+are measured, by the decomposition counted:
+  eigh floor    one float32 eigen-decomposition of each matrix's smaller Gram side (W W^T or
+                W^T W), the least a spectral decomposition costs;
+  svd32 floor   one float32 LAPACK SVD of each matrix.
+Against them, the whole runs (same calibration tokens, uniform allocation, whiten, 20%):
+  streaming, solver eigh        compressor compress --streaming --solver eigh
+  in memory, solver eigh / svd  the in-memory pipeline without a statistics cache (svd is
+                                the float64 SVD of the pipeline before the eigen solver)
+Each is timed once, in the same process, one after another. Writes RESULTS.json and
+README.md to --out.
+
+    python scripts/bench_speed.py --samples 16 --seq-len 512 --out reports/speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from compressor.arch import linear_modules
+from compressor.config import CalibrationConfig, CompressConfig
+from compressor.fetch import data_dir, default_home, example_model_dir
+from compressor.load import load_model, load_tokenizer
+from compressor.pipeline import calibration_blocks, compress
+from compressor.streaming import compress_streaming
+
+
+def timed(function) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = function()
+    return time.perf_counter() - start, result
+
+
+@torch.no_grad()
+def forward_floor(model, blocks: torch.Tensor, batch_size: int) -> float:
+    """One forward of the calibration tokens through the decoder (no LM head)."""
+    seconds, _ = timed(lambda: [model.model(input_ids=batch, use_cache=False) for batch in blocks.split(batch_size)])
+    return seconds
+
+
+def decomposition_floor(model, spec, kind: str) -> float:
+    total = 0.0
+    for module in linear_modules(model, spec).values():
+        weight = module.weight.detach().float()
+        if kind == "eigh":
+            side = weight @ weight.T if weight.shape[0] <= weight.shape[1] else weight.T @ weight
+            total += timed(lambda: torch.linalg.eigh(side))[0]
+        else:
+            total += timed(lambda: torch.linalg.svd(weight, full_matrices=False))[0]
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="default: the example model")
+    parser.add_argument("--target", default="code")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("reports/speed"))
+    args = parser.parse_args()
+    home = default_home()
+    model_dir = args.model or example_model_dir(home)
+
+    def config(solver: str) -> CompressConfig:
+        return CompressConfig(ratio=0.2, method="whiten", solver=solver, allocation="uniform",
+                              calibration=CalibrationConfig(source=args.target, samples=args.samples,
+                                                            seq_len=args.seq_len, batch_size=args.batch_size))
+
+    tokenizer = load_tokenizer(model_dir)
+    blocks = calibration_blocks(tokenizer, config("eigh"), data_dir(home))
+    model, spec = load_model(model_dir)
+    rows = {"forward (floor part)": forward_floor(model, blocks, args.batch_size),
+            "eigh per matrix (floor part)": decomposition_floor(model, spec, "eigh"),
+            "svd32 per matrix (floor part)": decomposition_floor(model, spec, "svd")}
+    floors = {"eigh floor": rows["forward (floor part)"] + rows["eigh per matrix (floor part)"],
+              "svd32 floor": rows["forward (floor part)"] + rows["svd32 per matrix (floor part)"]}
+    runs, stages = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as scratch:
+        seconds, summary = timed(lambda: compress_streaming(model_dir, blocks, config("eigh"), Path(scratch) / "s",
+                                                            progress=False))
+        runs["streaming, solver eigh"], stages["streaming, solver eigh"] = seconds, summary["timings_s"]
+    for solver in ("eigh", "svd"):
+        fresh, _ = load_model(model_dir)
+        seconds, result = timed(lambda: compress(fresh, spec, blocks, config(solver), progress=False))
+        runs[f"in memory, solver {solver}"], stages[f"in memory, solver {solver}"] = seconds, result.timings
+        del fresh
+    results = {"command": "python " + " ".join(sys.argv), "model": str(model_dir),
+               "tokens": int(blocks.numel()), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "floor_parts_s": rows, "floors_s": floors, "runs_s": runs, "stages_s": stages,
+               "ratios": {run: {floor: seconds / floor_s for floor, floor_s in floors.items()}
+                          for run, seconds in runs.items()}}
+    write_report(results, args.out)
+    print(json.dumps(results["ratios"], indent=2))
+
+
+def write_report(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "RESULTS.json").write_text(json.dumps(results, indent=2))
+    lines = ["# Compression time against its floor", "", f"Command: `{results['command']}`", "",
+             f"Model {results['model']}; {results['tokens']:,} calibration tokens; {results['threads']} threads, "
+             f"torch {results['torch']}. One run each, one after another in one process.", "",
+             "| part of the floor | s |", "|---|---:|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in results["floor_parts_s"].items()]
+    lines += ["", "| run | s | / eigh floor | / svd32 floor | stages (s) |", "|---|---:|---:|---:|---|"]
+    for run, seconds in results["runs_s"].items():
+        ratio = results["ratios"][run]
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in results["stages_s"][run].items())
+        lines.append(f"| {run} | {seconds:.1f} | {ratio['eigh floor']:.2f} | {ratio['svd32 floor']:.2f} | {stages} |")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
