@@ -65,6 +65,9 @@ def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
     assert main([*args[:-6], "--allocation", "global", "--streaming", *common,
                  "--out", str(tmp_path / "global")]) == 2
     assert "uniform" in capsys.readouterr().err and not (tmp_path / "global").exists()
+    # --device belongs to streaming.
+    assert main([*args[:-6], "--device", "cuda", *common, "--out", str(tmp_path / "gpu")]) == 2
+    assert "--streaming" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
 
 
 def test_compress_train_merge_eval(tmp_path, corpus, model_dir, capsys):
