@@ -100,23 +100,27 @@ def _fill_missing(module: torch.nn.Module, state: dict[str, torch.Tensor], spec:
 
 def skeleton(model_dir: Path, spec: ArchSpec, checkpoint: LazyCheckpoint,
              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """The model as LLaMA on the meta device, with everything outside the decoder layers
-    (embeddings, final norm, LM head, rotary frequencies) read onto `device`."""
+    """The model as LLaMA on the meta device, with what calibration runs outside the decoder
+    layers (embeddings, final norm, rotary frequencies) read onto `device`. An untied LM head
+    stays on meta: it is only copied to the export at the end."""
     llama_config = spec.to_llama_config(AutoConfig.from_pretrained(model_dir))
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config)
     layers_prefix = f"{spec.layers_path}."
-    names = [name for name, _ in model.named_parameters() if not name.startswith(layers_prefix)]
-    if llama_config.tie_word_embeddings and "lm_head.weight" in names:
-        names.remove("lm_head.weight")  # the embedding's
-    missing = [name for name in names if name not in checkpoint]
+    names = [name for name, _ in model.named_parameters()
+             if not name.startswith(layers_prefix) and name != "lm_head.weight"]
+    # Every tensor is looked for now, not when its layer comes up an hour later.
+    expected = [name for name in model.state_dict() if not name.endswith(spec.zero_biases)
+                and not (name == "lm_head.weight" and llama_config.tie_word_embeddings)]
+    missing = [name for name in expected if name not in checkpoint]
     if missing:
-        raise ModelFolderError(f"The checkpoint in {model_dir} has no tensor {missing[0]}; it is incomplete.")
+        raise ModelFolderError(f"The checkpoint in {model_dir} has no tensor {missing[0]} "
+                               f"({len(missing)} missing); it is incomplete.")
     model.load_state_dict(checkpoint.read(names, dtype), strict=False, assign=True)
     model.model.rotary_emb = LlamaRotaryEmbedding(llama_config)  # non-persistent buffer
     if llama_config.tie_word_embeddings:
         model.tie_weights()
-    for part in (model.model.embed_tokens, model.model.rotary_emb, model.model.norm, model.lm_head):
+    for part in (model.model.embed_tokens, model.model.rotary_emb, model.model.norm):
         part.to(device)  # not model.to(): the meta layers cannot move
     model.eval()
     return model
@@ -189,12 +193,16 @@ def _decompose_layer(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: 
     return reports
 
 
-def _write_rest(model: LlamaForCausalLM, spec: ArchSpec, folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _rest_tensors(model: LlamaForCausalLM, spec: ArchSpec, checkpoint: LazyCheckpoint,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers, in the export's dtype (the LM head, left on
+    meta, read from the checkpoint now)."""
     layers_prefix = f"{spec.layers_path}."
     state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(layers_prefix)}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
+    state.update(checkpoint.read([name for name, tensor in state.items() if tensor.is_meta], dtype))
+    return {name: tensor.to(dtype).cpu().contiguous() for name, tensor in state.items()}
 
 
 def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressConfig, out_dir: Path,
@@ -232,7 +240,7 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
                                    tmp, dtype, device, weight_map, reports, timings)
             if on_layer is not None:
                 on_layer(index, model)
-        rest = _write_rest(model, spec, tmp, dtype)
+        rest = _rest_tensors(model, spec, checkpoint, dtype)
         save_file(rest, tmp / "model-rest.safetensors", metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(rest, "model-rest.safetensors"))
         total_size = sum((tmp / name).stat().st_size for name in set(weight_map.values()))
