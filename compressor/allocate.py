@@ -2,7 +2,9 @@
 
 The budget is the fraction of decoder-linear parameters to remove. A matrix (out x in) kept at
 rank r stores r * (out + in) parameters; it stays dense (rank None) where that is not smaller
-than out * in. Ranks are multiples of `align`.
+than out * in, or than `max_kept` * out * in: a low-rank pair holding most of a matrix is
+slower than the matrix itself (two thin products instead of one: reports/BENCHMARKS.md).
+Ranks are multiples of `align`.
   uniform  the same kept fraction for every matrix (the SVD-LLM baseline)
   global   drop, across all matrices at once, the aligned chunks of bases whose estimated loss
            cost per parameter saved is smallest (costs from calibration: see sensitivity.py)
@@ -34,9 +36,11 @@ class Shape:
     def stored(self, rank: int | None) -> int:
         return self.dense if rank is None else self.low_rank(rank)
 
-    def max_useful_rank(self, align: int) -> int:
-        """Largest aligned rank whose factors are smaller than the dense matrix (0 if none)."""
+    def max_useful_rank(self, align: int, max_kept: float = 1.0) -> int:
+        """Largest aligned rank whose factors are smaller than the dense matrix and hold at
+        most `max_kept` of its parameters (0 if none)."""
         rank = (self.dense - 1) // (self.out_features + self.in_features)
+        rank = min(rank, int(max_kept * self.dense) // (self.out_features + self.in_features))
         return rank // align * align
 
 
@@ -68,7 +72,7 @@ def _check_budget(shapes: dict[str, Shape], ranks: dict[str, int | None], ratio:
 
 
 def uniform_ranks(shapes: dict[str, Shape], ratio: float, align: int = 8,
-                  tolerance: float = 0.005) -> dict[str, int | None]:
+                  tolerance: float = 0.005, max_kept: float = 1.0) -> dict[str, int | None]:
     """Each matrix keeps the same fraction of its parameters, ranks aligned, budget met.
 
     Matrices too small for a useful aligned rank stay dense; the others share their part.
@@ -77,21 +81,25 @@ def uniform_ranks(shapes: dict[str, Shape], ratio: float, align: int = 8,
     total = sum(shape.dense for shape in shapes.values())
     target = ratio * total
     ranks: dict[str, int | None] = {name: None for name in shapes}
-    compressible = [name for name, shape in shapes.items() if shape.max_useful_rank(align) >= align]
+    compressible = [name for name, shape in shapes.items() if shape.max_useful_rank(align, max_kept) >= align]
     share = target / max(sum(shapes[name].dense for name in compressible), 1)
     if share >= 1:
         raise BudgetError(f"Cannot remove {ratio:.1%}: only {len(compressible)} matrices are large "
                           f"enough for rank-{align} factors. Lower the ratio or --align.")
+    if 1 - share > max_kept:
+        raise BudgetError(f"Uniform allocation at {ratio:.1%} keeps {1 - share:.1%} of every matrix, above "
+                          f"max_kept_fraction {max_kept:g}; use --allocation global, which keeps some "
+                          "matrices dense and cuts others deeper, or remove more.")
     exact = {name: (1 - share) * shapes[name].dense / (shapes[name].out_features + shapes[name].in_features)
              for name in compressible}
     for name in compressible:
-        ranks[name] = min(max(align, int(exact[name] // align * align)), shapes[name].max_useful_rank(align))
+        ranks[name] = min(max(align, int(exact[name] // align * align)), shapes[name].max_useful_rank(align, max_kept))
     # Flooring removed too much: give an aligned step back where flooring cut deepest, while
     # the total stays at or above the target (within tolerance).
     for name in sorted(compressible, key=lambda n: ranks[n] - exact[n]):
         step = shapes[name].low_rank(align)
         if (removed_params(shapes, ranks) - step >= target * (1 - tolerance)
-                and ranks[name] + align <= shapes[name].max_useful_rank(align)):
+                and ranks[name] + align <= shapes[name].max_useful_rank(align, max_kept)):
             ranks[name] += align
     _check_budget(shapes, ranks, ratio, tolerance, align)
     return ranks
@@ -99,7 +107,7 @@ def uniform_ranks(shapes: dict[str, Shape], ratio: float, align: int = 8,
 
 def global_ranks(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float,
                  align: int = 8, tolerance: float = 0.005,
-                 min_rank: int | None = None) -> dict[str, int | None]:
+                 min_rank: int | None = None, max_kept: float = 1.0) -> dict[str, int | None]:
     """Greedy allocation: repeatedly drop the tail chunk of `align` bases with the smallest
     cost per parameter saved, until `ratio` of the parameters is removed.
 
@@ -109,13 +117,13 @@ def global_ranks(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio
     """
     check_ratio(ratio)
     min_rank = align if min_rank is None else min_rank
-    ranks = _greedy(shapes, costs, ratio, align, tolerance, min_rank)
+    ranks = _greedy(shapes, costs, ratio, align, tolerance, min_rank, max_kept)
     _check_budget(shapes, ranks, ratio, tolerance, align)
     return ranks
 
 
 def _greedy(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float, align: int,
-            tolerance: float, min_rank: int) -> dict[str, int | None]:
+            tolerance: float, min_rank: int, max_kept: float) -> dict[str, int | None]:
     target = ratio * sum(shape.dense for shape in shapes.values())
     # tails[name][r] = total cost of the bases from r on (what keeping rank r drops).
     tails = {name: torch.cat([costs[name].double().flip(0).cumsum(0).flip(0),
@@ -124,7 +132,7 @@ def _greedy(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: flo
 
     def next_move(name: str) -> tuple[float, str, int] | None:
         shape, rank = shapes[name], ranks[name]
-        new_rank = shape.max_useful_rank(align) if rank is None else rank - align
+        new_rank = shape.max_useful_rank(align, max_kept) if rank is None else rank - align
         if new_rank < min_rank:
             return None
         saved = shape.stored(rank) - shape.low_rank(new_rank)
@@ -136,7 +144,10 @@ def _greedy(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: flo
     removed = 0
     while removed < target * (1 - tolerance) and heap:
         _, name, new_rank = heapq.heappop(heap)
-        removed += shapes[name].stored(ranks[name]) - shapes[name].low_rank(new_rank)
+        saved = shapes[name].stored(ranks[name]) - shapes[name].low_rank(new_rank)
+        if removed + saved > target * (1 + tolerance):
+            continue  # a first move (dense -> largest useful rank) can overshoot: others finish
+        removed += saved
         ranks[name] = new_rank
         move = next_move(name)
         if move is not None:

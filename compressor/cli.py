@@ -21,7 +21,8 @@ log = logging.getLogger("compressor")
 
 # CLI flag -> (section, key) of CompressConfig; a flag left unset keeps the YAML / default value.
 FLAG_TO_CONFIG = {
-    "ratio": (None, "ratio"), "method": (None, "method"), "solver": (None, "solver"), "allocation": (None, "allocation"),
+    "ratio": (None, "ratio"), "method": (None, "method"), "solver": (None, "solver"),
+    "max_kept_fraction": (None, "max_kept_fraction"), "allocation": (None, "allocation"),
     "score": (None, "score"), "gradient_samples": ("calibration", "gradient_samples"),
     "align": (None, "align"), "dense": (None, "dense_export"),
     "target": ("calibration", "source"), "samples": ("calibration", "samples"),
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "5-10x faster, same bases to float32 accuracy)")
     compress.add_argument("--allocation", help="uniform | global")
     compress.add_argument("--align", type=int, help="ranks are multiples of this")
+    compress.add_argument("--max-kept-fraction", type=float,
+                          help="a matrix whose factors would hold more than this fraction of its parameters "
+                               "stays dense (low rank that keeps most of a matrix is slower than the matrix)")
     compress.add_argument("--score", help="energy | taylor: how each basis is scored for the target")
     compress.add_argument("--sensitivity-samples", type=int, help="sequences for the sensitivity pass")
     compress.add_argument("--gradient-samples", type=int, help="sequences for the taylor gradients")

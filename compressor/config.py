@@ -49,6 +49,7 @@ class CompressConfig:
     probe_ratio: float = 0.4  # global: each linear's sensitivity is measured truncated to this
     cost_exponent: float = 2.0  # global: KL_m(r) ~ KL_m(probe) * (energy dropped ratio) ** this
     tolerance: float = 0.005  # relative tolerance on the removed-parameter budget
+    max_kept_fraction: float = 1.0  # a matrix whose factors would hold more of it stays dense
     damping: float = 1e-4  # Cholesky damping, relative to the Gram matrix's mean diagonal
     asvd_alpha: float = 0.5
     on_failure: str = "stop"  # a linear that cannot be decomposed: stop (naming it) | dense
@@ -78,6 +79,8 @@ class CompressConfig:
             raise ConfigError(f"cost_exponent must be >= 1; got {self.cost_exponent}.")
         if self.align < 1:
             raise ConfigError(f"align must be >= 1; got {self.align}.")
+        if not 0.0 < self.max_kept_fraction <= 1.0:
+            raise ConfigError(f"max_kept_fraction must be in (0, 1]; got {self.max_kept_fraction}.")
         if not self.damping >= 0:
             raise ConfigError(f"damping must be >= 0; got {self.damping}.")
         if self.on_failure not in ("stop", "dense"):

@@ -222,10 +222,11 @@ def allocate(bases: Bases, config: CompressConfig,
     if config.ratio == 0:  # quantization only
         return {name: None for name in bases.shapes}
     if config.allocation == "uniform":
-        return uniform_ranks(bases.shapes, config.ratio, config.align, config.tolerance)
+        return uniform_ranks(bases.shapes, config.ratio, config.align, config.tolerance, config.max_kept_fraction)
     if costs is None:
         raise ValueError("global allocation needs per-basis costs (score_bases)")
-    return global_ranks(bases.shapes, costs, config.ratio, config.align, config.tolerance)
+    return global_ranks(bases.shapes, costs, config.ratio, config.align, config.tolerance,
+                        max_kept=config.max_kept_fraction)
 
 
 @torch.no_grad()

@@ -228,7 +228,7 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
     spec = get_spec("llama")
     shapes = {name: Shape(module.out_features, module.in_features)
               for name, module in linear_modules(model, spec).items()}
-    ranks = uniform_ranks(shapes, config.ratio, config.align, config.tolerance)
+    ranks = uniform_ranks(shapes, config.ratio, config.align, config.tolerance, config.max_kept_fraction)
     params_before = sum(p.numel() for p in model.parameters())
     layers = decoder_layers(model, spec)
     weight_map, reports, timings = {}, [], []

@@ -52,6 +52,21 @@ def test_matrix_stays_dense_where_low_rank_is_not_smaller():
     assert _removed_fraction(shapes, ranks) == pytest.approx(0.2, rel=0.005)  # the others took its part
 
 
+def test_max_kept_fraction_keeps_matrices_dense_rather_than_barely_cut():
+    shapes = _shapes()
+    costs = {name: torch.linspace(1, 0, min(s.out_features, s.in_features)) ** 2 + 1e-3 for name, s in shapes.items()}
+    ranks = global_ranks(shapes, costs, 0.2, align=8, max_kept=0.5)
+    assert _removed_fraction(shapes, ranks) == pytest.approx(0.2, rel=0.005)
+    cut = [name for name, rank in ranks.items() if rank is not None]
+    assert cut and len(cut) < len(shapes)  # some cut deep, the rest left dense
+    assert all(shapes[name].low_rank(ranks[name]) <= 0.5 * shapes[name].dense for name in cut)
+    # Uniform would keep 80% of every matrix: it says so instead of missing the budget.
+    with pytest.raises(BudgetError, match="max_kept_fraction 0.5.*global"):
+        uniform_ranks(shapes, 0.2, align=8, max_kept=0.5)
+    ranks = uniform_ranks(shapes, 0.6, align=8, max_kept=0.5)  # 40% kept: within the cap
+    assert all(r is None or shapes[n].low_rank(r) <= 0.5 * shapes[n].dense for n, r in ranks.items())
+
+
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
 def test_ratio_outside_open_interval_is_refused(ratio):
     with pytest.raises(BudgetError, match=r"ratio must be in \(0, 1\)"):
