@@ -205,6 +205,28 @@ def _rest_tensors(model: LlamaForCausalLM, spec: ArchSpec, checkpoint: LazyCheck
     return {name: tensor.to(dtype).cpu().contiguous() for name, tensor in state.items()}
 
 
+def _write_export(folder: Path, model: LlamaForCausalLM, spec: ArchSpec, checkpoint: LazyCheckpoint,
+                  config: CompressConfig, dtype: torch.dtype, weight_map: dict[str, str], model_dir: Path,
+                  tokenizer) -> None:
+    """Everything but the layer shards: the rest of the tensors, the shard index, the config
+    with every rank, the bundled modeling code, the tokenizer and the generation config."""
+    rest = _rest_tensors(model, spec, checkpoint, dtype)
+    save_file(rest, folder / "model-rest.safetensors", metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, "model-rest.safetensors"))
+    total_size = sum((folder / name).stat().st_size for name in set(weight_map.values()))
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size},
+                                                 "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    export_config = basis_config(model, {"method": config.method, "allocation": config.allocation,
+                                         "score": config.score, "ratio": config.ratio})
+    export_config.dtype = dtype
+    export_config.save_pretrained(folder)
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copyfile(model_dir / "generation_config.json", folder / "generation_config.json")
+    shutil.copyfile(modeling_basis_llama.__file__, folder / "modeling_basis_llama.py")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressConfig, out_dir: Path,
                        tokenizer=None, overwrite: bool = False, progress: bool = True,
                        on_layer: Callable[[int, LlamaForCausalLM], None] | None = None,
@@ -234,28 +256,13 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
     weight_map, reports, timings = {}, [], []
     with atomic_folder(out_dir, overwrite) as tmp:
         inputs = capture_first_layer_inputs(model, spec, blocks.to(device), config.calibration.batch_size)
-        rss_before_layers = rss_bytes()  # embeddings, LM head and the first layer's inputs
+        rss_before_layers = rss_bytes()  # embeddings and the first layer's inputs
         for index in tqdm(range(len(layers)), desc="streaming compress", disable=not progress):
             inputs = _stream_layer(model, source, spec, checkpoint, index, inputs, ranks, config,
                                    tmp, dtype, device, weight_map, reports, timings)
             if on_layer is not None:
                 on_layer(index, model)
-        rest = _rest_tensors(model, spec, checkpoint, dtype)
-        save_file(rest, tmp / "model-rest.safetensors", metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(rest, "model-rest.safetensors"))
-        total_size = sum((tmp / name).stat().st_size for name in set(weight_map.values()))
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size},
-                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        export_config = basis_config(model, {"method": config.method, "allocation": config.allocation,
-                                             "score": config.score, "ratio": config.ratio})
-        export_config.dtype = dtype
-        export_config.save_pretrained(tmp)
-        for name in ("generation_config.json",):
-            if (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, tmp / name)
-        shutil.copyfile(modeling_basis_llama.__file__, tmp / "modeling_basis_llama.py")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _write_export(tmp, model, spec, checkpoint, config, dtype, weight_map, model_dir, tokenizer)
         save_config(config, tmp / "compression.yaml")
         totals = summarize(shapes, ranks) | {
             "model_params_before": params_before, "model_params_after": _params_after(params_before, reports),
