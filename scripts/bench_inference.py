@@ -29,8 +29,8 @@ from compressor.evaluate import parameter_count
 from compressor.fetch import default_home, example_model_dir
 from compressor.load import is_compressed, load_any, load_model
 
-PREFILL = [(1, 128), (1, 512), (8, 128), (8, 512)]
-DECODE = [1, 8]
+PREFILL = "1x128,1x512,8x128,8x512"  # batch x length
+DECODE = "1,8"  # batch sizes
 FRACTIONS = [0.2, 0.4, 0.6, 0.8, 1.0]
 
 
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["w20=runs/whiten-global-0.2", "w40=runs/whiten-global-0.4"],
                         help="NAME=FOLDER of compressed exports")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill", default=PREFILL, help="BATCHxLENGTH,... forwards to time")
+    parser.add_argument("--decode", default=DECODE, help="batch sizes of the 32-token decodes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", type=Path, default=Path("reports/inference"))
@@ -107,12 +109,12 @@ def main() -> None:
     decoder = {name: sum(p.numel() for m in linear_modules(model, get_spec("llama")).values() for p in m.parameters())
                for name, model in models.items()}
     speed = {}
-    for batch, length in PREFILL:
+    for batch, length in (map(int, item.split("x")) for item in args.prefill.split(",")):
         key = f"prefill b{batch} t{length}"
         seconds = {name: median_seconds(lambda: prefill(model, batch, length), args.repeats) for name, model in models.items()}
         speed[key] = {name: batch * length / s for name, s in seconds.items()}
         print(key, {name: round(v, 1) for name, v in speed[key].items()}, flush=True)
-    for batch in DECODE:
+    for batch in map(int, args.decode.split(",")):
         key = f"decode b{batch}"
         seconds = {name: median_seconds(lambda: decode(model, batch), args.repeats) for name, model in models.items()}
         speed[key] = {name: batch * 32 / s for name, s in seconds.items()}
