@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--ratio", type=float, help="fraction of decoder-linear parameters to remove")
     compress.add_argument("--method", help="svd | asvd | whiten")
     compress.add_argument("--solver", help="svd (float64, exact; default) | eigh (float32 eigen-decomposition, "
-                                           "5-10x faster, same bases to float32 accuracy)")
+                                           "5-15x faster, same bases to float32 accuracy)")
     compress.add_argument("--allocation", help="uniform | global")
     compress.add_argument("--align", type=int, help="ranks are multiples of this")
     compress.add_argument("--max-kept-fraction", type=float,

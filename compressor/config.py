@@ -41,7 +41,7 @@ class CompressConfig:
     version: int = CONFIG_VERSION
     ratio: float = 0.2  # fraction of decoder-linear parameters removed (quant auto: derived)
     method: str = "whiten"  # svd | asvd | whiten
-    solver: str = "svd"  # svd: float64 LAPACK SVD (exact) | eigh: float32 eigen, 5-10x faster
+    solver: str = "svd"  # svd: float64 LAPACK SVD (exact) | eigh: float32 eigen, 5-15x faster
     allocation: str = "global"  # uniform | global
     score: str = "energy"  # energy | taylor: which bases the target needs (scoring.py)
     taylor_z: float = 2.0  # taylor: first-order terms within z standard errors of 0 are noise
