@@ -86,6 +86,18 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 MIN_FALLBACK_DAMPING = 1e-6  # where the asked damping is 0 and the Gram matrix is singular
 
 
+def _diagonal_scale(gram: torch.Tensor) -> torch.Tensor:
+    return gram.diagonal().mean().clamp_min(1e-12)
+
+
+def damped(gram: torch.Tensor, damping: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A copy of the Gram matrix in `dtype` with `damping` times its mean diagonal added to the
+    diagonal."""
+    out = gram.to(dtype, copy=True)
+    out.diagonal().add_((damping * _diagonal_scale(gram)).to(dtype))  # the product in the source precision
+    return out
+
+
 def whitening(gram: torch.Tensor, damping: float = 1e-4, name: str = "Gram matrix") -> Whitening:
     """Factor a Gram matrix as S S^T (Cholesky, damped); eigen-decomposition as fallback.
 
@@ -95,12 +107,9 @@ def whitening(gram: torch.Tensor, damping: float = 1e-4, name: str = "Gram matri
     """
     gram = gram.double()
     check_finite(name, gram)
-    size = gram.shape[0]
-    scale = gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
     damps = [damping] + [max(damping, MIN_FALLBACK_DAMPING) * 10**k for k in range(1, 4)]
     for attempt, damp in enumerate(damps):
-        s, info = torch.linalg.cholesky_ex(gram + damp * scale * eye)
+        s, info = torch.linalg.cholesky_ex(damped(gram, damp))
         if int(info) == 0:
             if attempt:
                 log.warning("%s is not positive definite with damping %.0e; damped by %.0e instead",
@@ -110,7 +119,7 @@ def whitening(gram: torch.Tensor, damping: float = 1e-4, name: str = "Gram matri
     log.warning("%s is not positive definite even with damping %.0e; using its eigen-decomposition "
                 "with eigenvalues clamped to %.0e of the mean", name, damp, floor)
     values, vectors = torch.linalg.eigh(gram)
-    values = values.clamp_min(floor * scale)
+    values = values.clamp_min(floor * _diagonal_scale(gram))
     return Whitening(vectors * values.sqrt(), floor, used_eigh=True)
 
 
@@ -140,18 +149,16 @@ def _eigh_bases(weight: torch.Tensor, scale: torch.Tensor | None, gram: torch.Te
     """
     w32 = weight.float()
     out_features, in_features = w32.shape
-    if out_features <= in_features:  # eigh of (W S)(W S)^T, out x out
-        if gram is not None:
-            side = w32 @ gram.float() @ w32.T
-        else:
-            transformed = w32 if scale is None else w32 * scale.float()
-            side = transformed @ transformed.T
-        sigma, u = _descending_eigh(side)
+    if out_features <= in_features and gram is not None:  # whiten: (W S)(W S)^T = W G W^T
+        sigma, u = _descending_eigh(w32 @ gram.float() @ w32.T)
         return u, sigma, _safe_inverse(sigma)[:, None] * (u.T @ w32)  # V^T S^-1 = diag(1/s) U^T W
     if white is not None:
         transformed = w32 @ white.s.float()
     else:
         transformed = w32 if scale is None else w32 * scale.float()
+    if out_features <= in_features:  # eigh of (W S)(W S)^T, out x out
+        sigma, u = _descending_eigh(transformed @ transformed.T)
+        return u, sigma, _safe_inverse(sigma)[:, None] * (u.T @ w32)
     sigma, v = _descending_eigh(transformed.T @ transformed)  # in x in
     u = (transformed @ v) * _safe_inverse(sigma)
     vt = v.T
@@ -172,7 +179,7 @@ def decompose(weight: torch.Tensor, method: str, gram: torch.Tensor | None = Non
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     check_finite(f"weight of {name}", weight)
-    scale = white = damped = None
+    scale = white = damped_gram = None
     if method == "asvd":
         if abs_mean is None:
             raise ValueError("asvd needs the mean absolute activation of the input")
@@ -184,14 +191,13 @@ def decompose(weight: torch.Tensor, method: str, gram: torch.Tensor | None = Non
         out_features, in_features = weight.shape
         if solver == "eigh" and out_features <= in_features:  # no factor needed: damp G itself
             check_finite(f"Gram matrix of {name}", gram)
-            damped = gram.to(torch.float32, copy=True)
-            damped.diagonal().add_(damping * float(gram.diagonal().mean().clamp_min(1e-12)))
+            damped_gram = damped(gram, damping, torch.float32)  # as whitening()'s first try
         else:
             white = whitening(gram, damping, f"Gram matrix of {name}")
     elif method != "svd":
         raise ValueError(f"Unknown decomposition method {method!r}; choose one of {', '.join(METHODS)}")
     if solver == "eigh":
-        u, sigma, w_basis = _eigh_bases(weight, scale, damped, white)
+        u, sigma, w_basis = _eigh_bases(weight, scale, damped_gram, white)
         return Factorization(u.float(), sigma.float(), w_basis.float(), method)
     w64 = weight.double()
     if white is not None:
