@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 import time
 from pathlib import Path
@@ -222,15 +221,23 @@ def cmd_fetch_example(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace, config: CompressConfig):
     from calibration.cache import model_fingerprint
-    from compressor.load import load_model, load_tokenizer
-    from compressor.pipeline import calibration_blocks
+    from compressor.load import load_model
 
-    home, data = _paths(args)
+    home, _ = _paths(args)
     model, spec = load_model(args.model)
-    tokenizer = load_tokenizer(args.model)
-    blocks = calibration_blocks(tokenizer, config, data)
+    tokenizer, blocks = _calibration_data(args, config)
     model_id = None if getattr(args, "no_cache", False) else model_fingerprint(args.model)
     return home, model, spec, tokenizer, blocks, model_id
+
+
+def _calibration_data(args: argparse.Namespace, config: CompressConfig):
+    """The model's tokenizer and the calibration token blocks the config asks for."""
+    from compressor.load import load_tokenizer
+    from compressor.pipeline import calibration_blocks
+
+    _, data = _paths(args)
+    tokenizer = load_tokenizer(args.model)
+    return tokenizer, calibration_blocks(tokenizer, config, data)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -285,11 +292,8 @@ def _reproduce_record(model_dir: Path, fingerprint: str | None, blocks, seed: in
             "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
+    from compressor.evaluate import peak_rss_bytes
     from compressor.export import check_output, save_compressed
     from compressor.pipeline import compress
 
@@ -314,14 +318,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _compress_streaming(args: argparse.Namespace, config: CompressConfig) -> int:
-    from compressor.load import load_tokenizer
-    from compressor.pipeline import calibration_blocks
     from compressor.streaming import check_streamable, compress_streaming
 
     check_streamable(config)  # before the data is read
-    _, data = _paths(args)
-    tokenizer = load_tokenizer(args.model)
-    blocks = calibration_blocks(tokenizer, config, data)
+    tokenizer, blocks = _calibration_data(args, config)
     record = {"source_model": str(args.model), "command": sys.argv,
               "reproduce": _reproduce_record(args.model, None, blocks, config.calibration.seed)}
     summary = compress_streaming(args.model, blocks, config, args.out, tokenizer, args.overwrite,

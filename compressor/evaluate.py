@@ -10,6 +10,7 @@ exp(total negative log-likelihood / total predicted tokens) over the first `limi
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,6 +95,17 @@ def parameter_count(model: nn.Module) -> int:
     quantized = sum(module.in_features * module.out_features for module in model.modules()
                     if isinstance(module, QuantizedLinear))
     return sum(p.numel() for p in model.parameters()) + quantized
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
 
 
 def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:

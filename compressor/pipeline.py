@@ -30,6 +30,7 @@ from calibration.capture import iterate_layers
 from calibration.data import blocks_fingerprint, token_blocks
 from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
+from calibration.stats import InputStats
 from compressor.allocate import Shape, basis_energy, global_ranks, measured_costs, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers, linear_modules
 from compressor.config import CompressConfig
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 
 
 class DecompositionError(RuntimeError):
-    pass
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason  # the numerical error itself
 
 MAX_AUTO_RATIO = 0.9  # quant auto: a pair that must remove more than this is not tried
 
@@ -185,6 +188,20 @@ def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: tor
     return costs
 
 
+def decompose_linear(weight: torch.Tensor, stats: InputStats, config: CompressConfig,
+                     full_name: str) -> tuple[Factorization, torch.Tensor]:
+    """One linear's bases by the config's method and solver, with the mean Gram matrix of its
+    input; a numerical failure becomes a DecompositionError naming the linear."""
+    gram = stats.mean_gram()
+    check_finite(f"Gram matrix of {full_name}", gram)
+    try:
+        factor = decompose(weight, config.method, gram=gram, abs_mean=stats.abs_mean(), asvd_alpha=config.asvd_alpha,
+                           damping=config.damping, name=full_name, solver=config.solver)
+    except (torch.linalg.LinAlgError, RuntimeError) as error:
+        raise DecompositionError(f"{full_name} cannot be decomposed ({config.method}): {error}.", str(error)) from None
+    return factor, gram
+
+
 def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: CompressConfig,
               progress: bool = True) -> Bases:
     """Decompose every decoder linear into its bases, with each basis's output energy."""
@@ -196,20 +213,14 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
         for name in spec.linear_names:
             full_name = spec.full_name(index, name)
             weight = layers[index].get_submodule(name).weight.detach()
-            item = stats[groups[name]]
-            gram = item.mean_gram()
-            check_finite(f"Gram matrix of {full_name}", gram)
             try:
-                factor = decompose(weight, config.method, gram=gram, abs_mean=item.abs_mean(),
-                                   asvd_alpha=config.asvd_alpha, damping=config.damping, name=full_name,
-                                   solver=config.solver)
-            except (torch.linalg.LinAlgError, RuntimeError) as error:
+                factor, gram = decompose_linear(weight, stats[groups[name]], config, full_name)
+            except DecompositionError as error:
                 if config.on_failure != "dense":
-                    raise DecompositionError(
-                        f"{full_name} cannot be decomposed ({config.method}): {error}. Rerun with "
-                        "--on-failure dense to keep it dense, or try another --method.") from None
-                log.warning("%s cannot be decomposed (%s); it stays dense", full_name, error)
-                bases.failed[full_name] = str(error)
+                    raise DecompositionError(f"{error} Rerun with --on-failure dense to keep it dense, "
+                                             "or try another --method.") from None
+                log.warning("%s cannot be decomposed (%s); it stays dense", full_name, error.reason)
+                bases.failed[full_name] = error.reason
                 continue
             bases.factors[full_name] = factor
             bases.shapes[full_name] = Shape(*weight.shape)

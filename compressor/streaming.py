@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
 import time
 from collections import defaultdict
@@ -41,11 +40,12 @@ from compressor import modeling_basis_llama
 from compressor.allocate import Shape, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers, get_spec, linear_modules
 from compressor.config import CompressConfig, ConfigError, save_config
-from compressor.decompose import check_finite, decompose, kept_output_error
+from compressor.decompose import kept_output_error
+from compressor.evaluate import peak_rss_bytes, rss_bytes
 from compressor.export import atomic_folder, basis_config
 from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
 from compressor.modeling_basis_llama import replace_module
-from compressor.pipeline import LayerReport, group_of, low_rank_linear
+from compressor.pipeline import LayerReport, decompose_linear, group_of, low_rank_linear
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,6 @@ class LayerTiming:
     device_peak_bytes: int = 0  # GPU memory at its peak during the layer (0 on CPU)
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process now (Linux)."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
 def check_streamable(config: CompressConfig) -> None:
     config.validate()
     if config.allocation != "uniform":
@@ -166,6 +160,9 @@ def check_streamable(config: CompressConfig) -> None:
                           "`compressor quantize`, or compress without --streaming.")
     if config.dense_export:
         raise ConfigError("Streaming writes the low-rank export only; drop --dense.")
+    if config.on_failure != "stop":
+        raise ConfigError("Streaming fixes every rank before the first layer, so a linear left dense after a "
+                          "failure would miss the budget; use --on-failure stop, or compress without --streaming.")
 
 
 def _decompose_layer(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict,
@@ -182,12 +179,7 @@ def _decompose_layer(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: 
         reports.append(report)
         if rank is None:
             continue
-        item = stats[groups[name]]
-        gram = item.mean_gram()
-        check_finite(f"Gram matrix of {full_name}", gram)
-        factor = decompose(dense.weight.detach(), config.method, gram=gram, abs_mean=item.abs_mean(),
-                           asvd_alpha=config.asvd_alpha, damping=config.damping, name=full_name,
-                           solver=config.solver)
+        factor, gram = decompose_linear(dense.weight.detach(), stats[groups[name]], config, full_name)
         report.output_error = kept_output_error(dense.weight.detach(), factor, rank, gram)
         replace_module(layer, name, low_rank_linear(dense, *factor.factors(rank)))
     return reports
@@ -270,7 +262,7 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
         summary = {"summary": totals, "timings_s": {stage: sum(getattr(t, f"{stage}_s") for t in timings)
                                                      for stage in ("read", "calibration", "decomposition", "write")},
                    "layers": [asdict(report) for report in reports], "per_layer": [asdict(t) for t in timings],
-                   "total_seconds": time.perf_counter() - start, "peak_rss_bytes": _peak_rss(),
+                   "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
                    "rss_before_layers_bytes": rss_before_layers, **(record or {})}
         (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -315,7 +307,3 @@ def _now(device: torch.device) -> float:
 
 def _params_after(params_before: int, reports: list[LayerReport]) -> int:
     return params_before - sum(report.params_before - report.params_after for report in reports)
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

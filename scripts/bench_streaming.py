@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from compressor.config import CalibrationConfig, CompressConfig
-from compressor.streaming import INDEX_NAME, compress_streaming, rss_bytes
+from compressor.evaluate import rss_bytes
+from compressor.streaming import INDEX_NAME, compress_streaming
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,

@@ -78,6 +78,7 @@ def test_streaming_a_qwen2_checkpoint(tmp_path, blocks):
     ({"allocation": "global"}, "uniform"),
     ({"score": "taylor"}, "energy"),
     ({"dense_export": True}, "dense"),
+    ({"on_failure": "dense"}, "on-failure stop"),
 ])
 def test_streaming_refuses_what_needs_the_whole_model(tmp_path, model_dir, blocks, overrides, message):
     config = _config()
