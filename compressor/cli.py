@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="documents per perplexity set and problems per benchmark (0: all)")
     evaluate.add_argument("--allow-code-exec", action="store_true",
                           help="humaneval: run the generated code (in a limited subprocess)")
-    evaluate.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot exemplars (from ASDiv)")
+    evaluate.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot worked exemplars (ASDiv problems), 0 to 4")
     evaluate.add_argument("--max-new-tokens", type=int, help="benchmarks: generation length "
                                                               "(default gsm8k 256, humaneval 384)")
     evaluate.add_argument("--no-cache", action="store_true", help="recompute benchmark results")

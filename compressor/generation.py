@@ -1,9 +1,9 @@
 """Generation benchmarks: GSM8K (greedy, strict and flexible answers) and HumanEval (greedy,
 pass@1 by running the tests in the sandbox). Offline, from the fetched data.
 
-- GSM8K few-shot exemplars are ASDiv problems (never GSM8K test items), written
-  "Question: ...\\nAnswer: The answer is N.\\n#### N"; with a chat template the exemplars are
-  user / assistant turns. Completions stop at the next "Question:".
+- GSM8K few-shot exemplars are ASDiv problems (never GSM8K test items) with worked
+  solutions, written "Question: ...\\nAnswer: <working>\\n#### N"; with a chat template the
+  exemplars are user / assistant turns. Completions stop at the next "Question:".
 - HumanEval prompts are completed as plain text (a completion task, no chat template);
   generated code runs only with allow_code_exec.
 - Results (metrics, 95% Wilson intervals, every completion) are cached under
@@ -66,17 +66,33 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def gsm8k_exemplars(data_dir: Path, shots: int) -> list[tuple[str, str]]:
-    """(question, answer) pairs from ASDiv with a numeric answer, in file order."""
-    pairs = []
-    for row in read_jsonl(data_dir / "asdiv.jsonl"):
-        number = flexible_answer(row["answer"].split()[0]) if row["answer"].split() else None
-        if number is not None:
-            question = f"{row['passage'].strip()} {row['question'].strip()}"
-            pairs.append((question, f"The answer is {number}.\n#### {number}"))
-        if len(pairs) == shots:
-            break
-    return pairs
+# Few-shot exemplars: four multi-step ASDiv problems (lines 800, 1500, 2000 and 2100 of the
+# fetched asdiv.jsonl, never GSM8K test items) with worked solutions written for this project in
+# GSM8K's answer format: like GSM8K's own answers, they show the working before "#### N".
+# Answer-only exemplars ask a model for the number at once, which small models cannot do.
+GSM8K_EXEMPLARS = (
+    ("172 students are forming teams for a mountaineering competition. Each team should have 18 students. "
+     "How many students will not be on a team?",
+     "9 teams of 18 students hold 9 * 18 = 162 students, and a 10th team would need 180. "
+     "So 172 - 162 = 10 students will not be on a team.\n#### 10"),
+    ("A rectangle has an area of 360 square centimeters. It is 20 centimeters long. What is its perimeter?",
+     "Its width is the area divided by the length: 360 / 20 = 18 centimeters. "
+     "The perimeter is 2 * (20 + 18) = 2 * 38 = 76 centimeters.\n#### 76"),
+    ("Amy had 26 music files and 36 video files on her flash drive. If she deleted 48 of the files, "
+     "how many files were still on her flash drive?",
+     "She had 26 + 36 = 62 files. After deleting 48 of them, 62 - 48 = 14 files were left.\n#### 14"),
+    ("A lawn care company bought 4 lawnmower blade for $8 each. They also bought a spool of weed eater string "
+     "for $7. How much money did they spend on supplies?",
+     "The blades cost 4 * 8 = 32 dollars. With the string, they spent 32 + 7 = 39 dollars.\n#### 39"),
+)
+EXEMPLARS_VERSION = "asdiv-worked-v1"  # part of the result cache key: new exemplars, new results
+
+
+def gsm8k_exemplars(shots: int) -> tuple[tuple[str, str], ...]:
+    if not 0 <= shots <= len(GSM8K_EXEMPLARS):
+        raise ValueError(f"--shots {shots}: there are {len(GSM8K_EXEMPLARS)} worked exemplars; "
+                         f"choose 0 to {len(GSM8K_EXEMPLARS)}.")
+    return GSM8K_EXEMPLARS[:shots]
 
 
 def gsm8k_prompt(question: str, exemplars: list[tuple[str, str]], tokenizer) -> str:
@@ -134,7 +150,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, data_dir: Path, limit: int | Non
                    max_new_tokens: int = DEFAULT_NEW_TOKENS["gsm8k"], batch_size: int = 8, progress: bool = True) -> TaskResult:
     start = time.perf_counter()
     rows = read_jsonl(data_dir / "gsm8k_test.jsonl")[:limit]
-    exemplars = gsm8k_exemplars(data_dir, shots)
+    exemplars = gsm8k_exemplars(shots)
     prompts = [gsm8k_prompt(row["question"], exemplars, tokenizer) for row in rows]
     completions = generate(model, tokenizer, prompts, max_new_tokens, GSM8K_STOPS, batch_size, progress, "gsm8k")
     items = []
@@ -143,7 +159,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, data_dir: Path, limit: int | Non
         items.append({"id": index, "completion": completion, "gold": str(gold),
                       "strict": strict_answer(completion) == gold, "flexible": flexible_answer(completion) == gold})
     return _result("gsm8k", items, ("strict", "flexible"), limit,
-                   {"shots": shots, "exemplars": "asdiv", "max_new_tokens": max_new_tokens,
+                   {"shots": shots, "exemplars": EXEMPLARS_VERSION, "max_new_tokens": max_new_tokens,
                     "chat_template": bool(tokenizer.chat_template)}, start)
 
 
@@ -206,7 +222,7 @@ def run_benchmark(task: str, model: nn.Module, tokenizer, data_dir: Path, result
     the cache). Returns the result and whether it came from the cache."""
     max_new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS[task]
     if task == "gsm8k":
-        settings = {"limit": limit, "shots": shots, "max_new_tokens": max_new_tokens}
+        settings = {"limit": limit, "shots": shots, "exemplars": EXEMPLARS_VERSION, "max_new_tokens": max_new_tokens}
         compute = partial(evaluate_gsm8k, model, tokenizer, data_dir, limit, shots, max_new_tokens,
                           batch_size, progress)
     elif task == "humaneval":

@@ -1,6 +1,7 @@
 """GSM8K and HumanEval through `compressor eval` on a tiny model: scoring, caching, opt-in."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -68,6 +69,15 @@ def test_code_execution_needs_opt_in(tmp_path, model_dir, data, capsys):
     code = main(["eval", "--model", str(model_dir), "--tasks", "humaneval", "--data-dir", str(data),
                  "--home", str(tmp_path / "home"), "--quiet"])
     assert code == 2 and "--allow-code-exec" in capsys.readouterr().err
+
+
+def test_gsm8k_exemplars_show_their_working(tmp_path, model_dir, data, capsys):
+    for question, answer in compressor.generation.gsm8k_exemplars(4):
+        working, final = answer.split("\n#### ")
+        assert re.findall(r"= (\d+)", working)[-1] == final  # the working ends at the answer
+    code = main(["eval", "--model", str(model_dir), "--tasks", "gsm8k", "--shots", "5", "--data-dir", str(data),
+                 "--home", str(tmp_path / "home"), "--quiet"])
+    assert code == 2 and "--shots 5" in capsys.readouterr().err
 
 
 def test_wilson_interval():
