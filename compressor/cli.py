@@ -40,7 +40,8 @@ TRAIN_FLAG_TO_CONFIG = {
     "warmup_steps": (None, "warmup_steps"), "seed": (None, "seed"),
     "checkpoint_every": (None, "checkpoint_every"), "adapter": ("adapter", "method"),
     "rank": ("adapter", "rank"), "alpha": ("adapter", "alpha"), "dropout": ("adapter", "dropout"),
-    "num_basis": ("adapter", "num_basis"),
+    "num_basis": ("adapter", "num_basis"), "teacher": (None, "teacher"),
+    "distill_weight": (None, "distill_weight"),
 }
 
 
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seq-len", type=int)
     train.add_argument("--seed", type=int)
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: none)")
+    train.add_argument("--teacher", help="distil from this model folder (the dense original): match "
+                                         "its next-token distribution")
+    train.add_argument("--distill-weight", type=float,
+                       help="with --teacher: weight of the KL term, the rest on the label loss (default 1)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run of --out")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -393,6 +398,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     needed = config.steps * config.grad_accum * config.batch_size
     blocks = token_blocks(config.target, tokenizer, needed, config.seq_len, config.seed, data, at_most=True)
+    teacher = _load_teacher(Path(config.teacher), tokenizer) if config.teacher else None
     torch.manual_seed(config.seed)  # dropout is the only user of the global RNG here
     adapters = add_adapters(model, config.adapter)
     total = sum(param.numel() for param in model.parameters())
@@ -400,11 +406,23 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({adapters.num_trainable() / total:.4%} of {total:,}); {len(blocks)} distinct blocks of "
           f"{config.seq_len} tokens for {needed} sequences")
     summary = train_adapter(model, adapters, blocks, config, args.out, _base_identity(args.model),
-                            overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+                            overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, teacher=teacher)
     summary["model_parameters"] = total
     print(json.dumps(summary, indent=2))
     print(f"saved: {args.out}")
     return 0
+
+
+def _load_teacher(teacher_dir: Path, tokenizer):
+    """The model to distil from, frozen; it must share the student's tokenizer."""
+    from compressor.load import load_any, load_tokenizer
+
+    if load_tokenizer(teacher_dir).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"Teacher {teacher_dir} has another tokenizer than the model; distil from the "
+                         "model it was compressed from.")
+    teacher = load_any(teacher_dir).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _with_adapter(model, model_dir: Path, adapter_dir: Path):

@@ -172,6 +172,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0  # data order and adapter initialisation
     checkpoint_every: int = 50  # steps; 0: only the final adapter
+    # Distillation: with a teacher (the dense model's folder), the loss is
+    # (1 - distill_weight) * causal-LM loss + distill_weight * KL(teacher || adapted model),
+    # per token over the whole vocabulary. Every token then teaches the full next-token
+    # distribution instead of one label.
+    teacher: str = ""
+    distill_weight: float = 1.0
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def validate(self) -> "TrainConfig":
@@ -186,5 +192,7 @@ class TrainConfig:
             raise ConfigError("lr must be > 0, min_lr_ratio in [0, 1] and warmup_steps >= 0.")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}.")
+        if self.teacher and not 0 < self.distill_weight <= 1:
+            raise ConfigError(f"distill_weight must be in (0, 1] with a teacher; got {self.distill_weight}.")
         validate_adapter(self.adapter, get_spec("llama"))  # the base is always LLaMA-shaped here
         return self

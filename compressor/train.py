@@ -1,4 +1,5 @@
-"""Recovery training: fit an adapter on target data with the causal-LM loss.
+"""Recovery training: fit an adapter on target data with the causal-LM loss, or by distilling
+the dense model's next-token distributions (KL), or a mix of both.
 
 The run works in a hidden sibling folder `.NAME.partial` and renames it to NAME when done:
     adapter_config.json, adapter_model.safetensors   the trained adapter
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -45,6 +47,27 @@ def batch_order(n_blocks: int, config: TrainConfig) -> torch.Tensor:
     generator = torch.Generator().manual_seed(config.seed)
     epochs = [torch.randperm(n_blocks, generator=generator) for _ in range(math.ceil(needed / n_blocks))]
     return torch.cat(epochs)[:needed].view(config.steps, config.grad_accum, config.batch_size)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of the next-token distributions."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def batch_loss(model: nn.Module, batch: torch.Tensor, teacher: nn.Module | None,
+               distill_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one micro-batch, and its parts for the log."""
+    output = model(input_ids=batch, labels=batch)
+    if teacher is None:
+        return output.loss, {}
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch).logits
+    kl = distillation_kl(output.logits, teacher_logits)
+    loss = (1 - distill_weight) * output.loss + distill_weight * kl
+    return loss, {"lm_loss": float(output.loss.detach()), "kl": float(kl.detach())}
 
 
 def partial_dir(out_dir: Path) -> Path:
@@ -85,8 +108,11 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, config: TrainConfig,
                   out_dir: Path, base_model: dict, overwrite: bool = False, resume: bool = False,
-                  progress: bool = True) -> dict:
-    """Train `adapters` (attached to `model`) on `blocks` (n, seq_len); returns the summary."""
+                  progress: bool = True, teacher: nn.Module | None = None) -> dict:
+    """Train `adapters` (attached to `model`) on `blocks` (n, seq_len); returns the summary.
+    `teacher` (with config.teacher set) is the model whose next-token distributions are matched."""
+    if bool(config.teacher) != (teacher is not None):
+        raise ValueError("config.teacher names the teacher model and `teacher` is that model: give both or neither.")
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite)
     work = partial_dir(out_dir)
@@ -121,18 +147,19 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(step, config)
-            total = 0.0
+            total, parts = 0.0, {}
             for micro in order[step]:
-                batch = blocks[micro]
-                loss = model(input_ids=batch, labels=batch).loss
+                loss, loss_parts = batch_loss(model, blocks[micro], teacher, config.distill_weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"Loss became {float(loss)} at step {step}; lower --lr.")
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
+                for name, value in loss_parts.items():
+                    parts[name] = parts.get(name, 0.0) + value / config.grad_accum
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "loss": total, "lr": optimizer.param_groups[0]["lr"],
+            record = {"step": step + 1, "loss": total, **parts, "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": grad_norm, "seconds": time.perf_counter() - begin}
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
@@ -146,7 +173,7 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
                "steps": config.steps, "tokens_per_step": config.batch_size * config.grad_accum * config.seq_len,
                "first_loss": losses[0]["loss"], "final_loss": losses[-1]["loss"],
                "train_seconds_this_run": time.perf_counter() - begin, "resumed_from_step": start_step,
-               "base_model": base_model, "seed": config.seed, "tokens_sha256": blocks_fingerprint(blocks)}
+               "base_model": base_model, "teacher": config.teacher or None, "seed": config.seed, "tokens_sha256": blocks_fingerprint(blocks)}
     write_adapter(adapters, work, base_model)  # the whole folder is renamed into place below
     summary["adapter_bytes"] = sum(path.stat().st_size for path in work.glob("adapter_*"))
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,6 +1,7 @@
 """The command line end to end on a tiny model, with tiny data files made here."""
 
 import json
+import shutil
 
 import yaml
 
@@ -148,7 +149,7 @@ def test_compress_quantized_and_quantize_dense(tmp_path, corpus, model_dir, caps
     assert not (tmp_path / "x").exists()
 
 
-def test_summaries_record_what_a_rerun_must_match(tmp_path, corpus, model_dir):
+def test_summaries_record_what_a_rerun_must_match(tmp_path, corpus, model_dir, tokenizer, capsys):
     common = ["--home", str(tmp_path / "home"), "--quiet"]
     assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4", "--seq-len", "32",
                  "--allocation", "uniform", "--align", "1", "--seed", "3", "--out", str(tmp_path / "c"), *common]) == 0
@@ -158,3 +159,15 @@ def test_summaries_record_what_a_rerun_must_match(tmp_path, corpus, model_dir):
                  "--batch-size", "1", "--seq-len", "16", "--out", str(tmp_path / "a"), *common]) == 0
     summary = json.loads((tmp_path / "a" / "train_summary.json").read_text())
     assert summary["seed"] == 0 and len(summary["tokens_sha256"]) == 64
+    assert main(["train", "--model", str(tmp_path / "c"), "--adapter", "lora", "--target", str(corpus), "--steps", "1",
+                 "--batch-size", "1", "--seq-len", "16", "--teacher", str(model_dir), "--distill-weight", "0.7",
+                 "--out", str(tmp_path / "d"), *common]) == 0
+    summary = json.loads((tmp_path / "d" / "train_summary.json").read_text())
+    assert summary["teacher"] == str(model_dir) and summary["first_loss"] > 0
+    other = tmp_path / "other-teacher"
+    shutil.copytree(model_dir, other)
+    tokenizer.add_tokens(["<not-in-the-student>"])
+    tokenizer.save_pretrained(other)
+    assert main(["train", "--model", str(tmp_path / "c"), "--adapter", "lora", "--target", str(corpus), "--steps", "1",
+                 "--seq-len", "16", "--teacher", str(other), "--out", str(tmp_path / "e"), *common]) == 2
+    assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "e").exists()

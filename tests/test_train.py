@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from compressor.adapters import AdapterConfig, add_adapters
 from compressor.arch import get_spec
 from compressor.config import CalibrationConfig, CompressConfig, TrainConfig
 from compressor.pipeline import compress
-from compressor.train import batch_order, lr_factor, partial_dir, train_adapter
+from compressor.train import batch_order, distillation_kl, lr_factor, partial_dir, train_adapter
 
 
 @pytest.fixture
@@ -47,6 +48,40 @@ def test_training_lowers_the_loss(tmp_path, compressed, method, lr, drop):
     assert not partial_dir(tmp_path / "out").exists()
     assert {"adapter_config.json", "adapter_model.safetensors", "train_config.yaml",
             "train_summary.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_distillation_kl_matches_its_definition():
+    student, teacher = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    p_teacher = teacher.softmax(-1)
+    expected = (p_teacher * (p_teacher.log() - student.log_softmax(-1))).sum(-1).mean()
+    assert distillation_kl(student, teacher).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distillation_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@torch.no_grad()
+def _kl(model, teacher, blocks) -> float:
+    return float(distillation_kl(model(input_ids=blocks).logits, teacher(input_ids=blocks).logits))
+
+
+def test_distillation_brings_the_compressed_model_toward_the_teacher(tmp_path, tiny_model, blocks):
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(5)  # peaked next-token distributions, as a trained model has
+    teacher = copy.deepcopy(tiny_model).eval()
+    compress(tiny_model, get_spec("llama"), blocks, CompressConfig(ratio=0.4, allocation="uniform", tolerance=0.02,
+             calibration=CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1], batch_size=4)), progress=False)
+    config = TrainConfig(steps=30, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2, checkpoint_every=0,
+                         teacher="dense", distill_weight=1.0, adapter=AdapterConfig(method="lora", rank=4))
+    adapters = add_adapters(tiny_model, config.adapter)
+    data = _train_blocks()
+    before = _kl(tiny_model, teacher, data)
+    with pytest.raises(ValueError, match="give both or neither"):
+        train_adapter(tiny_model, adapters, data, config, tmp_path / "out", {"fingerprint": "x"}, progress=False)
+    summary = train_adapter(tiny_model, adapters, data, config, tmp_path / "out", {"fingerprint": "x"},
+                            progress=False, teacher=teacher)
+    assert _kl(tiny_model, teacher, data) < 0.2 * before, before
+    assert summary["teacher"] == "dense"
+    first = json.loads((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(first["kl"], rel=1e-5) and first["lm_loss"] > 0
 
 
 def test_schedule_and_batch_order():
