@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS))
+    parser.add_argument("--distill-weight", type=float, default=0.0,
+                        help="> 0: distil from --dense (KL weight; the rest on the label loss); rows get '-kd'")
     parser.add_argument("--limit", type=int, default=32, help="documents per perplexity set")
     parser.add_argument("--work", type=Path, default=Path("runs/recovery"))
     parser.add_argument("--out", type=Path, default=Path("reports/recovery"))
@@ -74,20 +76,23 @@ def main() -> None:
         record("dense", load_any(args.dense), {})
         record("compressed", load_any(args.model), {})
     base_identity = {"path": str(args.model), "fingerprint": model_fingerprint(args.model)}
+    teacher = load_any(args.dense).eval().requires_grad_(False) if args.distill_weight else None
     for name in args.adapters:
         config = TrainConfig(target=args.target, steps=args.steps, batch_size=args.batch_size,
                              seq_len=args.seq_len, lr=LEARNING_RATES.get(name, args.lr), checkpoint_every=0,
+                             teacher=str(args.dense) if teacher else "", distill_weight=args.distill_weight or 1.0,
                              adapter=AdapterConfig(**ADAPTERS[name])).validate()
         blocks = token_blocks(config.target, tokenizer, config.steps * config.batch_size, config.seq_len,
                               config.seed, dd, at_most=True)
         model = load_any(args.model)
         adapters = add_adapters(model, config.adapter)
         start = time.perf_counter()
-        summary = train_adapter(model, adapters, blocks, config, args.work / name, base_identity,
-                                overwrite=True, progress=False)
+        row = f"{name}-kd{args.distill_weight:g}" if teacher else name
+        summary = train_adapter(model, adapters, blocks, config, args.work / row, base_identity,
+                                overwrite=True, progress=False, teacher=teacher)
         train_s = time.perf_counter() - start
         adapters.merge(model)
-        record(name, model, {"adapter": ADAPTERS[name], "lr": config.lr,
+        record(row, model, {"adapter": ADAPTERS[name], "lr": config.lr, "distill_weight": args.distill_weight,
                              "trainable_parameters": summary["trainable_parameters"],
                              "adapter_bytes": summary["adapter_bytes"], "train_s": train_s,
                              "first_loss": summary["first_loss"], "final_loss": summary["final_loss"]})
@@ -103,7 +108,9 @@ def markdown(results: dict) -> str:
         f"tokens of `{settings['target']}` training text, AdamW (lr in the table; warm-up 10 steps, "
         "cosine), seed 0, then merged into the low-rank factors. Perplexity: first "
         f"{settings['limit']} documents of each held-out set. `share` is trainable parameters over "
-        "the compressed model's parameters. `x dense` is code perplexity over the dense model's.", "",
+        "the compressed model's parameters. `x dense` is code perplexity over the dense model's. "
+        "Rows ending `-kdW` distil from the dense model: loss = (1 - W) label loss + W KL(dense || "
+        "adapted), per token; their `loss` column is that mix.", "",
         "| run | lr | trainable params | share | adapter bytes | train s | loss first -> last | code ppl | x dense | math ppl | general ppl |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
