@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-ALLOCATIONS = ("uniform", "global")
+# auto: both built, the one with the lower calibration loss kept (an orchestration step: pipeline.py)
+ALLOCATIONS = ("uniform", "global", "auto")
 
 
 @dataclass(frozen=True)

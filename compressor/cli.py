@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--method", help="svd | asvd | whiten")
     compress.add_argument("--solver", help="svd (float64, exact; default) | eigh (float32 eigen-decomposition, "
                                            "5-15x faster, same bases to float32 accuracy)")
-    compress.add_argument("--allocation", help="uniform | global")
+    compress.add_argument("--allocation", help="uniform | global | auto (the one of the two with the lower calibration loss)")
     compress.add_argument("--align", type=int, help="ranks are multiples of this")
     compress.add_argument("--max-kept-fraction", type=float,
                           help="a matrix whose factors would hold more than this fraction of its parameters "
@@ -279,7 +279,11 @@ def format_layers(result) -> str:
                      f"{quant['relative_weight_error_median']:.4f}, max {quant['relative_weight_error_max']:.4f}")
     for row in summary.get("rank_x_bits", []):
         outcome = row.get("skipped") or f"ratio {row['ratio']:.3f}, loss {row['loss']:.4f}" + (" <- chosen" if row.get("chosen") else "")
-        lines.append(f"rank x bits: {row['scheme']:<14} {outcome}")
+        allocation = f" {row['allocation']:<7}" if "allocation" in row else ""
+        lines.append(f"rank x bits: {row['scheme']:<14}{allocation} {outcome}")
+    for row in summary.get("allocation_choice", []):
+        lines.append(f"allocation {row['allocation']:<7}: calibration loss {row['loss']:.4f}"
+                     + (" <- chosen" if row["chosen"] else ""))
     return "\n".join(lines)
 
 

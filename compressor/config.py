@@ -33,7 +33,7 @@ class CalibrationConfig:
     batch_size: int = 8
     sensitivity_samples: int = 2  # sequences for the measured-sensitivity pass (global, energy)
     gradient_samples: int = 8  # sequences whose loss gradients give the taylor scores
-    selection_samples: int = 4  # quant auto: sequences whose loss ranks the rank x bits pairs
+    selection_samples: int = 4  # quant auto, allocation auto: sequences whose loss ranks the candidates
 
 
 @dataclass
@@ -42,7 +42,7 @@ class CompressConfig:
     ratio: float = 0.2  # fraction of decoder-linear parameters removed (quant auto: derived)
     method: str = "whiten"  # svd | asvd | whiten
     solver: str = "svd"  # svd: float64 LAPACK SVD (exact) | eigh: float32 eigen, 5-15x faster
-    allocation: str = "global"  # uniform | global
+    allocation: str = "global"  # uniform | global | auto: the one of the two with the lower calibration loss
     score: str = "energy"  # energy | taylor: which bases the target needs (scoring.py)
     taylor_z: float = 2.0  # taylor: first-order terms within z standard errors of 0 are noise
     align: int = 8
@@ -95,8 +95,9 @@ class CompressConfig:
         if min(counts) < 1 or cal.seq_len < 2:
             raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples, "
                               "gradient_samples and selection_samples must be positive.")
-        used = {"sensitivity_samples": self.score == "energy" and self.allocation == "global",
-                "gradient_samples": self.score == "taylor", "selection_samples": self.quant.scheme == "auto"}
+        used = {"sensitivity_samples": self.score == "energy" and self.allocation != "uniform",
+                "gradient_samples": self.score == "taylor",
+                "selection_samples": self.quant.scheme == "auto" or self.allocation == "auto"}
         for key in (key for key, in_use in used.items() if in_use):
             if getattr(cal, key) > cal.samples:
                 raise ConfigError(f"calibration.{key} ({getattr(cal, key)}) cannot exceed "

@@ -234,6 +234,8 @@ def allocate(bases: Bases, config: CompressConfig,
         return {name: None for name in bases.shapes}
     if config.allocation == "uniform":
         return uniform_ranks(bases.shapes, config.ratio, config.align, config.tolerance, config.max_kept_fraction)
+    if config.allocation == "auto":
+        raise ValueError("allocation auto is resolved to uniform or global first (select_allocation)")
     if costs is None:
         raise ValueError("global allocation needs per-basis costs (score_bases)")
     return global_ranks(bases.shapes, costs, config.ratio, config.align, config.tolerance,
@@ -310,11 +312,15 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         start = time.perf_counter()
         costs = score_bases(model, spec, cache, blocks, bases, config, progress)
         timings["scoring"] = time.perf_counter() - start
-        selection = None
+        selection = allocation_table = None
         if config.quant.scheme == "auto":
             start = time.perf_counter()
             config, selection = select_rank_and_bits(model, spec, blocks, bases, costs, cache, config)
             timings["rank_x_bits_selection"] = time.perf_counter() - start
+        elif config.allocation == "auto":
+            start = time.perf_counter()
+            config, allocation_table = select_allocation(model, spec, blocks, bases, costs, cache, config)
+            timings["allocation_selection"] = time.perf_counter() - start
         start = time.perf_counter()
         ranks = allocate(bases, config, costs)
         reports = apply_ranks(model, spec, bases, ranks, cache, costs)
@@ -331,6 +337,8 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         timings["quantization"] = time.perf_counter() - start
     if selection is not None:
         summary["rank_x_bits"] = selection
+    if allocation_table is not None:
+        summary["allocation_choice"] = allocation_table
     scores = {} if costs is None else {f"{name}.score": cost.float() for name, cost in costs.items()}
     scores.update({f"{name}.order": order for name, order in bases.order.items()})
     return CompressionResult(ranks, reports, summary, timings, config, scores)
@@ -362,6 +370,40 @@ def language_model_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int)
     return total / len(blocks)
 
 
+def allocation_choices(config: CompressConfig) -> tuple[str, ...]:
+    """The allocations to build and compare: both for `auto`, else the one asked for."""
+    return ("uniform", "global") if config.allocation == "auto" else (config.allocation,)
+
+
+def candidate_loss(model: nn.Module, spec: ArchSpec, bases: Bases, costs: dict[str, torch.Tensor] | None,
+                   cache: StatsCache, config: CompressConfig, sample: torch.Tensor) -> float:
+    """Language-model loss on `sample` of the model `config` would build (on a copy)."""
+    candidate = copy.deepcopy(model)
+    apply_ranks(candidate, spec, bases, allocate(bases, config, costs), cache, costs, measure=False)
+    if config.quant.scheme != "none":
+        quantize_model(candidate, spec, config.quant)
+    return language_model_loss(candidate, sample, config.calibration.batch_size)
+
+
+def select_allocation(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, bases: Bases,
+                      costs: dict[str, torch.Tensor], cache: StatsCache,
+                      config: CompressConfig) -> tuple[CompressConfig, list[dict]]:
+    """`auto`: build the uniform and the global allocation, keep the one with the lower
+    language-model loss on `selection_samples` calibration sequences (target data). Global
+    models the loss of each matrix's cut as independent of the others; deep cuts compound,
+    and then uniform can win (reports/pipeline: whiten at 40% on code)."""
+    sample = blocks[: config.calibration.selection_samples]
+    rows = []
+    for allocation in allocation_choices(config):
+        loss = candidate_loss(model, spec, bases, costs, cache, replace(config, allocation=allocation), sample)
+        log.info("allocation %s -> calibration loss %.4f", allocation, loss)
+        rows.append({"allocation": allocation, "loss": loss})
+    best = min(rows, key=lambda row: row["loss"])
+    for row in rows:
+        row["chosen"] = row is best
+    return replace(config, allocation=best["allocation"]), rows
+
+
 def select_rank_and_bits(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, bases: Bases,
                          costs: dict[str, torch.Tensor] | None, cache: StatsCache,
                          config: CompressConfig) -> tuple[CompressConfig, list[dict]]:
@@ -376,33 +418,30 @@ def select_rank_and_bits(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
     budget, cal = config.quant.bits_per_weight, config.calibration
     sample = blocks[: cal.selection_samples]
     rows = [{"scheme": "dense float32", "ratio": 0.0, "loss": language_model_loss(model, sample, cal.batch_size)}]
-    chosen = None
+    chosen = None  # (loss, config, row)
     for scheme in ("none", *SCHEME_BITS):
         quant = replace(config.quant, scheme=scheme, bits_per_weight=None)
         row = {"scheme": scheme, "stored_bits": stored_bits(quant)}
-        rows.append(row)
         try:
             quant.validate()  # e.g. a group size nf4 does not accept
         except QuantError as error:
-            row["skipped"] = str(error)
+            rows.append({**row, "skipped": str(error)})
             continue
         row["ratio"] = round(max(0.0, 1 - budget / row["stored_bits"]), 4)
         if row["ratio"] > MAX_AUTO_RATIO or (scheme == "none" and row["ratio"] == 0):
-            row["skipped"] = "does not fit the budget" if row["ratio"] > MAX_AUTO_RATIO else "no cut and no quantization"
+            why = "does not fit the budget" if row["ratio"] > MAX_AUTO_RATIO else "no cut and no quantization"
+            rows.append({**row, "skipped": why})
             continue
-        candidate_config = replace(config, ratio=row["ratio"], quant=quant)
-        candidate = copy.deepcopy(model)
-        apply_ranks(candidate, spec, bases, allocate(bases, candidate_config, costs), cache, costs, measure=False)
-        if scheme != "none":
-            quantize_model(candidate, spec, quant)
-        row["loss"] = language_model_loss(candidate, sample, cal.batch_size)
-        del candidate
-        log.info("rank x bits: %s at ratio %.3f -> loss %.4f", scheme, row["ratio"], row["loss"])
-        if chosen is None or row["loss"] < chosen[0]:
-            chosen = (row["loss"], candidate_config)
+        for allocation in allocation_choices(config):
+            candidate_config = replace(config, ratio=row["ratio"], quant=quant, allocation=allocation)
+            loss = candidate_loss(model, spec, bases, costs, cache, candidate_config, sample)
+            rows.append({**row, "allocation": allocation, "loss": loss})
+            log.info("rank x bits: %s at ratio %.3f, %s -> loss %.4f", scheme, row["ratio"], allocation, loss)
+            if chosen is None or loss < chosen[0]:
+                chosen = (loss, candidate_config, rows[-1])
     if chosen is None:
         raise ValueError(f"No rank x bits pair fits {budget} bits per weight (each would remove more than "
                          f"{MAX_AUTO_RATIO:.0%} of the parameters); raise --bits-per-weight.")
     for row in rows[1:]:
-        row["chosen"] = "loss" in row and row["loss"] == chosen[0]
+        row["chosen"] = row is chosen[2]
     return chosen[1], rows

@@ -171,3 +171,16 @@ def test_summaries_record_what_a_rerun_must_match(tmp_path, corpus, model_dir, t
     assert main(["train", "--model", str(tmp_path / "c"), "--adapter", "lora", "--target", str(corpus), "--steps", "1",
                  "--seq-len", "16", "--teacher", str(other), "--out", str(tmp_path / "e"), *common]) == 2
     assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_auto_allocation_prints_its_choice_and_records_the_winner(tmp_path, corpus, model_dir, capsys):
+    out = tmp_path / "c"
+    assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4", "--seq-len", "32",
+                 "--ratio", "0.3", "--align", "1", "--allocation", "auto", "--out", str(out),
+                 "--home", str(tmp_path / "home"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "allocation uniform: calibration loss" in printed and "allocation global : calibration loss" in printed
+    assert printed.count("<- chosen") == 1
+    table = json.loads((out / "compression_summary.json").read_text())["summary"]["allocation_choice"]
+    chosen = next(row["allocation"] for row in table if row["chosen"])
+    assert yaml.safe_load((out / "compression.yaml").read_text())["allocation"] == chosen

@@ -206,6 +206,18 @@ def test_auto_rank_x_bits_picks_the_lowest_loss_pair_within_the_budget(tiny_mode
     assert stored <= 6.0 * 1.05  # the budget holds for what was built (ragged groups cost a little)
 
 
+def test_auto_rank_x_bits_with_auto_allocation_tries_both_allocations(tiny_model, blocks):
+    config = CompressConfig(allocation="auto", tolerance=0.03, quant=QuantConfig("auto", 16, bits_per_weight=6.0),
+                            calibration=CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1], batch_size=4,
+                                                          selection_samples=2))
+    result = compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+    built = [row for row in result.summary["rank_x_bits"] if "allocation" in row]
+    assert {(row["scheme"], row["allocation"]) for row in built if row["ratio"] > 0} == {
+        ("none", "uniform"), ("none", "global"), ("int8", "uniform"), ("int8", "global")}
+    best = min(built, key=lambda row: row["loss"])
+    assert best["chosen"] and result.config.allocation == best["allocation"]
+
+
 def test_auto_needs_a_budget_and_a_reachable_one(tiny_model, blocks):
     with pytest.raises(QuantError, match="needs --bits-per-weight"):
         QuantConfig("auto").validate()

@@ -33,3 +33,26 @@ def test_measured_sensitivity_equals_a_direct_forward(tiny_model, blocks):
     expected = float((reference.exp() * (reference - changed)).sum(-1).mean())
     assert measured[name] > 0
     assert abs(measured[name] - expected) < 1e-5 * max(1.0, expected)
+
+
+def test_auto_allocation_keeps_the_candidate_with_the_lower_calibration_loss(tiny_model, blocks):
+    import copy
+
+    from compressor.config import CalibrationConfig, CompressConfig
+    from compressor.pipeline import compress, language_model_loss
+
+    calibration = CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1], batch_size=4, selection_samples=3)
+    built = {}
+    for allocation in ("uniform", "global", "auto"):
+        model = copy.deepcopy(tiny_model)
+        config = CompressConfig(ratio=0.4, allocation=allocation, tolerance=0.03, calibration=calibration)
+        built[allocation] = (model, compress(model, get_spec("llama"), blocks, config, progress=False))
+    table = built["auto"][1].summary["allocation_choice"]
+    assert [row["allocation"] for row in table] == ["uniform", "global"] and sum(row["chosen"] for row in table) == 1
+    for row in table:  # each candidate's loss is that of the model its allocation builds
+        model = built[row["allocation"]][0]
+        assert abs(row["loss"] - language_model_loss(model, blocks[:3], 4)) < 1e-5
+    best = min(table, key=lambda row: row["loss"])
+    auto_model, auto = built["auto"]
+    assert auto.config.allocation == best["allocation"] and best["chosen"]
+    assert auto.ranks == built[best["allocation"]][1].ranks
