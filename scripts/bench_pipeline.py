@@ -28,7 +28,9 @@ from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_cou
 from compressor.export import save_compressed
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_model, load_tokenizer
-from compressor.pipeline import Bases, allocate, apply_ranks, calibrate, calibration_blocks, factorize, score_bases
+from compressor.pipeline import (
+    Bases, allocate, apply_ranks, calibrate, calibration_blocks, factorize, score_bases, select_allocation,
+)
 
 
 def peak_rss_gib() -> float:
@@ -85,19 +87,22 @@ def main() -> None:
     record("dense", model, {}, None)
 
     def run_one(config: CompressConfig, bases: Bases, costs, times: dict) -> None:
-        compressed, _ = load_model(args.model)
+        name = f"{config.method}-{config.score}-{config.allocation}-{config.ratio:g}"
         start = time.perf_counter()
+        choice = None
+        if config.allocation == "auto":  # the row keeps the name "auto"; the winner is recorded
+            config, choice = select_allocation(model, spec, blocks, bases, costs, cache, config)
+        compressed, _ = load_model(args.model)
         ranks = allocate(bases, config, costs)
         layers = apply_ranks(compressed, spec, bases, ranks, cache, costs)
         apply_s = time.perf_counter() - start
-        name = f"{config.method}-{config.score}-{config.allocation}-{config.ratio:g}"
         folder = args.work / name
         summary = {"ranks": ranks, "layers": [vars(layer) for layer in layers]}
         _, export_s = timed(save_compressed, compressed, tokenizer, folder, config, summary, True)
         kept = sum(layer.params_after for layer in layers) / sum(layer.params_before for layer in layers)
         record(name, compressed, {"method": config.method, "score": config.score,
                                   "allocation": config.allocation, "ratio": config.ratio,
-                                  "removed_fraction": 1 - kept, **times,
+                                  "removed_fraction": 1 - kept, **times, "allocation_choice": choice,
                                   "allocate_apply_s": apply_s, "export_s": export_s}, folder)
         shutil.rmtree(folder)  # about 2 GB each; the numbers are kept
 
@@ -148,6 +153,12 @@ def markdown(results: dict) -> str:
                      f"{' | '.join(times)} | {run['peak_rss_gib_so_far']:.1f} |")
     tokens = {k: v["tokens"] for k, v in results["runs"]["dense"]["perplexity"].items()}
     lines += ["", f"Tokens scored per set: {tokens}.", ""]
+    for name, run in results["runs"].items():
+        if run.get("allocation_choice"):  # `auto` rows: the candidates' calibration losses
+            losses = ", ".join(f"{row['allocation']} {row['loss']:.4f}" + (" (chosen)" if row["chosen"] else "")
+                               for row in run["allocation_choice"])
+            lines.append(f"- `{name}`: calibration loss {losses}; `apply` includes building both.")
+    lines.append("")
     return "\n".join(lines)
 
 
