@@ -412,8 +412,9 @@ def select_rank_and_bits(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
     Each scheme s can keep a fraction budget / stored_bits(s) of the parameters: more rank at
     fewer bits, or less rank at more. Every pair that fits (at most MAX_AUTO_RATIO removed; a
     scheme under budget with nothing removed keeps every rank) is built on a copy of the model
-    and scored by its language-model loss on `selection_samples` calibration sequences. Returns
-    the config of the lowest-loss pair and the table of all.
+    and scored by its language-model loss on `selection_samples` calibration sequences (with
+    allocation `auto`, once per allocation). Returns the config of the lowest-loss candidate and
+    the table of all.
     """
     budget, cal = config.quant.bits_per_weight, config.calibration
     sample = blocks[: cal.selection_samples]
