@@ -128,6 +128,7 @@ def markdown(results: dict) -> str:
     if len(commands) > 1:
         lines += ["", "Rows come from more than one run (each row's command is in RESULTS.json):", ""]
         lines += [f"- `{command}`" for command in commands]
+    lines += ["", "This file is rewritten by every run; notes written by hand are in NOTES.md."]
     return "\n".join(lines) + "\n"
 
 
