@@ -389,10 +389,11 @@ def select_allocation(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, ba
                       costs: dict[str, torch.Tensor], cache: StatsCache,
                       config: CompressConfig) -> tuple[CompressConfig, list[dict]]:
     """`auto`: build the uniform and the global allocation, keep the one with the lower
-    language-model loss on `selection_samples` calibration sequences (target data). Global
-    models the loss of each matrix's cut as independent of the others; deep cuts compound,
-    and then uniform can win (reports/pipeline: whiten at 40% on code)."""
-    sample = blocks[: config.calibration.selection_samples]
+    language-model loss on the last `selection_samples` calibration sequences (target data).
+    Global models the loss of each matrix's cut as independent of the others; deep cuts
+    compound, and then uniform can win. The last sequences, because global's sensitivities
+    and taylor's gradients are measured on the first ones: judging it there would favour it."""
+    sample = blocks[-config.calibration.selection_samples:]
     rows = []
     for allocation in allocation_choices(config):
         loss = candidate_loss(model, spec, bases, costs, cache, replace(config, allocation=allocation), sample)
