@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--method", help="svd | asvd | whiten")
     compress.add_argument("--solver", help="svd (float64, exact; default) | eigh (float32 eigen-decomposition, "
                                            "5-15x faster, same bases to float32 accuracy)")
-    compress.add_argument("--allocation", help="uniform | global | auto (the one of the two with the lower calibration loss)")
+    compress.add_argument("--allocation", help="uniform | global | auto (the one of the two with the lower "
+                                               "calibration loss)")
     compress.add_argument("--align", type=int, help="ranks are multiples of this")
     compress.add_argument("--max-kept-fraction", type=float,
                           help="a matrix whose factors would hold more than this fraction of its parameters "
@@ -177,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="documents per perplexity set and problems per benchmark (0: all)")
     evaluate.add_argument("--allow-code-exec", action="store_true",
                           help="humaneval: run the generated code (in a limited subprocess)")
-    evaluate.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot worked exemplars (ASDiv problems), 0 to 4")
+    evaluate.add_argument("--shots", type=int, default=4,
+                          help="gsm8k: few-shot worked exemplars (ASDiv problems), 0 to 4")
     evaluate.add_argument("--max-new-tokens", type=int, help="benchmarks: generation length "
                                                               "(default gsm8k 256, humaneval 384)")
     evaluate.add_argument("--no-cache", action="store_true", help="recompute benchmark results")

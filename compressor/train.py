@@ -173,7 +173,8 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
                "steps": config.steps, "tokens_per_step": config.batch_size * config.grad_accum * config.seq_len,
                "first_loss": losses[0]["loss"], "final_loss": losses[-1]["loss"],
                "train_seconds_this_run": time.perf_counter() - begin, "resumed_from_step": start_step,
-               "base_model": base_model, "teacher": config.teacher or None, "seed": config.seed, "tokens_sha256": blocks_fingerprint(blocks)}
+               "base_model": base_model, "teacher": config.teacher or None, "seed": config.seed,
+               "tokens_sha256": blocks_fingerprint(blocks)}
     write_adapter(adapters, work, base_model)  # the whole folder is renamed into place below
     summary["adapter_bytes"] = sum(path.stat().st_size for path in work.glob("adapter_*"))
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
