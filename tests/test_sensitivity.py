@@ -1,7 +1,11 @@
+import copy
+
 import torch
 
 from calibration.sensitivity import truncation_sensitivity
 from compressor.arch import get_spec
+from compressor.config import CalibrationConfig, CompressConfig
+from compressor.pipeline import compress, language_model_loss
 
 
 def test_measured_sensitivity_equals_a_direct_forward(tiny_model, blocks):
@@ -36,11 +40,6 @@ def test_measured_sensitivity_equals_a_direct_forward(tiny_model, blocks):
 
 
 def test_auto_allocation_keeps_the_candidate_with_the_lower_calibration_loss(tiny_model, blocks):
-    import copy
-
-    from compressor.config import CalibrationConfig, CompressConfig
-    from compressor.pipeline import compress, language_model_loss
-
     calibration = CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1], batch_size=4, selection_samples=3)
     built = {}
     for allocation in ("uniform", "global", "auto"):
@@ -53,6 +52,6 @@ def test_auto_allocation_keeps_the_candidate_with_the_lower_calibration_loss(tin
         model = built[row["allocation"]][0]
         assert abs(row["loss"] - language_model_loss(model, blocks[-3:], 4)) < 1e-5
     best = min(table, key=lambda row: row["loss"])
-    auto_model, auto = built["auto"]
+    auto = built["auto"][1]
     assert auto.config.allocation == best["allocation"] and best["chosen"]
     assert auto.ranks == built[best["allocation"]][1].ranks
