@@ -395,7 +395,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from compressor.adapters import add_adapters
     from compressor.export import check_output
     from compressor.load import load_any, load_tokenizer
-    from compressor.train import train_adapter
+    from compressor.train import load_teacher, train_adapter
 
     config = resolve_config(args, TrainConfig, TRAIN_FLAG_TO_CONFIG)
     check_output(args.out, args.overwrite)
@@ -404,7 +404,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     needed = config.steps * config.grad_accum * config.batch_size
     blocks = token_blocks(config.target, tokenizer, needed, config.seq_len, config.seed, data, at_most=True)
-    teacher = _load_teacher(Path(config.teacher), tokenizer) if config.teacher else None
+    teacher = load_teacher(Path(config.teacher), tokenizer) if config.teacher else None
     torch.manual_seed(config.seed)  # dropout is the only user of the global RNG here
     adapters = add_adapters(model, config.adapter)
     total = sum(param.numel() for param in model.parameters())
@@ -417,18 +417,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(f"saved: {args.out}")
     return 0
-
-
-def _load_teacher(teacher_dir: Path, tokenizer):
-    """The model to distil from, frozen; it must share the student's tokenizer."""
-    from compressor.load import load_any, load_tokenizer
-
-    if load_tokenizer(teacher_dir).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"Teacher {teacher_dir} has another tokenizer than the model; distil from the "
-                         "model it was compressed from.")
-    teacher = load_any(teacher_dir).eval()
-    teacher.requires_grad_(False)
-    return teacher
 
 
 def _with_adapter(model, model_dir: Path, adapter_dir: Path):

@@ -27,6 +27,7 @@ from calibration.data import blocks_fingerprint
 from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter, write_adapter
 from compressor.config import TrainConfig, config_to_dict, load_config, save_config
 from compressor.export import check_output
+from compressor.load import load_any, load_tokenizer
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -68,6 +69,14 @@ def batch_loss(model: nn.Module, batch: torch.Tensor, teacher: nn.Module | None,
     kl = distillation_kl(output.logits, teacher_logits)
     loss = (1 - distill_weight) * output.loss + distill_weight * kl
     return loss, {"lm_loss": float(output.loss.detach()), "kl": float(kl.detach())}
+
+
+def load_teacher(teacher_dir: Path, tokenizer) -> nn.Module:
+    """The model to distil from, frozen; it must share the student's tokenizer."""
+    if load_tokenizer(teacher_dir).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"Teacher {teacher_dir} has another tokenizer than the model; distil from the "
+                         "model it was compressed from.")
+    return load_any(teacher_dir).eval().requires_grad_(False)
 
 
 def partial_dir(out_dir: Path) -> Path:

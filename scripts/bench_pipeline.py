@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from calibration.cache import model_fingerprint
 from compressor.config import CalibrationConfig, CompressConfig
-from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
+from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count, peak_rss_bytes
 from compressor.export import save_compressed
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_model, load_tokenizer
@@ -34,7 +33,7 @@ from compressor.pipeline import (
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 def timed(function, *args):

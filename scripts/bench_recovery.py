@@ -24,7 +24,7 @@ from compressor.config import TrainConfig
 from compressor.evaluate import evaluate_perplexity, parameter_count
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_any, load_tokenizer
-from compressor.train import train_adapter
+from compressor.train import load_teacher, train_adapter
 
 # name -> adapter settings; LoRA r=1 is the reference point, the others are sized to
 # at most 0.1% of the model's parameters.
@@ -76,7 +76,7 @@ def main() -> None:
         record("dense", load_any(args.dense), {})
         record("compressed", load_any(args.model), {})
     base_identity = {"path": str(args.model), "fingerprint": model_fingerprint(args.model)}
-    teacher = load_any(args.dense).eval().requires_grad_(False) if args.distill_weight else None
+    teacher = load_teacher(args.dense, tokenizer) if args.distill_weight else None
     for name in args.adapters:
         config = TrainConfig(target=args.target, steps=args.steps, batch_size=args.batch_size,
                              seq_len=args.seq_len, lr=LEARNING_RATES.get(name, args.lr), checkpoint_every=0,
