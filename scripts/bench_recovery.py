@@ -88,11 +88,13 @@ def main() -> None:
         adapters = add_adapters(model, config.adapter)
         start = time.perf_counter()
         row = f"{name}-kd{args.distill_weight:g}" if teacher else name
+        row += f"-{args.steps}steps"
         summary = train_adapter(model, adapters, blocks, config, args.work / row, base_identity,
                                 overwrite=True, progress=False, teacher=teacher)
         train_s = time.perf_counter() - start
         adapters.merge(model)
-        record(row, model, {"adapter": ADAPTERS[name], "lr": config.lr, "distill_weight": args.distill_weight,
+        record(row, model, {"adapter": ADAPTERS[name], "steps": config.steps, "lr": config.lr,
+                             "distill_weight": args.distill_weight,
                              "trainable_parameters": summary["trainable_parameters"],
                              "adapter_bytes": summary["adapter_bytes"], "train_s": train_s,
                              "first_loss": summary["first_loss"], "final_loss": summary["final_loss"]})
@@ -104,9 +106,9 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Recovery training: {Path(settings['model']).name}, target `{settings['target']}`", "",
         f"Command: `{results['command']}`", "",
-        f"Every adapter: {settings['steps']} steps of {settings['batch_size']} x {settings['seq_len']} "
-        f"tokens of `{settings['target']}` training text, AdamW (lr in the table; warm-up 10 steps, "
-        "cosine), seed 0, then merged into the low-rank factors. Perplexity: first "
+        f"Every adapter: the steps in its row (name ending `-Nsteps`), each of {settings['batch_size']} x "
+        f"{settings['seq_len']} tokens of `{settings['target']}` training text, AdamW (lr in the table; "
+        "warm-up 10 steps, cosine), seed 0, then merged into the low-rank factors. Perplexity: first "
         f"{settings['limit']} documents of each held-out set. `share` is trainable parameters over "
         "the compressed model's parameters. `x dense` is code perplexity over the dense model's. "
         "Rows ending `-kdW` distil from the dense model: loss = (1 - W) label loss + W KL(dense || "
