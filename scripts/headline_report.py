@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", default=["0.2", "0.4"])
     parser.add_argument("--targets", nargs="+", default=["code", "math"])
     parser.add_argument("--steps", type=int, default=40, help="recovery training steps (4 x 128 tokens each)")
-    # 12 aims at about an hour on 2 CPU cores. At 30, the 20% code model (whose completions often
-    # run to the generation limit) took 36 minutes, with other jobs sharing the cores.
+    # At 12 the evaluations of the nine models still took 201 minutes on shared cores
+    # (reports/headline/NOTES.md): compressed models often generate to the token limit.
     parser.add_argument("--limit", type=int, default=12, help="documents / problems per evaluation set")
     args = parser.parse_args()
     dense = example_model_dir(default_home())
