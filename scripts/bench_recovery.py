@@ -111,7 +111,7 @@ def markdown(results: dict) -> str:
         "warm-up 10 steps, cosine), seed 0, then merged into the low-rank factors. Perplexity: first "
         f"{settings['limit']} documents of each held-out set. `share` is trainable parameters over "
         "the compressed model's parameters. `x dense` is code perplexity over the dense model's. "
-        "Rows ending `-kdW` distil from the dense model: loss = (1 - W) label loss + W KL(dense || "
+        "Rows with `-kdW` in their name distil from the dense model: loss = (1 - W) label loss + W KL(dense || "
         "adapted), per token; their `loss` column is that mix.", "",
         "| run | lr | trainable params | share | adapter bytes | train s | loss first -> last | code ppl | x dense | math ppl | general ppl |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
