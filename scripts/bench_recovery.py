@@ -32,9 +32,11 @@ ADAPTERS = {
     "lora-r1": dict(method="lora", rank=1, alpha=2.0),
     "tied-lora-r8": dict(method="tied-lora", rank=8, alpha=16.0),
     "nola-r8-k1024": dict(method="nola", rank=8, alpha=16.0, num_basis=1024),
+    # the largest NOLA under 0.1%: 2 x 1600 coefficients x 168 linears = 537,600
+    "nola-r8-k1600": dict(method="nola", rank=8, alpha=16.0, num_basis=1600),
 }
 # Learning rate per adapter where it differs from --lr.
-LEARNING_RATES = {"nola-r8-k1024": 5e-3}
+LEARNING_RATES = {"nola-r8-k1024": 5e-3, "nola-r8-k1600": 5e-3}
 
 
 def main() -> None:
