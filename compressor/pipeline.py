@@ -385,15 +385,21 @@ def candidate_loss(model: nn.Module, spec: ArchSpec, bases: Bases, costs: dict[s
     return language_model_loss(candidate, sample, config.calibration.batch_size)
 
 
+def selection_sample(blocks: torch.Tensor, config: CompressConfig) -> torch.Tensor:
+    """The calibration sequences that rank candidate models: the last `selection_samples`,
+    because global's sensitivities and taylor's gradients are measured on the first ones, and
+    judging a candidate on the data it was fitted to would favour it."""
+    return blocks[-config.calibration.selection_samples:]
+
+
 def select_allocation(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, bases: Bases,
                       costs: dict[str, torch.Tensor], cache: StatsCache,
                       config: CompressConfig) -> tuple[CompressConfig, list[dict]]:
     """`auto`: build the uniform and the global allocation, keep the one with the lower
-    language-model loss on the last `selection_samples` calibration sequences (target data).
-    Global models the loss of each matrix's cut as independent of the others; deep cuts
-    compound, and then uniform can win. The last sequences, because global's sensitivities
-    and taylor's gradients are measured on the first ones: judging it there would favour it."""
-    sample = blocks[-config.calibration.selection_samples:]
+    language-model loss on the held-out selection sequences (target data). Global models the
+    loss of each matrix's cut as independent of the others; deep cuts compound, and then
+    uniform can win."""
+    sample = selection_sample(blocks, config)
     rows = []
     for allocation in allocation_choices(config):
         loss = candidate_loss(model, spec, bases, costs, cache, replace(config, allocation=allocation), sample)
@@ -413,12 +419,12 @@ def select_rank_and_bits(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
     Each scheme s can keep a fraction budget / stored_bits(s) of the parameters: more rank at
     fewer bits, or less rank at more. Every pair that fits (at most MAX_AUTO_RATIO removed; a
     scheme under budget with nothing removed keeps every rank) is built on a copy of the model
-    and scored by its language-model loss on `selection_samples` calibration sequences (with
+    and scored by its language-model loss on the held-out selection sequences (with
     allocation `auto`, once per allocation). Returns the config of the lowest-loss candidate and
     the table of all.
     """
     budget, cal = config.quant.bits_per_weight, config.calibration
-    sample = blocks[: cal.selection_samples]
+    sample = selection_sample(blocks, config)
     rows = [{"scheme": "dense float32", "ratio": 0.0, "loss": language_model_loss(model, sample, cal.batch_size)}]
     chosen = None  # (loss, config, row)
     for scheme in ("none", *SCHEME_BITS):

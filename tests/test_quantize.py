@@ -12,7 +12,7 @@ from compressor.arch import get_spec
 from compressor.config import CalibrationConfig, CompressConfig, ConfigError
 from compressor.export import save_compressed
 from compressor.modeling_basis_llama import NF4_LEVELS, QuantizedLinear, unpack_codes
-from compressor.pipeline import compress
+from compressor.pipeline import compress, language_model_loss
 from compressor.quantize import (
     QuantConfig, QuantError, dequantize_tensors, pack_codes, quantize_int, quantize_matrix, quantize_model,
     quantize_nf4, quantize_tensors,
@@ -191,8 +191,12 @@ def test_auto_rank_x_bits_picks_the_lowest_loss_pair_within_the_budget(tiny_mode
     config = CompressConfig(allocation="uniform", tolerance=0.03, quant=QuantConfig("auto", 16, bits_per_weight=6.0),
                             calibration=CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1], batch_size=4,
                                                           selection_samples=4))
+    assert len(blocks) > 4
+    held_out_loss = language_model_loss(tiny_model, blocks[-4:], 4)
     result = compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
     rows = {row["scheme"]: row for row in result.summary["rank_x_bits"]}
+    # Ranked on the last sequences, held out from the sensitivity measurement like allocation auto's.
+    assert rows["dense float32"]["loss"] == pytest.approx(held_out_loss, abs=1e-5)
     # 6 bits: float16 keeps 37.5% of the parameters, int8 (9.5 bits with scales) 63%, 4-bit ones all.
     assert rows["none"]["ratio"] == pytest.approx(1 - 6 / 16, abs=1e-3)
     assert rows["int8"]["ratio"] == pytest.approx(1 - 6 / 9.5, abs=1e-3)
