@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tasks", default="perplexity", help="comma-separated: perplexity, gsm8k, humaneval")
     report.add_argument("--limit", type=int, default=32, help="documents / problems per set (0: all)")
     report.add_argument("--allow-code-exec", action="store_true", help="humaneval: run the generated code")
+    report.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot worked exemplars, 0 to 4")
+    report.add_argument("--max-new-tokens", type=int, help="benchmarks: generation length "
+                                                            "(default gsm8k 256, humaneval 384)")
     report.add_argument("--batch-size", type=int, default=8)
     return parser
 
@@ -509,7 +512,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     tasks = tuple(parse_tasks(args.tasks, args.allow_code_exec))
     home, data = _paths(args)
-    settings = ReportSettings(tasks, args.limit or None, args.allow_code_exec, args.batch_size)
+    settings = ReportSettings(tasks, args.limit or None, args.allow_code_exec, args.batch_size, args.shots,
+                              args.max_new_tokens)
     rows = [measure_model(folder, data, home, settings, progress=not args.quiet) for folder in args.models]
     write_report(rows, settings, environment(data), args.out)
     print(f"report: {args.out / 'report.md'}, {args.out / 'report.html'}, {args.out / 'metrics.json'}")

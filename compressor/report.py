@@ -24,7 +24,7 @@ import torch
 from calibration.cache import model_fingerprint
 from compressor.arch import decoder_layers, get_spec, linear_modules
 from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
-from compressor.generation import cached_json, run_benchmark
+from compressor.generation import DEFAULT_NEW_TOKENS, cached_json, run_benchmark
 from compressor.load import load_any, load_tokenizer
 from compressor.modeling_basis_llama import LowRankLinear, QuantizedLinear
 
@@ -35,6 +35,8 @@ class ReportSettings:
     limit: int | None = 32
     allow_code_exec: bool = False
     batch_size: int = 8
+    shots: int = 4  # gsm8k exemplars
+    max_new_tokens: int | None = None  # benchmarks' generation length (None: each task's default)
 
 
 @torch.no_grad()
@@ -74,8 +76,8 @@ def measure_model(folder: Path, data_dir: Path, home: Path, settings: ReportSett
     for task in ("gsm8k", "humaneval"):
         if task in settings.tasks:
             result, _ = run_benchmark(task, model, tokenizer, data_dir, results, model_id, settings.limit,
-                                      batch_size=settings.batch_size, allow_code_exec=settings.allow_code_exec,
-                                      progress=progress)
+                                      settings.shots, settings.max_new_tokens, settings.batch_size,
+                                      allow_code_exec=settings.allow_code_exec, progress=progress)
             row[task] = {"metrics": result.metrics, "intervals": result.intervals, "n": result.n}
     summary = folder / "compression_summary.json"
     if summary.exists():
@@ -226,6 +228,20 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+NAMES = {"gsm8k": "GSM8K", "humaneval": "HumanEval"}
+
+
+def generation_limits(settings: ReportSettings) -> str:
+    """The benchmark settings that bound (and change) their scores, as a sentence."""
+    parts = []
+    for task in ("gsm8k", "humaneval"):
+        if task in settings.tasks:
+            shots = f"{settings.shots}-shot, " if task == "gsm8k" else ""
+            tokens = settings.max_new_tokens or DEFAULT_NEW_TOKENS[task]
+            parts.append(f"{NAMES[task]} {shots}greedy, at most {tokens} new tokens")
+    return f" {'; '.join(parts)}." if parts else ""
+
+
 def write_report(rows: list[dict], settings: ReportSettings, env: dict, out_dir: Path) -> None:
     """report.md (+ PNG files), self-contained report.html and metrics.json into out_dir (atomic)."""
     from compressor.export import atomic_folder
@@ -236,7 +252,7 @@ def write_report(rows: list[dict], settings: ReportSettings, env: dict, out_dir:
               else "All documents and problems of each set")
     intro = (f"{limits}; tasks: {', '.join(settings.tasks)}. Perplexity is token-weighted over held-out "
              "text (HumanEval prompts+solutions, GSM8K test, held-out BoolQ passages); tokens/s is greedy "
-             "decoding of 32 new tokens after a 64-token prompt, on this machine.")
+             "decoding of 32 new tokens after a 64-token prompt, on this machine." + generation_limits(settings))
     with atomic_folder(out_dir, overwrite=True) as tmp:
         markdown = ["# Compression report", "", intro, "",
                     "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -97,7 +97,7 @@ def test_report_over_dense_and_compressed_models(tmp_path, corpus, model_dir, da
                 *common]) == 0
     out = tmp_path / "report"
     args = ["report", str(model_dir), str(tmp_path / "c30"), "--tasks", "perplexity,gsm8k,humaneval",
-            "--allow-code-exec", "--limit", "2", "--out", str(out), *common]
+            "--allow-code-exec", "--limit", "2", "--shots", "2", "--max-new-tokens", "24", "--out", str(out), *common]
     assert cli(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     dense, compressed = metrics["models"]
@@ -108,7 +108,13 @@ def test_report_over_dense_and_compressed_models(tmp_path, corpus, model_dir, da
     assert max(v for v in compressed["ranks"]["q_proj"] if v is not None) < 1
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5  # perplexity, accuracy, one rank map, two spectra
-    assert "the first 2 documents" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "the first 2 documents" in markdown
+    assert "GSM8K 2-shot, greedy, at most 24 new tokens; HumanEval greedy, at most 24 new tokens." in markdown
+    cached = [json.loads(path.read_text())["fields"] for path in (tmp_path / "home" / "results").iterdir()]
+    benchmarks = [fields for fields in cached if fields["task"] in ("gsm8k", "humaneval")]
+    assert len(benchmarks) == 4 and all(fields["max_new_tokens"] == 24 for fields in benchmarks)
+    assert all(fields["shots"] == 2 for fields in benchmarks if fields["task"] == "gsm8k")
     # Rebuilt from the cache: the same numbers, nothing evaluated again.
     before = sorted((tmp_path / "home" / "results").iterdir())
     assert cli(args) == 0
