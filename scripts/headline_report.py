@@ -10,7 +10,7 @@ per benchmark. Every limit is a flag, and the report states them. The seconds ea
 go to OUT/timings.json.
 
 Every step is skipped when its output exists, so an interrupted run continues where it
-stopped, and evaluations are cached (a step that was skipped is listed as such in the timings).
+stopped, and evaluations are cached (skipped steps are not in the timings).
 
     python scripts/headline_report.py --out reports/headline
 """
