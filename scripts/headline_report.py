@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="recovery training steps (4 x 128 tokens each)")
     parser.add_argument("--limit", type=int, default=8, help="documents / problems per evaluation set")
     parser.add_argument("--shots", type=int, default=2, help="GSM8K exemplars")
-    parser.add_argument("--max-new-tokens", type=int, default=160, help="GSM8K and HumanEval generation length")
+    parser.add_argument("--max-new-tokens", type=int, default=160,
+                        help="GSM8K and HumanEval generation length (0: each one's default, 256 and 384)")
     args = parser.parse_args()
     timings: list[dict] = []
     start = time.perf_counter()
