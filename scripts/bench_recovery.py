@@ -91,11 +91,13 @@ def main() -> None:
         start = time.perf_counter()
         row = f"{name}-kd{args.distill_weight:g}" if teacher else name
         row += f"-{args.steps}steps"
+        if args.target != "code":  # the rows of one table are compared on code perplexity
+            row += f"-on-{Path(args.target).stem}"
         summary = train_adapter(model, adapters, blocks, config, args.work / row, base_identity,
                                 overwrite=True, progress=False, teacher=teacher)
         train_s = time.perf_counter() - start
         adapters.merge(model)
-        record(row, model, {"adapter": ADAPTERS[name], "steps": config.steps, "lr": config.lr,
+        record(row, model, {"adapter": ADAPTERS[name], "target": args.target, "steps": config.steps, "lr": config.lr,
                              "distill_weight": args.distill_weight,
                              "trainable_parameters": summary["trainable_parameters"],
                              "adapter_bytes": summary["adapter_bytes"], "train_s": train_s,
@@ -106,15 +108,16 @@ def markdown(results: dict) -> str:
     settings, runs = results["settings"], results["runs"]
     dense = runs.get("dense", {}).get("perplexity", {})
     lines = [
-        f"# Recovery training: {Path(settings['model']).name}, target `{settings['target']}`", "",
+        f"# Recovery training: {Path(settings['model']).name}", "",
         f"Command: `{results['command']}`", "",
         f"Every adapter: the steps in its row (name ending `-Nsteps`), each of {settings['batch_size']} x "
-        f"{settings['seq_len']} tokens of `{settings['target']}` training text, AdamW (lr in the table; "
+        f"{settings['seq_len']} tokens of `code` training text, AdamW (lr in the table; "
         "warm-up 10 steps, cosine), seed 0, then merged into the low-rank factors. Perplexity: first "
         f"{settings['limit']} documents of each held-out set. `share` is trainable parameters over "
         "the compressed model's parameters. `x dense` is code perplexity over the dense model's. "
         "Rows with `-kdW` in their name distil from the dense model: loss = (1 - W) label loss + W KL(dense || "
-        "adapted), per token; their `loss` column is that mix.", "",
+        "adapted), per token; their `loss` column is that mix. Rows ending `-on-NAME` were trained on "
+        "that text instead (`--target`; each row's `target` is in RESULTS.json).", "",
         "| run | lr | trainable params | share | adapter bytes | train s | loss first -> last | code ppl | x dense | math ppl | general ppl |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
