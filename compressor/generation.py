@@ -214,13 +214,18 @@ def cached_task(results_dir: Path, model_id: str, task: str, settings: dict, com
     return TaskResult(**data), from_cache
 
 
+def new_token_limit(task: str, max_new_tokens: int | None) -> int:
+    """The generation length a benchmark runs with: the one asked for, else the task's default."""
+    return max_new_tokens or DEFAULT_NEW_TOKENS[task]
+
+
 def run_benchmark(task: str, model: nn.Module, tokenizer, data_dir: Path, results_dir: Path, model_id: str,
                   limit: int | None, shots: int = 4, max_new_tokens: int | None = None, batch_size: int = 8,
                   allow_code_exec: bool = False, use_cache: bool = True,
                   progress: bool = True) -> tuple[TaskResult, bool]:
     """One benchmark, cached under the settings that change its result (eval and report share
     the cache). Returns the result and whether it came from the cache."""
-    max_new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS[task]
+    max_new_tokens = new_token_limit(task, max_new_tokens)
     if task == "gsm8k":
         settings = {"limit": limit, "shots": shots, "exemplars": EXEMPLARS_VERSION, "max_new_tokens": max_new_tokens}
         compute = partial(evaluate_gsm8k, model, tokenizer, data_dir, limit, shots, max_new_tokens,

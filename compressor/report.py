@@ -24,7 +24,7 @@ import torch
 from calibration.cache import model_fingerprint
 from compressor.arch import decoder_layers, get_spec, linear_modules
 from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
-from compressor.generation import DEFAULT_NEW_TOKENS, cached_json, run_benchmark
+from compressor.generation import TASKS, cached_json, new_token_limit, run_benchmark
 from compressor.load import load_any, load_tokenizer
 from compressor.modeling_basis_llama import LowRankLinear, QuantizedLinear
 
@@ -73,7 +73,7 @@ def measure_model(folder: Path, data_dir: Path, home: Path, settings: ReportSett
             name: result.to_dict() for name, result in evaluate_perplexity(
                 model, tokenizer, data_dir, limit=settings.limit, batch_size=settings.batch_size,
                 progress=progress).items()})
-    for task in ("gsm8k", "humaneval"):
+    for task in TASKS:
         if task in settings.tasks:
             result, _ = run_benchmark(task, model, tokenizer, data_dir, results, model_id, settings.limit,
                                       settings.shots, settings.max_new_tokens, settings.batch_size,
@@ -234,10 +234,10 @@ NAMES = {"gsm8k": "GSM8K", "humaneval": "HumanEval"}
 def generation_limits(settings: ReportSettings) -> str:
     """The benchmark settings that bound (and change) their scores, as a sentence."""
     parts = []
-    for task in ("gsm8k", "humaneval"):
+    for task in TASKS:
         if task in settings.tasks:
             shots = f"{settings.shots}-shot, " if task == "gsm8k" else ""
-            tokens = settings.max_new_tokens or DEFAULT_NEW_TOKENS[task]
+            tokens = new_token_limit(task, settings.max_new_tokens)
             parts.append(f"{NAMES[task]} {shots}greedy, at most {tokens} new tokens")
     return f" {'; '.join(parts)}." if parts else ""
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
+
+from calibration.data import code_texts
 
 
 def documented_functions(source: str, max_lines: int) -> list[str]:
@@ -45,10 +46,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         sys.exit(f"{args.out} exists; remove it or pick another --out.")
-    stdlib = Path(os.path.dirname(os.__file__))
     texts = []
-    for path in sorted(stdlib.glob("*.py")):  # the files of the `code` target
-        texts += documented_functions(path.read_text(encoding="utf-8", errors="replace"), args.max_lines)
+    for source in code_texts():  # the standard-library files of the `code` target
+        texts += documented_functions(source, args.max_lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".partial")
     partial.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
