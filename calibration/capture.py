@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.stats import InputStats, recording
+from calibration.stats import InputStats, OutputStats, recording
 from compressor.arch import ArchSpec, decoder_layers
 
 
@@ -73,11 +73,12 @@ def group_modules(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
     return {group[0]: layer.get_submodule(group[0]) for group in spec.input_groups}
 
 
-def collect_layer(layer: nn.Module, spec: ArchSpec,
-                  inputs: LayerInputs) -> tuple[dict[str, InputStats], LayerInputs]:
-    """Statistics of every input group of `layer`, and the layer's outputs."""
-    stats: dict[str, InputStats] = {}
-    with recording(group_modules(layer, spec), stats):
+def collect_layer(layer: nn.Module, spec: ArchSpec, inputs: LayerInputs,
+                  outputs: frozenset[str] = frozenset()) -> tuple[dict[str, InputStats | OutputStats], LayerInputs]:
+    """Statistics of every input group of `layer` (OutputStats for the linears named in
+    `outputs`), and the layer's outputs."""
+    stats: dict[str, InputStats | OutputStats] = {}
+    with recording(group_modules(layer, spec), stats, outputs):
         outputs = run_layer(layer, inputs)
     return stats, outputs
 
@@ -94,7 +95,7 @@ def iterate_layers(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, batch
             raise ValueError("The interrupted calibration being resumed used other batches (another "
                              "--batch-size?); rerun with the same settings, or delete its .partial "
                              "folder under HOME/stats to start over.")
-        inputs = LayerInputs(hidden, inputs.args, inputs.kwargs)
+        inputs = LayerInputs([h.to(inputs.hidden[0].device) for h in hidden], inputs.args, inputs.kwargs)
     layers = decoder_layers(model, spec)
     for index in tqdm(range(start, len(layers)), desc="calibration", initial=start, total=len(layers),
                       disable=not progress):

@@ -147,4 +147,4 @@ def token_blocks(source: str, tokenizer, n_samples: int, seq_len: int, seed: int
 
 
 def blocks_fingerprint(blocks: torch.Tensor) -> str:
-    return hashlib.sha256(blocks.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()

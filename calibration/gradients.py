@@ -48,14 +48,17 @@ def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
         u, w = bases[name]
 
         def forward_hook(module, args, output):
-            projected_input = (args[0].detach().flatten(0, -2).float() @ w.T)  # (T, k): w_i^T x_t
+            x = args[0].detach()
+            # The bases travel to the model's device per call (no-op on the CPU): all of them
+            # at once would take twice the model's memory there.
+            projected_input = x.flatten(0, -2).float() @ w.to(x.device).T  # (T, k): w_i^T x_t
 
             def gradient_hook(grad: torch.Tensor) -> None:
-                contributions = (grad.flatten(0, -2).float() @ u) * projected_input  # (T, k): a_ti
+                contributions = (grad.flatten(0, -2).float() @ u.to(grad.device)) * projected_input  # (T, k): a_ti
                 sequence_grad = contributions.sum(0).double()  # one hook call per sequence
-                grad_sums[name] += sequence_grad
-                square_sums[name] += sequence_grad.square()
-                fisher_sums[name] += tokens * contributions.double().square().sum(0)
+                grad_sums[name] += sequence_grad.cpu()
+                square_sums[name] += sequence_grad.square().cpu()
+                fisher_sums[name] += tokens * contributions.double().square().sum(0).cpu()
 
             output.register_hook(gradient_hook)
 

@@ -52,7 +52,7 @@ def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tenso
             continue
         module = layers[index].get_submodule(name)
         original = module.weight.data
-        module.weight.data = weight.to(original.dtype)
+        module.weight.data = weight.to(original.device, original.dtype)
         try:
             hidden = layer_inputs[index]
             for layer in layers[index:]:

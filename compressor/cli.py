@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one decoder layer in memory at a time, read from the safetensors: for "
                                "checkpoints larger than RAM (uniform allocation, energy score, no --quant)")
     compress.add_argument("--device", default="cpu",
-                          help="with --streaming: where each layer is calibrated and decomposed (cpu, cuda, "
-                               "cuda:1); one layer at a time, so a GPU smaller than the model serves")
+                          help="where calibration, decomposition and scoring run (cpu, cuda, cuda:1). In memory "
+                               "the whole model goes there (a GPU needs twice its size free); with --streaming "
+                               "one layer at a time, so a GPU smaller than the model serves")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     compress.add_argument("--no-cache", action="store_true", help="do not reuse or save statistics")
 
@@ -309,17 +310,19 @@ def _reproduce_record(model_dir: Path, fingerprint: str | None, blocks, seed: in
 def cmd_compress(args: argparse.Namespace) -> int:
     from compressor.evaluate import peak_rss_bytes
     from compressor.export import check_output, save_compressed
+    from compressor.load import check_device, place_model
     from compressor.pipeline import compress
 
     config = resolve_config(args)
     check_output(args.out, args.overwrite)  # refuse before hours of work, not after
+    device = check_device(args.device)
     if args.streaming:
         return _compress_streaming(args, config)
-    if args.device != "cpu":
-        raise ConfigError("--device applies to --streaming; the in-memory pipeline runs on the CPU.")
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
     start = time.perf_counter()
+    place_model(model, device)
     result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
+    model.to("cpu")  # the export is written from host memory
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
                "reproduce": _reproduce_record(args.model, model_id, blocks, config.calibration.seed),
                "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}

@@ -53,6 +53,9 @@ class Factorization:
         root = self.sigma[:rank].sqrt()
         return self.u[:, :rank] * root, root[:, None] * self.w[:rank]
 
+    def to(self, device: torch.device | str) -> "Factorization":
+        return Factorization(self.u.to(device), self.sigma.to(device), self.w.to(device), self.method)
+
     def truncation_error(self, rank: int) -> float:
         """Relative error ||(W - W_r) S||^2 / ||W S||^2 in the method's own space."""
         energy = self.sigma.double().pow(2)
@@ -75,6 +78,10 @@ class Whitening:
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
+    # One float64 sum is NaN/Inf exactly when an element is (and cannot overflow from finite
+    # float32 values): a third of the time of isfinite().all() on a large Gram matrix.
+    if torch.isfinite(tensor.sum(dtype=torch.float64)):
+        return
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(
@@ -167,6 +174,16 @@ def _eigh_bases(weight: torch.Tensor, scale: torch.Tensor | None, gram: torch.Te
     return u, sigma, vt if scale is None else vt / scale.float()
 
 
+def canonical_signs(u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each basis with the largest-magnitude entry of u_i positive. A solver returns (u_i, w_i)
+    or (-u_i, -w_i) at its whim (LAPACK and cuSOLVER differ); fixing the sign makes the
+    factors, and the codes they quantize to, the same on every machine and solver."""
+    rows = u.abs().argmax(0)
+    signs = torch.sign(u.gather(0, rows[None]).squeeze(0))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return u * signs, w * signs[:, None]
+
+
 def decompose(weight: torch.Tensor, method: str, gram: torch.Tensor | None = None,
               abs_mean: torch.Tensor | None = None, asvd_alpha: float = 0.5,
               damping: float = 1e-4, name: str = "linear", solver: str = "svd") -> Factorization:
@@ -198,24 +215,44 @@ def decompose(weight: torch.Tensor, method: str, gram: torch.Tensor | None = Non
         raise ValueError(f"Unknown decomposition method {method!r}; choose one of {', '.join(METHODS)}")
     if solver == "eigh":
         u, sigma, w_basis = _eigh_bases(weight, scale, damped_gram, white)
-        return Factorization(u.float(), sigma.float(), w_basis.float(), method)
-    w64 = weight.double()
-    if white is not None:
-        u, sigma, vt = _svd_of(w64 @ white.s)
-        w_basis = white.right_solve(vt)
-    elif scale is not None:
-        u, sigma, vt = _svd_of(w64 * scale)
-        w_basis = vt / scale
     else:
-        u, sigma, w_basis = _svd_of(w64)
-    return Factorization(u.float(), sigma.float(), w_basis.float(), method)
+        w64 = weight.double()
+        if white is not None:
+            u, sigma, vt = _svd_of(w64 @ white.s)
+            w_basis = white.right_solve(vt)
+        elif scale is not None:
+            u, sigma, vt = _svd_of(w64 * scale)
+            w_basis = vt / scale
+        else:
+            u, sigma, w_basis = _svd_of(w64)
+    u, w_basis = canonical_signs(u.float(), w_basis.float())
+    return Factorization(u, sigma.float(), w_basis, method)
+
+
+def whitened_bases_from_outputs(weight: torch.Tensor, output_gram: torch.Tensor, input_mean_square: float,
+                                damping: float = 1e-4, name: str = "linear") -> Factorization:
+    """decompose(weight, "whiten", gram=G, damping=damping, solver="eigh") for out <= in, from
+    W G W^T (the Gram matrix of the outputs W x) and mean diag(G) alone: the damped
+    W (G + d I) W^T is W G W^T + d W W^T, with d = damping * mean diag(G) as in damped()."""
+    out_features, in_features = weight.shape
+    if out_features > in_features:
+        raise ValueError(f"{name}: bases from the output Gram matrix need out <= in; got {tuple(weight.shape)}")
+    check_finite(f"weight of {name}", weight)
+    check_finite(f"output Gram matrix of {name}", output_gram)
+    w32 = weight.float()
+    damped_outputs = output_gram.float() + (damping * max(input_mean_square, 1e-12)) * (w32 @ w32.T)
+    sigma, u = _descending_eigh(damped_outputs)
+    u, w_basis = canonical_signs(u, _safe_inverse(sigma)[:, None] * (u.T @ w32))  # V^T S^-1 = diag(1/s) U^T W
+    return Factorization(u, sigma.float(), w_basis, "whiten")
 
 
 def output_error(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                  gram: torch.Tensor) -> float:
-    """Relative output error tr(dW G dW^T) / tr(W G W^T) on inputs with Gram matrix G."""
-    delta = weight.double() - up.double() @ down.double()
-    gram = gram.double()
+    """Relative output error tr(dW G dW^T) / tr(W G W^T) on inputs with Gram matrix G, computed
+    on the weight's device."""
+    device = weight.device
+    delta = weight.double() - up.to(device, torch.float64) @ down.to(device, torch.float64)
+    gram = gram.to(device, torch.float64)
     num = ((delta @ gram) * delta).sum()
     den = ((weight.double() @ gram) * weight.double()).sum().clamp_min(1e-30)
     return float(num / den)

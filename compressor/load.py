@@ -17,6 +17,44 @@ class ModelFolderError(ValueError):
     pass
 
 
+class DeviceError(ValueError):
+    pass
+
+
+def check_device(name: str) -> torch.device:
+    """The device a run asked for, refused before any work when torch cannot use it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DeviceError(f"--device {name}: only cpu and cuda devices are supported.")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; "
+                          "use --device cpu, or install a CUDA build of torch on a machine with a GPU.")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible.")
+    return device
+
+
+def place_model(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the whole model to `device` for the in-memory pipeline. On a GPU it needs twice its
+    size free: candidate models (--allocation auto, --quant auto) are copies of it, and the
+    gradient passes keep activations. A model that does not fit is an error naming streaming,
+    which holds one layer on the GPU at a time."""
+    if device.type == "cuda":
+        needed = 2 * sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed > free:
+            raise DeviceError(
+                f"The in-memory pipeline needs {needed / 2**30:.1f} GiB on {device} (twice the model), and "
+                f"{free / 2**30:.1f} GiB are free. Use --streaming --device {device} (one layer on the GPU at "
+                "a time, uniform allocation), or --device cpu.")
+    model.to(device)
+
+
 def read_model_type(model_dir: Path) -> str:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

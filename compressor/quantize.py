@@ -98,15 +98,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return codes.clone()
-    stream = (codes.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8)) & 1
+    stream = (codes.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8, device=codes.device)) & 1
     stream = F.pad(stream.reshape(-1), (0, -stream.numel() % 8)).view(-1, 8)
-    return (stream * (2 ** torch.arange(8)).to(torch.uint8)).sum(-1).to(torch.uint8)
+    return (stream * (2 ** torch.arange(8, device=codes.device)).to(torch.uint8)).sum(-1).to(torch.uint8)
 
 
 def _float16_at_least(values: torch.Tensor) -> torch.Tensor:
     """float16 values >= the given ones (rounded up), with zeros replaced by 1 (empty groups)."""
     half = values.to(torch.float16)
-    half = torch.where(half.float() < values, torch.nextafter(half, torch.tensor(math.inf, dtype=half.dtype)), half)
+    half = torch.where(half.float() < values, torch.nextafter(half, torch.full_like(half, math.inf)), half)
     return torch.where(half == 0, torch.ones_like(half), half)
 
 
@@ -136,18 +136,21 @@ def quantize_int(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
 
 
 def quantize_nf4(weight: torch.Tensor, block_size: int) -> Quantized:
-    """NF4 codes from bitsandbytes, repacked into this project's code stream."""
+    """NF4 codes from bitsandbytes, repacked into this project's code stream. Encoded on the
+    CPU whatever the weight's device (bitsandbytes' CPU encoder is the one this project pins and
+    tests), and returned on the weight's device."""
     try:
         from bitsandbytes import functional as bnb_functional
     except ImportError:
         raise QuantError("nf4 quantization needs bitsandbytes, which is not installed: "
                          "`pip install bitsandbytes`, or choose int4.") from None
-    packed, state = bnb_functional.quantize_4bit(weight.float().contiguous(), blocksize=block_size,
+    packed, state = bnb_functional.quantize_4bit(weight.float().cpu().contiguous(), blocksize=block_size,
                                                  quant_type="nf4")
     packed = packed.reshape(-1)
     # bitsandbytes puts the first code of a byte in its high nibble; the stream here, in the low.
     codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1)[: weight.numel()]
-    return Quantized(pack_codes(codes, 4), state.absmax.float().contiguous().view(torch.int32), None,
+    return Quantized(pack_codes(codes, 4).to(weight.device),
+                     state.absmax.float().contiguous().view(torch.int32).to(weight.device), None,
                      tuple(weight.shape), 4, block_size, nf4=True)
 
 
@@ -191,7 +194,8 @@ def quantize_model(model: nn.Module, spec: ArchSpec, config: QuantConfig) -> tup
     for name, linear in targets.items():
         quantized = quantize_matrix(linear.weight, config)
         module = QuantizedLinear(linear.in_features, linear.out_features, config.scheme, config.group_size,
-                                 config.symmetric, bias=linear.bias is not None, dtype=linear.weight.dtype)
+                                 config.symmetric, bias=linear.bias is not None, device=linear.weight.device,
+                                 dtype=linear.weight.dtype)
         for key, tensor in quantized.tensors().items():
             setattr(module, key, tensor)  # registered buffers: assignment keeps them buffers
         if linear.bias is not None:

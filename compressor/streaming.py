@@ -165,6 +165,17 @@ def check_streamable(config: CompressConfig) -> None:
                           "failure would miss the budget; use --on-failure stop, or compress without --streaming.")
 
 
+def output_gram_linears(layer: torch.nn.Module, spec: ArchSpec, config: CompressConfig) -> frozenset[str]:
+    """The linears of a layer whose output Gram matrix is recorded instead of their input's:
+    under whitening with the eigen solver, a linear alone in its input group with out < in
+    (LLaMA's down_proj) needs only W G W^T, which costs out^2 per token instead of in^2."""
+    if (config.method, config.solver) != ("whiten", "eigh"):
+        return frozenset()
+    alone = [group[0] for group in spec.input_groups if len(group) == 1]
+    return frozenset(name for name in alone
+                     if layer.get_submodule(name).out_features < layer.get_submodule(name).in_features)
+
+
 def _decompose_layer(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict,
                      ranks: dict[str, int | None], config: CompressConfig) -> list[LayerReport]:
     """Cut every linear of one materialized layer to its rank, in place."""
@@ -279,7 +290,7 @@ def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheck
     layer = materialize_layer(model, source, checkpoint, index, device)
     read_s, clock = _now(device) - clock, _now(device)
     try:
-        stats, outputs = collect_layer(layer, spec, inputs)
+        stats, outputs = collect_layer(layer, spec, inputs, output_gram_linears(layer, spec, config))
     except FloatingPointError as error:
         raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
     calibration_s, clock = _now(device) - clock, _now(device)

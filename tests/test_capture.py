@@ -33,3 +33,23 @@ def test_group_statistics_equal_the_inputs_gram(tiny_model, blocks):
     assert torch.allclose(item.abs_sum, x.abs().sum(0), rtol=1e-5)
     # Our hooks are gone; the test's own hook was removed by its handle.
     assert not layer.mlp.gate_proj._forward_pre_hooks
+
+
+def test_output_statistics_give_w_g_wt_without_the_bias(tiny_model, blocks):
+    """A linear named in `outputs` records the Gram matrix of W x (its bias taken off) and the
+    mean squared input; they equal W G W^T and mean diag(G) from its input statistics."""
+    spec = get_spec("llama")
+    layer = tiny_model.model.layers[0]
+    down = layer.mlp.down_proj
+    down.bias = torch.nn.Parameter(torch.randn(down.out_features))  # Qwen2-like biases must not leak in
+    inputs = capture_first_layer_inputs(tiny_model, spec, blocks, batch_size=4)
+    from_inputs, _ = collect_layer(layer, spec, inputs)
+    from_outputs, _ = collect_layer(layer, spec, inputs, outputs=frozenset({"mlp.down_proj"}))
+    weight = down.weight.detach().double()
+    gram = from_inputs["mlp.down_proj"].mean_gram()
+    item = from_outputs["mlp.down_proj"]
+    assert item.count == blocks.numel() and item.gram.shape == (down.out_features, down.out_features)
+    assert torch.allclose(item.mean_gram(), weight @ gram @ weight.T, rtol=1e-4, atol=1e-5)
+    assert abs(item.input_mean_square() - float(gram.diagonal().mean())) < 1e-5 * float(gram.diagonal().mean())
+    assert type(from_outputs["mlp.gate_proj"]).__name__ == "InputStats"  # the others unchanged
+    assert not down._forward_hooks and not down._forward_pre_hooks

@@ -66,9 +66,11 @@ def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
     assert main([*args[:-6], "--allocation", "global", "--streaming", *common,
                  "--out", str(tmp_path / "global")]) == 2
     assert "uniform" in capsys.readouterr().err and not (tmp_path / "global").exists()
-    # --device belongs to streaming.
-    assert main([*args[:-6], "--device", "cuda", *common, "--out", str(tmp_path / "gpu")]) == 2
-    assert "--streaming" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+    # A device torch cannot use is refused before any work, streaming or not.
+    assert main([*args, "--device", "meta", "--out", str(tmp_path / "gpu")]) == 2
+    assert "only cpu and cuda" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+    assert main([*args[:-6], "--device", "nonsense", *common, "--out", str(tmp_path / "gpu")]) == 2
+    assert "not a device" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
 
 
 def test_compress_train_merge_eval(tmp_path, corpus, model_dir, capsys):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from compressor.decompose import decompose, kept_output_error, output_error, whitening
+from compressor.decompose import (decompose, kept_output_error, output_error, whitened_bases_from_outputs,
+                                  whitening)
 
 
 def _data(out=24, inp=16, rows=200, seed=0):
@@ -35,6 +36,33 @@ def test_eigh_solver_gives_the_svd_bases(method, shape):
         assert torch.allclose(up @ down, up_exact @ down_exact, atol=1e-3 * float(weight.abs().max()))
         assert output_error(weight, up, down, gram) == pytest.approx(
             output_error(weight, up_exact, down_exact, gram), rel=1e-3, abs=1e-6)
+    # Not only the products: each basis, its sign included (canonical_signs), is the same.
+    assert torch.allclose(fast.u[:, :5], exact.u[:, :5], atol=1e-3)
+
+
+def test_bases_have_canonical_signs():
+    """Whatever sign the solver returns, the largest |entry| of each u_i is positive, and the
+    flip leaves every product u_i w_i unchanged."""
+    weight, x, gram = _data()
+    factor = decompose(weight, "whiten", gram=gram)
+    peaks = factor.u.gather(0, factor.u.abs().argmax(0)[None])
+    assert (peaks > 0).all()
+    flipped = decompose(-weight, "whiten", gram=gram)  # the same bases with u_i (or w_i) negated
+    assert (flipped.u.gather(0, flipped.u.abs().argmax(0)[None]) > 0).all()
+    assert torch.allclose(flipped.factors(5)[0] @ flipped.factors(5)[1], -(factor.factors(5)[0] @ factor.factors(5)[1]),
+                          atol=1e-4)
+
+
+def test_bases_from_the_output_gram_equal_the_eigen_solver():
+    weight, x, gram = _data(16, 24)  # out < in
+    expected = decompose(weight, "whiten", gram=gram, solver="eigh")
+    wx = x.double() @ weight.double().T
+    factor = whitened_bases_from_outputs(weight, wx.T @ wx / len(x), float(gram.diagonal().mean()))
+    assert torch.allclose(factor.sigma, expected.sigma, rtol=1e-4)
+    assert torch.allclose(factor.u, expected.u, atol=1e-4)
+    assert torch.allclose(factor.w, expected.w, rtol=1e-3, atol=1e-4 * float(expected.w.abs().max()))
+    with pytest.raises(ValueError, match="out <= in"):
+        whitened_bases_from_outputs(weight.T, gram, 1.0)
 
 
 def test_unknown_solver():

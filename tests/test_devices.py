@@ -1,0 +1,89 @@
+"""--device: refused before any work when torch cannot use it; on a GPU, the in-memory pipeline
+gives the CPU's model (the GPU tests run where a GPU is present)."""
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from compressor.arch import get_spec
+from compressor.config import CalibrationConfig, CompressConfig, QuantConfig
+from compressor.load import DeviceError, check_device, place_model
+from compressor.modeling_basis_llama import SCHEME_BITS, QuantizedLinear
+from compressor.pipeline import compress
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_a_device_torch_cannot_use_is_refused():
+    with pytest.raises(DeviceError, match="not a device"):
+        check_device("nonsense")
+    with pytest.raises(DeviceError, match="only cpu and cuda"):
+        check_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="sees no CUDA GPU"):
+            check_device("cuda")
+    assert check_device("cpu") == torch.device("cpu")
+
+
+def test_a_model_that_does_not_fit_the_gpu_is_refused_naming_streaming(tiny_model, monkeypatch):
+    size = sum(p.numel() * p.element_size() for p in tiny_model.parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (size, 80 * size))  # 1x free, 2x needed
+    with pytest.raises(DeviceError, match="--streaming --device cuda"):
+        place_model(tiny_model, torch.device("cuda"))
+    assert next(tiny_model.parameters()).device.type == "cpu"  # not moved
+
+
+def _config(**overrides) -> CompressConfig:
+    calibration = CalibrationConfig(samples=8, seq_len=32, batch_size=4, sensitivity_samples=2,
+                                    gradient_samples=4, selection_samples=2)
+    return CompressConfig(ratio=0.3, tolerance=0.02, calibration=calibration, **overrides)
+
+
+@needs_gpu
+@pytest.mark.parametrize("overrides", [
+    {"method": "whiten", "solver": "svd", "allocation": "uniform"},
+    {"method": "whiten", "solver": "eigh", "allocation": "global"},  # measured sensitivities
+    {"method": "asvd", "allocation": "global", "score": "taylor"},  # gradients; output error against G
+], ids=["uniform", "global", "taylor"])
+def test_the_in_memory_pipeline_on_the_gpu_gives_the_cpu_model(tiny_model, blocks, overrides):
+    results, models = _compress_on_both(tiny_model, blocks, _config(**overrides))
+    assert results["cuda"].ranks == results["cpu"].ranks
+    with torch.no_grad():
+        torch.testing.assert_close(models["cuda"](blocks).logits, models["cpu"](blocks).logits,
+                                   rtol=1e-3, atol=1e-3)
+
+
+@needs_gpu
+@pytest.mark.parametrize("quant,allocation", [
+    (QuantConfig("int4"), "auto"),  # candidate models built and scored on the GPU
+    pytest.param(QuantConfig("nf4", 64), "uniform", marks=pytest.mark.skipif(
+        importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")),
+], ids=["int4-auto", "nf4"])
+def test_quantized_on_the_gpu_differs_from_the_cpu_by_rounding_only(tiny_model, blocks, quant, allocation):
+    """The factors agree to float rounding, which moves a few values across a code boundary:
+    those differ by one step, the rest are the same codes."""
+    results, models = _compress_on_both(tiny_model, blocks, _config(method="whiten", solver="eigh",
+                                                                    allocation=allocation, quant=quant))
+    assert results["cuda"].ranks == results["cpu"].ranks
+    assert results["cuda"].config.allocation == results["cpu"].config.allocation
+    pairs = [(module, dict(models["cpu"].named_modules())[name]) for name, module in models["cuda"].named_modules()
+             if isinstance(module, QuantizedLinear)]
+    assert pairs
+    for gpu, cpu in pairs:
+        gpu_weight, cpu_weight = gpu.dequantized_weight(), cpu.dequantized_weight()
+        moved = (gpu_weight - cpu_weight).abs()
+        assert (moved > 0).float().mean() < 0.01
+        step = cpu_weight.abs().max() / (2 ** (SCHEME_BITS[quant.scheme] - 1) - 1)  # absmax / levels, generous
+        assert moved.max() <= 2 * step
+
+
+def _compress_on_both(tiny_model, blocks, config):
+    results, models = {}, {}
+    for device in ("cpu", "cuda"):
+        model = copy.deepcopy(tiny_model)
+        place_model(model, torch.device(device))
+        results[device] = compress(model, get_spec("llama"), blocks, config, progress=False)
+        models[device] = model.to("cpu")
+    return results, models
