@@ -17,6 +17,14 @@ import torch
 from torch import nn
 
 
+def check_gram_diagonal(batch_gram: torch.Tensor, what: str) -> None:
+    """The diagonal of X^T X holds each column's sum of squares, so it is NaN/Inf exactly when
+    an entry of X is, or when its squares overflow float32 (which spoils the Gram matrix as
+    much): a check of `in` values instead of N x in."""
+    if not torch.isfinite(batch_gram.diagonal()).all():
+        raise FloatingPointError(f"the calibration {what} contain NaN or Inf (or values too large for float32)")
+
+
 @dataclass
 class InputStats:
     """Running sums over input rows x (in,): Gram X^T X and sum |x|, both in float64.
@@ -36,9 +44,9 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1]).float()  # (N, in)
-        if not torch.isfinite(rows).all():
-            raise FloatingPointError("the calibration inputs contain NaN or Inf")
-        self.gram += (rows.T @ rows).double()
+        batch_gram = rows.T @ rows
+        check_gram_diagonal(batch_gram, "inputs")
+        self.gram += batch_gram.double()
         self.abs_sum += rows.abs().sum(0).double()
         self.count += rows.shape[0]
 
@@ -72,10 +80,13 @@ class OutputStats:
 
     def add(self, x: torch.Tensor, wx: torch.Tensor) -> None:
         rows, outputs = x.detach().reshape(-1, x.shape[-1]).float(), wx.detach().reshape(-1, wx.shape[-1]).float()
-        if not (torch.isfinite(rows).all() and torch.isfinite(outputs).all()):
-            raise FloatingPointError("the calibration inputs or outputs contain NaN or Inf")
-        self.gram += (outputs.T @ outputs).double()
-        self.input_square_sum += rows.square().sum(dtype=torch.float64)
+        square_sum = torch.dot(rows.reshape(-1), rows.reshape(-1))  # one BLAS pass, no temporary
+        if not torch.isfinite(square_sum):
+            raise FloatingPointError("the calibration inputs contain NaN or Inf (or values too large for float32)")
+        batch_gram = outputs.T @ outputs
+        check_gram_diagonal(batch_gram, "outputs")
+        self.gram += batch_gram.double()
+        self.input_square_sum += square_sum.double()
         self.count += rows.shape[0]
 
     def mean_gram(self) -> torch.Tensor:

@@ -156,18 +156,28 @@ def _eigh_bases(weight: torch.Tensor, scale: torch.Tensor | None, gram: torch.Te
     """
     w32 = weight.float()
     out_features, in_features = w32.shape
-    if out_features <= in_features and gram is not None:  # whiten: (W S)(W S)^T = W G W^T
-        sigma, u = _descending_eigh(w32 @ gram.float() @ w32.T)
-        return u, sigma, _safe_inverse(sigma)[:, None] * (u.T @ w32)  # V^T S^-1 = diag(1/s) U^T W
-    if white is not None:
-        transformed = w32 @ white.s.float()
-    else:
-        transformed = w32 if scale is None else w32 * scale.float()
     if out_features <= in_features:  # eigh of (W S)(W S)^T, out x out
-        sigma, u = _descending_eigh(transformed @ transformed.T)
-        return u, sigma, _safe_inverse(sigma)[:, None] * (u.T @ w32)
-    sigma, v = _descending_eigh(transformed.T @ transformed)  # in x in
-    u = (transformed @ v) * _safe_inverse(sigma)
+        if gram is not None:  # whiten: (W S)(W S)^T = W G W^T, no factor needed
+            side = w32 @ gram.float() @ w32.T
+        else:
+            transformed = w32 if scale is None else w32 * scale.float()
+            side = transformed @ transformed.T
+        sigma, u = _descending_eigh(side)
+        return u, sigma, _safe_inverse(sigma)[:, None] * (u.T @ w32)  # V^T S^-1 = diag(1/s) U^T W
+    # eigh of (W S)^T (W S) = S^T (W^T W) S, in x in. W^T W first: the products that touch the
+    # large out side are two (this one and u = W (S v)), not three as with W S formed.
+    side = w32.T @ w32
+    if white is not None:
+        s32 = white.s.float()
+        side = s32.T @ side @ s32
+    elif scale is not None:
+        side = side * torch.outer(scale.float(), scale.float())
+    sigma, v = _descending_eigh(side)
+    if white is not None:
+        s_v = s32 @ v
+    else:
+        s_v = v if scale is None else v * scale.float()[:, None]
+    u = (w32 @ s_v) * _safe_inverse(sigma)
     vt = v.T
     if white is not None:
         return u, sigma, white.right_solve(vt.double()).float()
