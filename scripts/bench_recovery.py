@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS))
+    parser.add_argument("--adapter-lr", type=float,
+                        help="learning rate of every adapter of this run instead of its default; rows get '-lrX'")
     parser.add_argument("--distill-weight", type=float, default=0.0,
                         help="> 0: distil from --dense (KL weight; the rest on the label loss); rows get '-kd'")
     parser.add_argument("--limit", type=int, default=32, help="documents per perplexity set")
@@ -81,7 +83,8 @@ def main() -> None:
     teacher = load_teacher(args.dense, tokenizer) if args.distill_weight else None
     for name in args.adapters:
         config = TrainConfig(target=args.target, steps=args.steps, batch_size=args.batch_size,
-                             seq_len=args.seq_len, lr=LEARNING_RATES.get(name, args.lr), checkpoint_every=0,
+                             seq_len=args.seq_len, lr=args.adapter_lr or LEARNING_RATES.get(name, args.lr),
+                             checkpoint_every=0,
                              teacher=str(args.dense) if teacher else "", distill_weight=args.distill_weight or 1.0,
                              adapter=AdapterConfig(**ADAPTERS[name])).validate()
         blocks = token_blocks(config.target, tokenizer, config.steps * config.batch_size, config.seq_len,
@@ -91,6 +94,8 @@ def main() -> None:
         start = time.perf_counter()
         row = f"{name}-kd{args.distill_weight:g}" if teacher else name
         row += f"-{args.steps}steps"
+        if args.adapter_lr:
+            row += f"-lr{args.adapter_lr:g}"
         if args.target != "code":  # the rows of one table are compared on code perplexity
             row += f"-on-{Path(args.target).stem}"
         summary = train_adapter(model, adapters, blocks, config, args.work / row, base_identity,
