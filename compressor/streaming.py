@@ -5,7 +5,9 @@
     inputs  = first layer's inputs           one forward that stops at decoder layer 0
     for each layer:
         materialize_layer(...)               its tensors read from the safetensors files
-        stats, outputs = collect_layer(...)  its input statistics; its (dense) outputs feed the
+        stats, outputs = collect_layer(...)  its input statistics (under whiten with the eigh
+                                             solver, down_proj's output Gram matrix instead: see
+                                             output_gram_linears); its (dense) outputs feed the
                                              next layer, as in the in-memory pipeline
         decompose + cut to uniform ranks     LowRankLinear in place of its linears
         write its shard, back to meta        nothing of it stays in memory
