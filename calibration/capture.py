@@ -8,6 +8,7 @@ run exactly as in a plain forward.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,6 +31,37 @@ class LayerInputs:
     hidden: list[torch.Tensor]  # per batch (B, T, H)
     args: list[tuple]  # remaining positional args per batch
     kwargs: list[dict]  # keyword args per batch
+
+    def to(self, device: torch.device | None) -> "LayerInputs":
+        if device is None:
+            return self
+        return LayerInputs(_moved(self.hidden, device), _moved(self.args, device), _moved(self.kwargs, device))
+
+
+def _moved(value, device: torch.device):
+    """Every tensor in nested tuples, lists and dicts on `device` (rotary embeddings, masks)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _moved(item, device) for key, item in value.items()}
+    return value
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device | None) -> Iterator[None]:
+    """`module` on `device` while active and back where it was after; None: left where it is.
+    With the model in host memory, this is how one layer at a time runs on a GPU."""
+    if device is None:
+        yield
+        return
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
 
 
 @torch.no_grad()
@@ -85,10 +117,13 @@ def collect_layer(layer: nn.Module, spec: ArchSpec, inputs: LayerInputs,
 
 def iterate_layers(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, batch_size: int,
                    progress: bool = True, start: int = 0, hidden: list[torch.Tensor] | None = None,
+                   device: torch.device | None = None,
                    ) -> Iterator[tuple[int, dict[str, InputStats], list[torch.Tensor]]]:
     """Yield (layer index, statistics of its input groups, the hidden states it outputs, per
     batch), one layer at a time. start / hidden: resume an interrupted run at layer `start`,
-    with the hidden states that enter it (the other layer arguments are captured again)."""
+    with the hidden states that enter it (the other layer arguments are captured again).
+    device: run each layer there in turn, the activations staying there (the model in host
+    memory); None: where the model is."""
     inputs = capture_first_layer_inputs(model, spec, blocks, batch_size)
     if start:
         if hidden is None or [h.shape for h in hidden] != [h.shape for h in inputs.hidden]:
@@ -96,11 +131,13 @@ def iterate_layers(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, batch
                              "--batch-size?); rerun with the same settings, or delete its .partial "
                              "folder under HOME/stats to start over.")
         inputs = LayerInputs([h.to(inputs.hidden[0].device) for h in hidden], inputs.args, inputs.kwargs)
+    inputs = inputs.to(device)
     layers = decoder_layers(model, spec)
     for index in tqdm(range(start, len(layers)), desc="calibration", initial=start, total=len(layers),
                       disable=not progress):
         try:
-            stats, inputs = collect_layer(layers[index], spec, inputs)
+            with on_device(layers[index], device):
+                stats, inputs = collect_layer(layers[index], spec, inputs)
         except FloatingPointError as error:
             raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights "
                                      "(embeddings, norms) and its dtype.") from None

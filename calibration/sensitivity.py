@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.capture import LayerInputs, capture_first_layer_inputs, run_layer
+from calibration.capture import LayerInputs, capture_first_layer_inputs, on_device, run_layer
 from compressor.arch import ArchSpec, decoder_layers
 
 
@@ -30,17 +30,27 @@ def _log_probs(model: nn.Module, spec: ArchSpec, inputs: LayerInputs, positions:
 @torch.no_grad()
 def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
                            truncated_weight: Callable[[str], torch.Tensor | None],
-                           n_positions: int = 128, progress: bool = True) -> dict[str, float]:
+                           n_positions: int = 128, progress: bool = True,
+                           device: torch.device | None = None) -> dict[str, float]:
     """KL(dense || only m truncated) per linear m, keyed by full module name.
 
     truncated_weight(name) gives the weight to try for that linear, or None to skip it.
+    device: run each layer there in turn (the model in host memory); None: where the model is.
     """
     layers = decoder_layers(model, spec)
     stride = max(1, (blocks.shape[1] - 1) // n_positions)
     positions = torch.arange(blocks.shape[1] - 1, 0, -stride).flip(0)[-n_positions:]
-    layer_inputs = [capture_first_layer_inputs(model, spec, blocks, len(blocks))]
+    layer_inputs = [capture_first_layer_inputs(model, spec, blocks, len(blocks)).to(device)]
     for layer in layers:
-        layer_inputs.append(run_layer(layer, layer_inputs[-1]))
+        with on_device(layer, device):
+            layer_inputs.append(run_layer(layer, layer_inputs[-1]))
+    with on_device(model.get_submodule(spec.norm_path), device), on_device(model.get_output_embeddings(), device):
+        return _measure(model, spec, layers, layer_inputs, positions, truncated_weight, progress, device)
+
+
+def _measure(model: nn.Module, spec: ArchSpec, layers, layer_inputs: list[LayerInputs], positions: torch.Tensor,
+             truncated_weight: Callable[[str], torch.Tensor | None], progress: bool,
+             device: torch.device | None) -> dict[str, float]:
     reference = _log_probs(model, spec, layer_inputs[-1], positions)
 
     sensitivity: dict[str, float] = {}
@@ -56,7 +66,8 @@ def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tenso
         try:
             hidden = layer_inputs[index]
             for layer in layers[index:]:
-                hidden = run_layer(layer, hidden)
+                with on_device(layer, device):
+                    hidden = run_layer(layer, hidden)
         finally:
             module.weight.data = original
         log_probs = _log_probs(model, spec, hidden, positions)

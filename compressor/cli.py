@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="where calibration, decomposition and scoring run (cpu, cuda, cuda:1). In memory "
                                "the whole model goes there (a GPU needs twice its size free); with --streaming "
                                "one layer at a time, so a GPU smaller than the model serves")
+    compress.add_argument("--offload", action="store_true",
+                          help="with a GPU --device, in memory: the model stays in host memory and each layer "
+                               "(whole-model passes: each module, through accelerate) goes to the GPU in turn, "
+                               "for a model the GPU cannot hold twice")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     compress.add_argument("--no-cache", action="store_true", help="do not reuse or save statistics")
 
@@ -316,12 +320,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     check_output(args.out, args.overwrite)  # refuse before hours of work, not after
     device = check_device(args.device)
+    if args.offload and (args.streaming or device.type == "cpu"):
+        raise ConfigError("--offload is for the in-memory pipeline with a GPU --device (cuda, cuda:N); "
+                          "--streaming already holds one layer at a time.")
     if args.streaming:
         return _compress_streaming(args, config)
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
     start = time.perf_counter()
-    place_model(model, device)
-    result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
+    if not args.offload:
+        place_model(model, device)
+    result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet,
+                      offload_to=device if args.offload else None)
     model.to("cpu")  # the export is written from host memory
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
                "reproduce": _reproduce_record(args.model, model_id, blocks, config.calibration.seed),

@@ -42,16 +42,17 @@ def check_device(name: str) -> torch.device:
 def place_model(model: torch.nn.Module, device: torch.device) -> None:
     """Move the whole model to `device` for the in-memory pipeline. On a GPU it needs twice its
     size free: candidate models (--allocation auto, --quant auto) are copies of it, and the
-    gradient passes keep activations. A model that does not fit is an error naming streaming,
-    which holds one layer on the GPU at a time."""
+    gradient passes keep activations. A model that does not fit is an error naming --offload
+    and --streaming, which hold one layer on the GPU at a time."""
     if device.type == "cuda":
         needed = 2 * sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         free, _ = torch.cuda.mem_get_info(device)
         if needed > free:
             raise DeviceError(
                 f"The in-memory pipeline needs {needed / 2**30:.1f} GiB on {device} (twice the model), and "
-                f"{free / 2**30:.1f} GiB are free. Use --streaming --device {device} (one layer on the GPU at "
-                "a time, uniform allocation), or --device cpu.")
+                f"{free / 2**30:.1f} GiB are free. Add --offload (the model stays in host memory, one layer "
+                f"or module at a time on the GPU), or use --streaming --device {device} (uniform allocation, "
+                "read from disk layer by layer), or --device cpu.")
     model.to(device)
 
 

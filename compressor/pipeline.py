@@ -18,10 +18,14 @@ import copy
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from accelerate import cpu_offload
+from accelerate.hooks import remove_hook_from_module
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -108,7 +112,7 @@ def calibration_blocks(tokenizer, config: CompressConfig, data_dir: Path) -> tor
 
 
 def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: CompressConfig,
-              cache_root: Path, model_id: str, progress: bool = True) -> StatsCache:
+              cache_root: Path, model_id: str, progress: bool = True, device: torch.device | None = None) -> StatsCache:
     """Input statistics of every decoder layer, from the cache when the key matches."""
     cal = config.calibration
     info = stats_key(model_id, blocks_fingerprint(blocks), cal.source, cal.samples, cal.seq_len, cal.seed)
@@ -119,7 +123,7 @@ def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Co
     start, hidden = cache.resume_point()
     if start:
         log.info("resuming an interrupted calibration at layer %d (%s)", start, cache.partial)
-    cache.write_layers(iterate_layers(model, spec, blocks, cal.batch_size, progress, start, hidden), start)
+    cache.write_layers(iterate_layers(model, spec, blocks, cal.batch_size, progress, start, hidden, device), start)
     return cache
 
 
@@ -134,7 +138,8 @@ def probe_ranks(bases: Bases, config: CompressConfig) -> dict[str, int | None]:
 
 
 def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
-                  bases: Bases, config: CompressConfig, progress: bool = True) -> dict[str, float]:
+                  bases: Bases, config: CompressConfig, progress: bool = True,
+                  device: torch.device | None = None) -> dict[str, float]:
     """Measured KL of truncating each linear alone to its probe rank (cached per method)."""
     n = config.calibration.sensitivity_samples
     key = f"sensitivity_{config.method}_probe{config.probe_ratio:g}_align{config.align}_n{n}{_bases_key(config)}"
@@ -142,29 +147,31 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
     if cached is not None:
         return cached
     ranks = probe_ranks(bases, config)
-    device = model_device(model)
+    compute = device or model_device(model)
 
     def truncated(name: str) -> torch.Tensor | None:
         if ranks.get(name) is None:  # kept dense (or not decomposed)
             return None
         up, down = bases.factors[name].factors(ranks[name])
-        return up.to(device) @ down.to(device)
+        return up.to(compute) @ down.to(compute)
 
-    measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress)
+    measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress, device=device)
     cache.save_json(key, measured)
     return measured
 
 
 def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: Bases,
-              config: CompressConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+              config: CompressConfig, progress: bool = True,
+              device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Mean gradient and per-token Fisher of every basis coefficient (cached per method)."""
     n = config.calibration.gradient_samples
     key = f"taylor2_{config.method}_n{n}{_bases_key(config)}"
     cached = cache.load_tensors(key)
     if cached is not None:
         return cached
-    measured = coefficient_gradients(
-        model, blocks[:n], {name: (f.u, f.w) for name, f in bases.factors.items()}, progress)
+    with offloaded(model, device):
+        measured = coefficient_gradients(
+            model, blocks[:n], {name: (f.u, f.w) for name, f in bases.factors.items()}, progress)
     tensors = {}
     for name, item in measured.items():
         tensors[f"{name}.mean"], tensors[f"{name}.fisher"] = item.mean, item.fisher
@@ -174,7 +181,8 @@ def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: 
 
 
 def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
-                bases: Bases, config: CompressConfig, progress: bool = True) -> dict[str, torch.Tensor] | None:
+                bases: Bases, config: CompressConfig, progress: bool = True,
+                device: torch.device | None = None) -> dict[str, torch.Tensor] | None:
     """Per-basis loss costs on one scale across matrices (None: uniform energy needs none).
 
     With `taylor` the bases of every matrix are reordered (in place) by decreasing score.
@@ -182,9 +190,9 @@ def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: tor
     if config.score == "energy":
         if config.allocation == "uniform":
             return None
-        sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress)
+        sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress, device)
         return measured_costs(bases.energy, probe_ranks(bases, config), sensitivity, config.cost_exponent)
-    grads = gradients(model, cache, blocks, bases, config, progress)
+    grads = gradients(model, cache, blocks, bases, config, progress, device)
     costs = {}
     for name, factor in bases.factors.items():
         scores = taylor_scores(factor.sigma, grads[f"{name}.mean"], grads[f"{name}.fisher"],
@@ -219,7 +227,7 @@ def decompose_linear(weight: torch.Tensor, stats: InputStats | OutputStats, conf
 
 
 def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: CompressConfig,
-              progress: bool = True) -> Bases:
+              progress: bool = True, device: torch.device | None = None) -> Bases:
     """Decompose every decoder linear into its bases, with each basis's output energy."""
     groups = group_of(spec)
     bases = Bases({}, {})
@@ -229,6 +237,8 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
         for name in spec.linear_names:
             full_name = spec.full_name(index, name)
             weight = layers[index].get_submodule(name).weight.detach()
+            if device is not None:
+                weight = weight.to(device)
             try:
                 factor, gram = decompose_linear(weight, stats[groups[name]], config, full_name)
             except DecompositionError as error:
@@ -278,9 +288,10 @@ def low_rank_linear(dense: nn.Linear, up: torch.Tensor, down: torch.Tensor) -> L
 @torch.no_grad()
 def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str, int | None],
                 cache: StatsCache, costs: dict[str, torch.Tensor] | None = None,
-                measure: bool = True) -> list[LayerReport]:
+                measure: bool = True, device: torch.device | None = None) -> list[LayerReport]:
     """Replace every linear with a rank by a LowRankLinear; report its output error
-    (measure=False: left at 0, and the statistics are not read)."""
+    (measure=False: left at 0, and the statistics are not read; device: where the error is
+    computed, None: where the weight is)."""
     groups = group_of(spec)
     reports = []
     for index, layer in enumerate(decoder_layers(model, spec)):
@@ -297,7 +308,8 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
                 up, down = bases.factors[full_name].factors(rank)
                 if measure:
                     gram = stats[groups[name]].mean_gram().float()
-                    report.output_error = kept_output_error(dense.weight.float(), bases.factors[full_name], rank, gram)
+                    weight = dense.weight.float() if device is None else dense.weight.to(device, torch.float32)
+                    report.output_error = kept_output_error(weight, bases.factors[full_name], rank, gram)
                 if costs is not None:
                     report.score_dropped = float(costs[full_name][rank:].sum())
                 if full_name in bases.order:
@@ -309,12 +321,15 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
 
 def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: CompressConfig,
              cache_root: Path | None = None, model_id: str | None = None,
-             progress: bool = True) -> CompressionResult:
+             progress: bool = True, offload_to: torch.device | None = None) -> CompressionResult:
     """Compress `model` in place (its chosen linears become LowRankLinear).
 
     blocks: (samples, seq_len) calibration token ids. Statistics are cached under cache_root
     when a model_id (the checkpoint's fingerprint) is given. The work runs where the model is
-    (CPU or one GPU); the bases of every matrix are kept in host memory.
+    (CPU or one GPU), or with `offload_to` on that device while the model stays in host
+    memory: one layer at a time where the stages go layer by layer, and through accelerate's
+    CPU offload for the passes through the whole model (gradients, candidate losses). The
+    bases of every matrix are kept in host memory.
     """
     config.validate()
     blocks = blocks.to(model_device(model))
@@ -326,26 +341,26 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         # Without a model id (an in-memory model) statistics cannot be keyed: keep them scratch.
         root = Path(cache_root) if cache_root is not None and model_id else Path(scratch)
         start = time.perf_counter()
-        cache = calibrate(model, spec, blocks, config, root, model_id or "in-memory", progress)
+        cache = calibrate(model, spec, blocks, config, root, model_id or "in-memory", progress, offload_to)
         timings["calibration"] = time.perf_counter() - start
         start = time.perf_counter()
-        bases = factorize(model, spec, cache, config, progress)
+        bases = factorize(model, spec, cache, config, progress, offload_to)
         timings["decomposition"] = time.perf_counter() - start
         start = time.perf_counter()
-        costs = score_bases(model, spec, cache, blocks, bases, config, progress)
+        costs = score_bases(model, spec, cache, blocks, bases, config, progress, offload_to)
         timings["scoring"] = time.perf_counter() - start
         selection = allocation_table = None
         if config.quant.scheme == "auto":
             start = time.perf_counter()
-            config, selection = select_rank_and_bits(model, spec, blocks, bases, costs, cache, config)
+            config, selection = select_rank_and_bits(model, spec, blocks, bases, costs, cache, config, offload_to)
             timings["rank_x_bits_selection"] = time.perf_counter() - start
         elif config.allocation == "auto":
             start = time.perf_counter()
-            config, allocation_table = select_allocation(model, spec, blocks, bases, costs, cache, config)
+            config, allocation_table = select_allocation(model, spec, blocks, bases, costs, cache, config, offload_to)
             timings["allocation_selection"] = time.perf_counter() - start
         start = time.perf_counter()
         ranks = allocate(bases, config, costs)
-        reports = apply_ranks(model, spec, bases, ranks, cache, costs)
+        reports = apply_ranks(model, spec, bases, ranks, cache, costs, device=offload_to)
         timings["allocation_and_replace"] = time.perf_counter() - start
     summary = summarize(bases.shapes, ranks)
     if bases.failed:  # the budget was spent on the others
@@ -383,12 +398,38 @@ def decoder_linear_bytes(model: nn.Module, spec: ArchSpec) -> int:
                for tensor in [*module.parameters(), *module.buffers()])
 
 
+@contextmanager
+def offloaded(model: nn.Module, device: torch.device | None) -> Iterator[None]:
+    """While active, the whole model runs on `device` with its weights in host memory
+    (accelerate's cpu_offload: each module's weights go to the device for its forward and are
+    dropped after); the hooks are removed and the weights are back in place after. None: the
+    model runs where it is."""
+    if device is None:
+        yield
+        return
+    # The hooks swap parameters for new ones on every forward and at removal, so the flags
+    # and the embedding / LM-head tie are restored here, not kept by the objects.
+    requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
+    cpu_offload(model, execution_device=device)
+    try:
+        yield
+    finally:
+        remove_hook_from_module(model, recurse=True)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        for name, param in model.named_parameters():
+            param.requires_grad_(requires_grad[name])
+            param.grad = None
+
+
 @torch.no_grad()
-def language_model_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss over the blocks."""
+def language_model_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int,
+                        device: torch.device | None = None) -> float:
+    """Mean next-token loss over the blocks (device: run offloaded there, see `offloaded`)."""
     total = 0.0
-    for batch in blocks.split(batch_size):
-        total += float(model(batch, labels=batch).loss) * len(batch)
+    with offloaded(model, device):
+        for batch in blocks.split(batch_size):
+            total += float(model(batch, labels=batch).loss) * len(batch)
     return total / len(blocks)
 
 
@@ -398,13 +439,14 @@ def allocation_choices(config: CompressConfig) -> tuple[str, ...]:
 
 
 def candidate_loss(model: nn.Module, spec: ArchSpec, bases: Bases, costs: dict[str, torch.Tensor] | None,
-                   cache: StatsCache, config: CompressConfig, sample: torch.Tensor) -> float:
+                   cache: StatsCache, config: CompressConfig, sample: torch.Tensor,
+                   device: torch.device | None = None) -> float:
     """Language-model loss on `sample` of the model `config` would build (on a copy)."""
     candidate = copy.deepcopy(model)
     apply_ranks(candidate, spec, bases, allocate(bases, config, costs), cache, costs, measure=False)
     if config.quant.scheme != "none":
         quantize_model(candidate, spec, config.quant)
-    return language_model_loss(candidate, sample, config.calibration.batch_size)
+    return language_model_loss(candidate, sample, config.calibration.batch_size, device)
 
 
 def selection_sample(blocks: torch.Tensor, config: CompressConfig) -> torch.Tensor:
@@ -415,8 +457,8 @@ def selection_sample(blocks: torch.Tensor, config: CompressConfig) -> torch.Tens
 
 
 def select_allocation(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, bases: Bases,
-                      costs: dict[str, torch.Tensor], cache: StatsCache,
-                      config: CompressConfig) -> tuple[CompressConfig, list[dict]]:
+                      costs: dict[str, torch.Tensor], cache: StatsCache, config: CompressConfig,
+                      device: torch.device | None = None) -> tuple[CompressConfig, list[dict]]:
     """`auto`: build the uniform and the global allocation, keep the one with the lower
     language-model loss on the held-out selection sequences (target data). Global models the
     loss of each matrix's cut as independent of the others; deep cuts compound, and then
@@ -424,7 +466,7 @@ def select_allocation(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, ba
     sample = selection_sample(blocks, config)
     rows = []
     for allocation in allocation_choices(config):
-        loss = candidate_loss(model, spec, bases, costs, cache, replace(config, allocation=allocation), sample)
+        loss = candidate_loss(model, spec, bases, costs, cache, replace(config, allocation=allocation), sample, device)
         log.info("allocation %s -> calibration loss %.4f", allocation, loss)
         rows.append({"allocation": allocation, "loss": loss})
     best = min(rows, key=lambda row: row["loss"])
@@ -434,8 +476,8 @@ def select_allocation(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, ba
 
 
 def select_rank_and_bits(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, bases: Bases,
-                         costs: dict[str, torch.Tensor] | None, cache: StatsCache,
-                         config: CompressConfig) -> tuple[CompressConfig, list[dict]]:
+                         costs: dict[str, torch.Tensor] | None, cache: StatsCache, config: CompressConfig,
+                         device: torch.device | None = None) -> tuple[CompressConfig, list[dict]]:
     """Spend a budget of `quant.bits_per_weight` stored bits per dense decoder-linear weight.
 
     Each scheme s can keep a fraction budget / stored_bits(s) of the parameters: more rank at
@@ -447,7 +489,8 @@ def select_rank_and_bits(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
     """
     budget, cal = config.quant.bits_per_weight, config.calibration
     sample = selection_sample(blocks, config)
-    rows = [{"scheme": "dense float32", "ratio": 0.0, "loss": language_model_loss(model, sample, cal.batch_size)}]
+    rows = [{"scheme": "dense float32", "ratio": 0.0,
+             "loss": language_model_loss(model, sample, cal.batch_size, device)}]
     chosen = None  # (loss, config, row)
     for scheme in ("none", *SCHEME_BITS):
         quant = replace(config.quant, scheme=scheme, bits_per_weight=None)
@@ -464,7 +507,7 @@ def select_rank_and_bits(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
             continue
         for allocation in allocation_choices(config):
             candidate_config = replace(config, ratio=row["ratio"], quant=quant, allocation=allocation)
-            loss = candidate_loss(model, spec, bases, costs, cache, candidate_config, sample)
+            loss = candidate_loss(model, spec, bases, costs, cache, candidate_config, sample, device)
             rows.append({**row, "allocation": allocation, "loss": loss})
             log.info("rank x bits: %s at ratio %.3f, %s -> loss %.4f", scheme, row["ratio"], allocation, loss)
             if chosen is None or loss < chosen[0]:

@@ -71,6 +71,11 @@ def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
     assert "only cpu and cuda" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
     assert main([*args[:-6], "--device", "nonsense", *common, "--out", str(tmp_path / "gpu")]) == 2
     assert "not a device" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+    # --offload needs the in-memory pipeline and a GPU.
+    assert main([*args, "--offload", "--out", str(tmp_path / "gpu")]) == 2
+    assert "--offload is for the in-memory pipeline" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+    assert main([*args[:-6], "--offload", *common, "--out", str(tmp_path / "gpu")]) == 2
+    assert "--offload is for the in-memory pipeline" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
 
 
 def test_compress_train_merge_eval(tmp_path, corpus, model_dir, capsys):

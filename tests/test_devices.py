@@ -6,12 +6,14 @@ import importlib.util
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from compressor.arch import get_spec
 from compressor.config import CalibrationConfig, CompressConfig, QuantConfig
 from compressor.load import DeviceError, check_device, place_model
 from compressor.pipeline import compress, language_model_loss
 from compressor.quantize import quantize_model
+from compressor.testing import tiny_llama_config
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -93,3 +95,56 @@ def _compress_on_both(tiny_model, blocks, config):
         results[device] = compress(model, get_spec("llama"), blocks, config, progress=False)
         models[device] = model.to("cpu")
     return results, models
+
+
+OFFLOAD_CASES = [
+    {"method": "whiten", "solver": "eigh", "allocation": "global"},  # layer by layer: sensitivities
+    {"method": "asvd", "allocation": "global", "score": "taylor"},  # offloaded whole-model backward
+    {"method": "whiten", "solver": "eigh", "allocation": "auto", "quant": QuantConfig("int4")},  # candidate losses
+]
+OFFLOAD_IDS = ["global", "taylor", "auto-int4"]
+
+
+def _offloaded_against_plain(model, blocks, overrides, device):
+    spec = get_spec("llama")
+    plain, offloaded = copy.deepcopy(model), copy.deepcopy(model)
+    expected = compress(plain, spec, blocks, _config(**overrides), progress=False)
+    result = compress(offloaded, spec, blocks, _config(**overrides), progress=False, offload_to=torch.device(device))
+    # The model is left in host memory as the plain run leaves it: no hooks, no meta tensors,
+    # the same requires_grad flags.
+    assert not any(hasattr(module, "_hf_hook") for module in offloaded.modules())
+    assert all(param.device.type == "cpu" for param in offloaded.parameters())
+    flags = {name: param.requires_grad for name, param in offloaded.named_parameters()}
+    assert flags == {name: param.requires_grad for name, param in plain.named_parameters()}
+    return expected, result, plain, offloaded
+
+
+@pytest.mark.parametrize("overrides", OFFLOAD_CASES, ids=OFFLOAD_IDS)
+def test_offloaded_stages_give_the_plain_model(tiny_model, blocks, overrides):
+    """offload_to runs every stage through the offload machinery (layers moved in turn,
+    accelerate's hooks for whole-model passes); with the CPU as the device the arithmetic is
+    the same, so the model must be the same."""
+    expected, result, plain, offloaded = _offloaded_against_plain(tiny_model, blocks, overrides, "cpu")
+    assert result.ranks == expected.ranks and result.config == expected.config
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(blocks).logits, plain(blocks).logits)
+
+
+def test_offloading_keeps_tied_embeddings_tied(blocks):
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval()
+    _, _, _, offloaded = _offloaded_against_plain(tied, blocks, OFFLOAD_CASES[1], "cpu")
+    assert offloaded.lm_head.weight is offloaded.model.embed_tokens.weight
+
+
+@needs_gpu
+@pytest.mark.parametrize("overrides", OFFLOAD_CASES, ids=OFFLOAD_IDS)
+def test_offloaded_to_the_gpu_gives_the_cpu_model(tiny_model, blocks, overrides):
+    expected, result, plain, offloaded = _offloaded_against_plain(tiny_model, blocks, overrides, "cuda")
+    assert result.ranks == expected.ranks and result.config.allocation == expected.config.allocation
+    with torch.no_grad():
+        if overrides.get("quant") is None:
+            torch.testing.assert_close(offloaded(blocks).logits, plain(blocks).logits, rtol=1e-3, atol=1e-3)
+        else:  # float rounding can move a value across a code boundary: compare losses
+            assert language_model_loss(offloaded, blocks, 4) == pytest.approx(
+                language_model_loss(plain, blocks, 4), rel=1e-2)
