@@ -18,7 +18,7 @@ import copy
 import logging
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -169,7 +169,10 @@ def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: 
     cached = cache.load_tensors(key)
     if cached is not None:
         return cached
-    with offloaded(model, device):
+    # Offloaded, the backward would still keep every weight on the device (autograd saves each
+    # linear's weight for its input gradient); save_on_cpu parks what it saves in host memory.
+    saved_on_host = torch.autograd.graph.save_on_cpu() if device is not None else nullcontext()
+    with offloaded(model, device), saved_on_host:
         measured = coefficient_gradients(
             model, blocks[:n], {name: (f.u, f.w) for name, f in bases.factors.items()}, progress)
     tensors = {}
