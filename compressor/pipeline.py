@@ -10,6 +10,9 @@
     quantize_model(model, ...)               optional: factors stored as int8 / int4 / nf4 codes
 
 Each stage is a plain function so benchmarks can reuse one factorization for many budgets.
+The work runs where the model is (CPU, or one GPU that holds it). A stage's `device`, when
+given, is where it runs while the model stays in host memory (compress(offload_to=...)): one
+layer at a time where the stage goes layer by layer, else through `offloaded`.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
     if cached is not None:
         return cached
     ranks = probe_ranks(bases, config)
-    compute = device or model_device(model)
+    compute = device if device is not None else model_device(model)
 
     def truncated(name: str) -> torch.Tensor | None:
         if ranks.get(name) is None:  # kept dense (or not decomposed)
