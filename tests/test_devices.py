@@ -1,5 +1,6 @@
 """--device: refused before any work when torch cannot use it; on a GPU, the in-memory pipeline
-gives the CPU's model (the GPU tests run where a GPU is present)."""
+gives the CPU's model, placed whole or offloaded (the GPU tests run where a GPU is present);
+the offload machinery, run with the CPU as its device, gives the plain run's model."""
 
 import copy
 import importlib.util
@@ -29,10 +30,10 @@ def test_a_device_torch_cannot_use_is_refused():
     assert check_device("cpu") == torch.device("cpu")
 
 
-def test_a_model_that_does_not_fit_the_gpu_is_refused_naming_streaming(tiny_model, monkeypatch):
+def test_a_model_that_does_not_fit_the_gpu_is_refused_naming_offload_and_streaming(tiny_model, monkeypatch):
     size = sum(p.numel() * p.element_size() for p in tiny_model.parameters())
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (size, 80 * size))  # 1x free, 2x needed
-    with pytest.raises(DeviceError, match="--streaming --device cuda"):
+    with pytest.raises(DeviceError, match="--offload.*--streaming --device cuda"):
         place_model(tiny_model, torch.device("cuda"))
     assert next(tiny_model.parameters()).device.type == "cpu"  # not moved
 
