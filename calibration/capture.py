@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,18 +36,8 @@ class LayerInputs:
     def to(self, device: torch.device | None) -> "LayerInputs":
         if device is None:
             return self
-        return LayerInputs(_moved(self.hidden, device), _moved(self.args, device), _moved(self.kwargs, device))
-
-
-def _moved(value, device: torch.device):
-    """Every tensor in nested tuples, lists and dicts on `device` (rotary embeddings, masks)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_moved(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: _moved(item, device) for key, item in value.items()}
-    return value
+        # Nested tuples and dicts too: rotary embeddings, masks.
+        return LayerInputs(*send_to_device((self.hidden, self.args, self.kwargs), device))
 
 
 @contextmanager
