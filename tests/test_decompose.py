@@ -58,7 +58,9 @@ def test_bases_from_the_output_gram_equal_the_eigen_solver():
     expected = decompose(weight, "whiten", gram=gram, solver="eigh")
     wx = x.double() @ weight.double().T
     factor = whitened_bases_from_outputs(weight, wx.T @ wx / len(x), float(gram.diagonal().mean()))
-    assert torch.allclose(factor.sigma, expected.sigma, rtol=1e-4)
+    # Both solve a float32 eigenproblem: their errors scale with the largest eigenvalue, so the
+    # smallest sigma may differ by more than 1e-4 of itself (1.2e-4 on an AMD EPYC, MKL).
+    assert torch.allclose(factor.sigma, expected.sigma, rtol=1e-4, atol=1e-5 * float(expected.sigma.max()))
     assert torch.allclose(factor.u, expected.u, atol=1e-4)
     assert torch.allclose(factor.w, expected.w, rtol=1e-3, atol=1e-4 * float(expected.w.abs().max()))
     with pytest.raises(ValueError, match="out <= in"):
