@@ -6,6 +6,7 @@ than out * in, or than `max_kept` * out * in: a low-rank pair holding most of a 
 slower than the matrix itself (two thin products instead of one: reports/BENCHMARKS.md).
 Ranks are multiples of `align`.
   uniform  the same kept fraction for every matrix (the SVD-LLM baseline)
+  given    an earlier export's ranks (compress --ranks-from), checked against the shapes
   global   drop, across all matrices at once, the aligned chunks of bases whose estimated loss
            cost per parameter saved is smallest (costs from calibration: see sensitivity.py)
 """
@@ -104,6 +105,23 @@ def uniform_ranks(shapes: dict[str, Shape], ratio: float, align: int = 8,
             ranks[name] += align
     _check_budget(shapes, ranks, ratio, tolerance, align)
     return ranks
+
+
+def given_ranks(shapes: dict[str, Shape], low_rank: dict[str, int]) -> dict[str, int | None]:
+    """Ranks taken as given (an earlier export's), checked against these matrices: every name
+    must be one of them, with a rank whose factors are smaller than the matrix. The matrices
+    not named stay dense."""
+    unknown = sorted(set(low_rank) - set(shapes))
+    if unknown:
+        raise BudgetError(f"The given ranks name {len(unknown)} linear(s) this model does not have "
+                          f"(first: {unknown[0]}); take them from an export of the same architecture.")
+    for name, rank in low_rank.items():
+        limit = shapes[name].max_useful_rank(1)
+        if not 1 <= rank <= limit:
+            raise BudgetError(f"The given rank of {name} is {rank}; its {shapes[name].out_features} x "
+                              f"{shapes[name].in_features} shape allows 1 to {limit}. The ranks come from "
+                              "another model's export.")
+    return {name: low_rank.get(name) for name in shapes}
 
 
 def global_ranks(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float,

@@ -31,6 +31,7 @@ FLAG_TO_CONFIG = {
     "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
     "symmetric": ("quant", "symmetric"), "bits_per_weight": ("quant", "bits_per_weight"),
     "export_dtype": (None, "export_dtype"), "on_failure": (None, "on_failure"),
+    "ranks_from": (None, "ranks_from"),
 }
 
 # compressor train: flag -> (section, key) of TrainConfig.
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--score", help="energy | taylor: how each basis is scored for the target")
     compress.add_argument("--sensitivity-samples", type=int, help="sequences for the sensitivity pass")
     compress.add_argument("--gradient-samples", type=int, help="sequences for the taylor gradients")
+    compress.add_argument("--ranks-from", help="an earlier export's folder: keep its ranks (its allocation and "
+                                               "ratio; --allocation and --ratio are not used), with this "
+                                               "run's --method and --score choosing the bases")
     compress.add_argument("--on-failure", help="stop (default) | dense: a linear that cannot be "
                                                "decomposed stops the run, or stays dense and is listed")
     compress.add_argument("--dense", action="store_const", const=True,
@@ -276,8 +280,10 @@ def format_layers(result) -> str:
                      f"{kept:>11.1%} {layer.output_error:>8.4f} {dropped:>13} {layer.out_of_order:>9}")
     summary = result.summary
     lines.append(f"decoder-linear parameters: {summary['decoder_linear_params']:,} -> "
-                 f"{summary['kept_params']:,} (removed {summary['removed_fraction']:.2%}, asked "
-                 f"{summary['ratio_asked']:.2%}); whole model {summary['model_params_before']:,} -> "
+                 f"{summary['kept_params']:,} (removed {summary['removed_fraction']:.2%}, "
+                 + (f"the ranks of {summary['ranks_from']}" if "ranks_from" in summary else
+                    f"asked {summary['ratio_asked']:.2%}")
+                 + f"); whole model {summary['model_params_before']:,} -> "
                  f"{summary['model_params_after']:,}")
     for name, error in summary.get("kept_dense_after_failure", {}).items():
         lines.append(f"kept dense, could not be decomposed: {name} ({error})")

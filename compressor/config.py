@@ -52,6 +52,9 @@ class CompressConfig:
     max_kept_fraction: float = 1.0  # a matrix whose factors would hold more of it stays dense
     damping: float = 1e-4  # Cholesky damping, relative to the Gram matrix's mean diagonal
     asvd_alpha: float = 0.5
+    # An earlier export whose ranks are kept (allocation and ratio are then not used): for
+    # comparing methods at the same ranks, or reusing an allocation measured once
+    ranks_from: str = ""
     on_failure: str = "stop"  # a linear that cannot be decomposed: stop (naming it) | dense
     dense_export: bool = False  # also (or instead) write factors multiplied back, stock LLaMA
     export_dtype: str = "auto"  # floating-point tensors of the export (quantized codes aside)
@@ -88,6 +91,9 @@ class CompressConfig:
         if self.export_dtype not in EXPORT_DTYPES:
             raise ConfigError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}; got {self.export_dtype!r}.")
         self.quant.validate()
+        if self.ranks_from and "auto" in (self.allocation, self.quant.scheme):
+            raise ConfigError("--ranks-from fixes every rank; it cannot be combined with --allocation auto or "
+                              "--quant auto, which choose them.")
         if self.quant.scheme != "none" and self.dense_export:
             raise ConfigError("A dense export cannot be quantized: drop --dense or --quant.")
         cal = self.calibration

@@ -205,6 +205,8 @@ def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: C
     dtype: of the exported floating-point tensors (None: as the model holds them)."""
     compression = {"method": config.method, "allocation": config.allocation, "score": config.score,
                    "ratio": config.ratio}
+    if config.ranks_from:  # the ranks were not allocated here (the ratio is the one they remove)
+        compression.update(allocation="given", ranks_from=config.ranks_from)
     with atomic_folder(out_dir, overwrite) as tmp:
         write_model(model, tokenizer, tmp, compression, dense, dtype)
         save_config(config, tmp / "compression.yaml")

@@ -56,6 +56,21 @@ def place_model(model: torch.nn.Module, device: torch.device) -> None:
     model.to(device)
 
 
+def read_rank_map(export_dir: Path) -> dict[str, int]:
+    """The rank of every low-rank linear of a compressed export (from its config.json); the
+    linears it does not name are dense there."""
+    config_path = Path(export_dir) / "config.json"
+    try:
+        ranks = json.loads(config_path.read_text())["compression"]["ranks"]
+    except FileNotFoundError:
+        raise ModelFolderError(f"{export_dir} has no config.json; --ranks-from takes the folder of a "
+                               "`compressor compress` export.") from None
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ModelFolderError(f"{config_path} records no compression ranks: --ranks-from takes the folder of a "
+                               "`compressor compress` export (a dense model records none).") from None
+    return {name: int(rank) for name, rank in ranks.items()}
+
+
 def read_model_type(model_dir: Path) -> str:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

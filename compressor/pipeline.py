@@ -38,11 +38,13 @@ from calibration.data import blocks_fingerprint, token_blocks
 from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
 from calibration.stats import InputStats, OutputStats
-from compressor.allocate import Shape, basis_energy, global_ranks, measured_costs, summarize, uniform_ranks
+from compressor.allocate import (Shape, basis_energy, given_ranks, global_ranks, measured_costs, summarize,
+                                 uniform_ranks)
 from compressor.arch import ArchSpec, decoder_layers, linear_modules
 from compressor.config import CompressConfig
 from compressor.decompose import (Factorization, check_finite, decompose, kept_output_error,
                                   whitened_bases_from_outputs)
+from compressor.load import read_rank_map
 from compressor.modeling_basis_llama import SCHEME_BITS, LowRankLinear, replace_module
 from compressor.quantize import QuantError, quantize_model, stored_bits
 from compressor.scoring import reorder, taylor_scores
@@ -194,7 +196,7 @@ def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: tor
     With `taylor` the bases of every matrix are reordered (in place) by decreasing score.
     """
     if config.score == "energy":
-        if config.allocation == "uniform":
+        if config.allocation == "uniform" or config.ranks_from:  # no costs needed to allocate
             return None
         sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress, device)
         return measured_costs(bases.energy, probe_ranks(bases, config), sensitivity, config.cost_exponent)
@@ -264,6 +266,13 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
 
 def allocate(bases: Bases, config: CompressConfig,
              costs: dict[str, torch.Tensor] | None = None) -> dict[str, int | None]:
+    if config.ranks_from:
+        ranks = given_ranks(bases.shapes, read_rank_map(Path(config.ranks_from)))
+        failed = sorted(name for name in bases.failed if ranks[name] is not None)
+        if failed:
+            raise DecompositionError(f"{failed[0]} has a rank in {config.ranks_from} but could not be decomposed "
+                                     f"({config.method}); try another --method.")
+        return ranks
     if config.ratio == 0:  # quantization only
         return {name: None for name in bases.shapes}
     if config.allocation == "uniform":
@@ -339,8 +348,12 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     """
     config.validate()
     blocks = blocks.to(model_device(model))
-    for name, module in linear_modules(model, spec).items():  # fail now, not after calibration
+    linears = linear_modules(model, spec)
+    for name, module in linears.items():  # fail now, not after calibration
         check_finite(f"weight of {name}", module.weight)
+    if config.ranks_from:  # a rank map of another model fails now too
+        given_ranks({name: Shape(*module.weight.shape) for name, module in linears.items()},
+                    read_rank_map(Path(config.ranks_from)))
     timings: dict[str, float] = {}
     params_before = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory(prefix="basis-stats-") as scratch:
@@ -373,7 +386,11 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         summary["kept_dense_after_failure"] = bases.failed
     summary["model_params_before"] = params_before
     summary["model_params_after"] = sum(p.numel() for p in model.parameters())
-    summary["ratio_asked"] = config.ratio
+    if config.ranks_from:
+        summary["ranks_from"] = config.ranks_from
+        config = replace(config, ratio=round(summary["removed_fraction"], 4))  # as run, like quant auto's
+    else:
+        summary["ratio_asked"] = config.ratio
     if config.quant.scheme != "none":
         start = time.perf_counter()
         summary["quantization"] = quantization_summary(model, spec, config)

@@ -162,6 +162,8 @@ def check_streamable(config: CompressConfig) -> None:
                           "`compressor quantize`, or compress without --streaming.")
     if config.dense_export:
         raise ConfigError("Streaming writes the low-rank export only; drop --dense.")
+    if config.ranks_from:
+        raise ConfigError("Streaming allocates uniform ranks itself; compress without --streaming to use --ranks-from.")
     if config.on_failure != "stop":
         raise ConfigError("Streaming fixes every rank before the first layer, so a linear left dense after a "
                           "failure would miss the budget; use --on-failure stop, or compress without --streaming.")

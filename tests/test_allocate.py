@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compressor.allocate import BudgetError, Shape, global_ranks, removed_params, uniform_ranks
+from compressor.allocate import BudgetError, Shape, given_ranks, global_ranks, removed_params, uniform_ranks
 
 
 def _shapes():
@@ -92,3 +92,14 @@ def test_measured_costs_are_anchored_on_the_probe_and_superlinear():
     assert (costs["a"] >= 0).all()
     # Not probed: priced with the largest scale, so it is cut last.
     assert float(costs["b"].sum()) > 0
+
+
+def test_given_ranks_are_checked_against_the_shapes():
+    shapes = {"a": Shape(64, 32), "b": Shape(16, 16)}
+    assert given_ranks(shapes, {"a": 8}) == {"a": 8, "b": None}  # not named: dense
+    with pytest.raises(BudgetError, match="does not have"):
+        given_ranks(shapes, {"a": 8, "c": 4})
+    with pytest.raises(BudgetError, match="allows 1 to 21"):  # 22 * (64 + 32) > 64 * 32
+        given_ranks(shapes, {"a": 22})
+    with pytest.raises(BudgetError, match="rank of b is 0"):
+        given_ranks(shapes, {"b": 0})

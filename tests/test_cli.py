@@ -3,7 +3,9 @@
 import json
 import shutil
 
+import torch
 import yaml
+from safetensors import safe_open
 
 from compressor.cli import main
 
@@ -191,3 +193,31 @@ def test_auto_allocation_prints_its_choice_and_records_the_winner(tmp_path, corp
     table = json.loads((out / "compression_summary.json").read_text())["summary"]["allocation_choice"]
     chosen = next(row["allocation"] for row in table if row["chosen"])
     assert yaml.safe_load((out / "compression.yaml").read_text())["allocation"] == chosen
+
+
+def test_ranks_from_an_earlier_export(tmp_path, corpus, model_dir, capsys):
+    """Another method at the ranks of an earlier export: the same ranks, other bases; a folder
+    without ranks is refused before any work, leaving no output."""
+    common = ["--home", str(tmp_path / "home"), "--data-dir", str(_data_dir(tmp_path)), "--quiet",
+              "--model", str(model_dir), "--target", str(corpus), "--samples", "6", "--seq-len", "32"]
+    first, second = tmp_path / "asvd", tmp_path / "whiten"
+    assert main(["compress", *common, "--method", "asvd", "--allocation", "uniform", "--ratio", "0.3",
+                 "--out", str(first)]) == 0
+    assert main(["compress", *common, "--method", "whiten", "--ranks-from", str(first), "--ratio", "0.5",
+                 "--out", str(second)]) == 0
+    assert f"the ranks of {first}" in capsys.readouterr().out
+    records = [json.loads((folder / "config.json").read_text())["compression"] for folder in (first, second)]
+    assert records[1]["ranks"] == records[0]["ranks"] and records[0]["ranks"]
+    assert records[1]["allocation"] == "given" and records[1]["method"] == "whiten"
+    removed = json.loads((second / "compression_summary.json").read_text())["summary"]["removed_fraction"]
+    saved = yaml.safe_load((second / "compression.yaml").read_text())
+    assert saved["ranks_from"] == str(first) and saved["ratio"] == round(removed, 4) != 0.5
+    factors = [safe_open(folder / "model.safetensors", "pt").get_tensor("model.layers.0.mlp.up_proj.up.weight")
+               for folder in (first, second)]
+    assert factors[0].shape == factors[1].shape and not torch.allclose(factors[0], factors[1])
+
+    assert main(["compress", *common, "--ranks-from", str(model_dir), "--out", str(tmp_path / "bad")]) == 2
+    assert "records no compression ranks" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["compress", *common, "--ranks-from", str(first), "--allocation", "auto",
+                 "--out", str(tmp_path / "auto")]) == 2
+    assert "--ranks-from fixes every rank" in capsys.readouterr().err
