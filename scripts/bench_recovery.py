@@ -34,9 +34,12 @@ ADAPTERS = {
     "nola-r8-k1024": dict(method="nola", rank=8, alpha=16.0, num_basis=1024),
     # the largest NOLA under 0.1%: 2 x 1600 coefficients x 168 linears = 537,600
     "nola-r8-k1600": dict(method="nola", rank=8, alpha=16.0, num_basis=1600),
+    # the same coefficients as r8-k1024, read through twice as many random input directions
+    # (alpha / rank, the update's scale, kept at 2)
+    "nola-r16-k1024": dict(method="nola", rank=16, alpha=32.0, num_basis=1024),
 }
 # Learning rate per adapter where it differs from --lr.
-LEARNING_RATES = {"nola-r8-k1024": 5e-3, "nola-r8-k1600": 5e-3}
+LEARNING_RATES = {"nola-r8-k1024": 5e-3, "nola-r8-k1600": 5e-3, "nola-r16-k1024": 5e-3}
 
 
 def main() -> None:
