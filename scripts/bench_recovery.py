@@ -38,8 +38,8 @@ ADAPTERS = {
     # (alpha / rank, the update's scale, kept at 2)
     "nola-r16-k1024": dict(method="nola", rank=16, alpha=32.0, num_basis=1024),
 }
-# Learning rate per adapter where it differs from --lr.
-LEARNING_RATES = {"nola-r8-k1024": 5e-3, "nola-r8-k1600": 5e-3, "nola-r16-k1024": 5e-3}
+# Learning rate per adapter method where it differs from --lr.
+LEARNING_RATES = {"nola": 5e-3}
 
 
 def main() -> None:
@@ -85,8 +85,9 @@ def main() -> None:
     base_identity = {"path": str(args.model), "fingerprint": model_fingerprint(args.model)}
     teacher = load_teacher(args.dense, tokenizer) if args.distill_weight else None
     for name in args.adapters:
+        lr = args.adapter_lr or LEARNING_RATES.get(ADAPTERS[name]["method"], args.lr)
         config = TrainConfig(target=args.target, steps=args.steps, batch_size=args.batch_size,
-                             seq_len=args.seq_len, lr=args.adapter_lr or LEARNING_RATES.get(name, args.lr),
+                             seq_len=args.seq_len, lr=lr,
                              checkpoint_every=0,
                              teacher=str(args.dense) if teacher else "", distill_weight=args.distill_weight or 1.0,
                              adapter=AdapterConfig(**ADAPTERS[name])).validate()
