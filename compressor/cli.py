@@ -412,26 +412,24 @@ def _base_identity(model_dir: Path) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from calibration.data import token_blocks
     from compressor.adapters import add_adapters
     from compressor.export import check_output
     from compressor.load import load_any, load_tokenizer
-    from compressor.train import load_teacher, train_adapter
+    from compressor.train import load_teacher, sequence_count, train_adapter, training_blocks
 
     config = resolve_config(args, TrainConfig, TRAIN_FLAG_TO_CONFIG)
     check_output(args.out, args.overwrite)
     _, data = _paths(args)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
-    needed = config.steps * config.grad_accum * config.batch_size
-    blocks = token_blocks(config.target, tokenizer, needed, config.seq_len, config.seed, data, at_most=True)
+    blocks = training_blocks(config, tokenizer, data)
     teacher = load_teacher(Path(config.teacher), tokenizer) if config.teacher else None
     torch.manual_seed(config.seed)  # dropout is the only user of the global RNG here
     adapters = add_adapters(model, config.adapter)
     total = sum(param.numel() for param in model.parameters())
     print(f"{config.adapter.method}: {adapters.num_trainable():,} trainable parameters "
           f"({adapters.num_trainable() / total:.4%} of {total:,}); {len(blocks)} distinct blocks of "
-          f"{config.seq_len} tokens for {needed} sequences")
+          f"{config.seq_len} tokens for {sequence_count(config)} sequences")
     summary = train_adapter(model, adapters, blocks, config, args.out, _base_identity(args.model),
                             overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, teacher=teacher)
     summary["model_parameters"] = total

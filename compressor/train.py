@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.data import blocks_fingerprint
+from calibration.data import blocks_fingerprint, token_blocks
 from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter, write_adapter
 from compressor.config import TrainConfig, config_to_dict, load_config, save_config
 from compressor.export import check_output
@@ -42,9 +42,21 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def sequence_count(config: TrainConfig) -> int:
+    """Sequences a run of `config` trains on, counting repeats."""
+    return config.steps * config.grad_accum * config.batch_size
+
+
+def training_blocks(config: TrainConfig, tokenizer, data_dir: Path) -> torch.Tensor:
+    """The distinct blocks a run of `config` trains on: one per sequence, or as many as the
+    text holds (training then cycles over them)."""
+    return token_blocks(config.target, tokenizer, sequence_count(config), config.seq_len, config.seed,
+                        data_dir, at_most=True)
+
+
 def batch_order(n_blocks: int, config: TrainConfig) -> torch.Tensor:
     """Block index of every micro-batch row, epoch after epoch, reshuffled per epoch by seed."""
-    needed = config.steps * config.grad_accum * config.batch_size
+    needed = sequence_count(config)
     generator = torch.Generator().manual_seed(config.seed)
     epochs = [torch.randperm(n_blocks, generator=generator) for _ in range(math.ceil(needed / n_blocks))]
     return torch.cat(epochs)[:needed].view(config.steps, config.grad_accum, config.batch_size)

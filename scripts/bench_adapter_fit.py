@@ -1,9 +1,10 @@
 """How much of what a recovery adapter learned carries over: its KL to the dense model on blocks
 it trained on, against other blocks of the same text.
 
-Each adapter's training blocks are rebuilt from its saved train_config.yaml exactly as training
-built them; the other blocks are drawn from the same text with another seed, leaving out any
-block identical to a training block (a drawn block can still overlap one in part). For the
+Each adapter's training blocks are rebuilt from its saved train_config.yaml and checked
+against the fingerprint its training recorded; the other blocks are drawn from the same text
+with another seed, leaving out any block identical to a training block (a drawn block can
+still overlap one in part). For the
 compressed model alone and with each adapter, the mean per-token KL(dense || model) on
 --blocks of each is measured (the training loss of a distilled adapter). Writes RESULTS.json
 and README.md into --out.
@@ -21,20 +22,15 @@ from pathlib import Path
 
 import torch
 
-from calibration.data import token_blocks
+from calibration.data import blocks_fingerprint, token_blocks
 from compressor.adapters import load_adapter
 from compressor.config import TrainConfig, load_config
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_any, load_tokenizer
-from compressor.train import distillation_kl
+from compressor.train import distillation_kl, load_teacher, training_blocks
 
 HELD_OUT_SEED = 12345
 BATCH = 4
-
-
-def training_blocks(config: TrainConfig, tokenizer, dd: Path) -> torch.Tensor:
-    needed = config.steps * config.grad_accum * config.batch_size
-    return token_blocks(config.target, tokenizer, needed, config.seq_len, config.seed, dd, at_most=True)
 
 
 def other_blocks(config: TrainConfig, tokenizer, dd: Path, seen: torch.Tensor, count: int) -> torch.Tensor:
@@ -66,21 +62,23 @@ def main() -> None:
     args = parser.parse_args()
     dd = data_dir(args.home)
     tokenizer = load_tokenizer(args.model)
-    configs = [load_config(folder / "train_config.yaml", TrainConfig) for folder in args.adapters]
-    data_settings = {(c.target, c.steps, c.grad_accum, c.batch_size, c.seq_len, c.seed) for c in configs}
-    if len(data_settings) != 1:
-        raise SystemExit("The adapters were trained on different blocks (target, steps, batch, seq_len or "
-                         "seed differ); measure each on its own.")
-    seen = training_blocks(configs[0], tokenizer, dd)
-    sets = {"trained_on": seen[:args.blocks], "other": other_blocks(configs[0], tokenizer, dd, seen, args.blocks)}
+    config = load_config(args.adapters[0] / "train_config.yaml", TrainConfig)
+    seen = training_blocks(config, tokenizer, dd)
+    for folder in args.adapters:  # training recorded the fingerprint of the blocks it used
+        trained_on = json.loads((folder / "train_summary.json").read_text())["tokens_sha256"]
+        if trained_on != blocks_fingerprint(seen):
+            raise SystemExit(f"{folder} was not trained on the blocks rebuilt from {args.adapters[0]}'s "
+                             "train_config.yaml (other text, steps, batch, seq_len or seed, or its text "
+                             "changed since); measure each adapter on its own.")
+    sets = {"trained_on": seen[:args.blocks], "other": other_blocks(config, tokenizer, dd, seen, args.blocks)}
 
-    teacher = load_any(args.dense).eval()
+    teacher = load_teacher(args.dense, tokenizer)
     with torch.no_grad():
         teacher_logits = {name: [teacher(input_ids=batch).logits for batch in blocks.split(BATCH)]
                           for name, blocks in sets.items()}
     del teacher
     results = {"command": "python scripts/bench_adapter_fit.py " + " ".join(sys.argv[1:]),
-               "blocks": args.blocks, "seq_len": configs[0].seq_len, "target": configs[0].target, "kl": {}}
+               "blocks": args.blocks, "seq_len": config.seq_len, "target": config.target, "kl": {}}
     for adapter in [None, *args.adapters]:
         model = load_any(args.model).eval()
         if adapter is not None:

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 from calibration.cache import model_fingerprint
-from calibration.data import token_blocks
 from compressor.adapters import AdapterConfig, add_adapters
 from compressor.config import TrainConfig
 from compressor.evaluate import evaluate_perplexity, parameter_count
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_any, load_tokenizer
-from compressor.train import load_teacher, train_adapter
+from compressor.train import load_teacher, train_adapter, training_blocks
 
 # name -> adapter settings; LoRA r=1 is the reference point, the others are sized to
 # at most 0.1% of the model's parameters.
@@ -91,8 +90,7 @@ def main() -> None:
                              checkpoint_every=0,
                              teacher=str(args.dense) if teacher else "", distill_weight=args.distill_weight or 1.0,
                              adapter=AdapterConfig(**ADAPTERS[name])).validate()
-        blocks = token_blocks(config.target, tokenizer, config.steps * config.batch_size, config.seq_len,
-                              config.seed, dd, at_most=True)
+        blocks = training_blocks(config, tokenizer, dd)
         model = load_any(args.model)
         adapters = add_adapters(model, config.adapter)
         start = time.perf_counter()

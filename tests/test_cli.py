@@ -7,7 +7,11 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from calibration.data import blocks_fingerprint
 from compressor.cli import main
+from compressor.config import TrainConfig, load_config
+from compressor.load import load_tokenizer
+from compressor.train import training_blocks
 
 
 def _data_dir(tmp_path):
@@ -100,6 +104,10 @@ def test_compress_train_merge_eval(tmp_path, corpus, model_dir, capsys):
     record = json.loads((adapter / "adapter_config.json").read_text())
     assert record["method"] == "nola" and record["trainable_parameters"] == 2 * 16 * 21
     assert record["base_model"]["fingerprint"]
+    # The saved config is enough to rebuild the blocks trained on (scripts/bench_adapter_fit.py relies on it).
+    rebuilt = training_blocks(load_config(adapter / "train_config.yaml", TrainConfig), load_tokenizer(out), data)
+    trained_on = json.loads((adapter / "train_summary.json").read_text())["tokens_sha256"]
+    assert blocks_fingerprint(rebuilt) == trained_on
 
     assert main(["eval", "--model", str(out), "--adapter", str(adapter), "--limit", "2",
                  "--json", str(tmp_path / "with.json"), *common]) == 0
