@@ -122,21 +122,25 @@ class StopOnStrings(StoppingCriteria):
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, stops: tuple[str, ...],
-             batch_size: int = 8, progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy completions, batched with left padding, each cut at its first stop sequence."""
+             batch_size: int = 8, progress: bool = True, desc: str = "generate",
+             temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """Completions, batched with left padding, each cut at its first stop sequence: greedy at
+    temperature 0, else sampled (temperature, nucleus top_p) from the global torch RNG, so the
+    caller seeds it."""
     pad_token = tokenizer.pad_token
     if pad_token is None:  # padding needs one; the caller's tokenizer is restored below
         tokenizer.pad_token = tokenizer.eos_token
     # Longest prompts first: batches of similar length waste less padding.
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
     completions: dict[int, str] = {}
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature else {"do_sample": False}
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
             indices = order[start:start + batch_size]
             batch = tokenizer([prompts[index] for index in indices], return_tensors="pt", padding=True,
                               padding_side="left")
             stop = StopOnStrings(tokenizer, stops, batch["input_ids"].shape[1])
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling,
                                     pad_token_id=tokenizer.pad_token_id,
                                     stopping_criteria=StoppingCriteriaList([stop]))
             texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
