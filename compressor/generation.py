@@ -133,7 +133,10 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     # Longest prompts first: batches of similar length waste less padding.
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
     completions: dict[int, str] = {}
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature else {"do_sample": False}
+    # top_k=0: transformers otherwise keeps only the 50 likeliest tokens when sampling.
+    sampling = {"do_sample": False}
+    if temperature:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
             indices = order[start:start + batch_size]

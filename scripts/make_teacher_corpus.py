@@ -53,6 +53,8 @@ def main() -> None:
         sys.exit(f"{args.out} exists; remove it or pick another --out.")
     if args.temperature <= 0:
         sys.exit("--temperature must be > 0: the point is the teacher's distribution, not its greedy path.")
+    if not 0 < args.top_p <= 1:
+        sys.exit(f"--top-p must be in (0, 1]; got {args.top_p}.")
     prompts = signatures(file_texts(args.prompts), args.samples, args.seed)
     tokenizer, model = load_tokenizer(args.model), load_any(args.model)
     torch.manual_seed(args.seed)  # generate() samples from the global RNG
