@@ -58,6 +58,14 @@ def general_texts(data_dir: Path) -> list[str]:
     return [text for text in passages if not is_eval_passage(text)]
 
 
+def write_text_rows(path: Path, texts: list[str]) -> None:
+    """`texts` as {"text": ...} JSONL rows (what file_texts reads back), written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+    partial.replace(path)
+
+
 def file_texts(path: Path) -> list[str]:
     if path.is_dir():
         raise CalibrationDataError(f"Calibration source {path} is a folder; pass a .jsonl or .txt file.")

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 import textwrap
 from pathlib import Path
 
-from calibration.data import code_texts
+from calibration.data import code_texts, write_text_rows
 
 
 def documented_functions(source: str, max_lines: int) -> list[str]:
@@ -49,10 +48,7 @@ def main() -> None:
     texts = []
     for source in code_texts():  # the standard-library files of the `code` target
         texts += documented_functions(source, args.max_lines)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    partial.replace(args.out)
+    write_text_rows(args.out, texts)
     print(f"{len(texts)} functions, {sum(map(len, texts)):,} characters -> {args.out}")
 
 

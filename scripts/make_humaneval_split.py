@@ -13,10 +13,10 @@ trained on them is contaminated for every HumanEval measurement except perplexit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from calibration.data import write_text_rows
 from compressor.evaluate import eval_texts
 from compressor.fetch import data_dir, default_home
 
@@ -35,10 +35,7 @@ def main() -> None:
     held_out, rest = texts[:args.skip], texts[args.skip:]
     if set(held_out) & set(rest):
         sys.exit("A held-out document also appears after --skip; this split would leak it.")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.write_text("".join(json.dumps({"text": text}) + "\n" for text in rest))
-    partial.replace(args.out)
+    write_text_rows(args.out, rest)
     print(f"{len(rest)} documents (HumanEval {args.skip + 1}-{len(texts)}), "
           f"{sum(map(len, rest)):,} characters -> {args.out}")
 

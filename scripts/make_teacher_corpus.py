@@ -16,7 +16,6 @@ of text or --new-tokens tokens. Rows are {"text": signature + continuation}, for
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from calibration.data import file_texts
+from calibration.data import file_texts, write_text_rows
 from compressor.fetch import default_home, example_model_dir
 from compressor.generation import generate
 from compressor.load import load_any, load_tokenizer
@@ -63,10 +62,7 @@ def main() -> None:
                            temperature=args.temperature, top_p=args.top_p)
     seconds = time.perf_counter() - start
     texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    partial.replace(args.out)
+    write_text_rows(args.out, texts)
     tokens = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
     print(f"{len(texts)} samples, {tokens:,} tokens in {seconds:.0f} s -> {args.out}")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calibration.cache import StatsCache, stats_key
-from calibration.data import CalibrationDataError, blocks_fingerprint, token_blocks
+from calibration.data import CalibrationDataError, blocks_fingerprint, file_texts, token_blocks, write_text_rows
 from compressor.arch import get_spec
 from compressor.cli import main
 from compressor.config import CalibrationConfig, CompressConfig, ConfigError, load_config
@@ -55,6 +55,14 @@ def test_calibration_blocks_are_seeded(tmp_path, tokenizer):
     a = token_blocks(str(path), tokenizer, 4, 32, 0, tmp_path)
     assert torch.equal(a, token_blocks(str(path), tokenizer, 4, 32, 0, tmp_path))
     assert not torch.equal(a, token_blocks(str(path), tokenizer, 4, 32, 1, tmp_path))
+
+
+def test_text_rows_written_read_back_whole(tmp_path):
+    texts = ['def f():\n    """Say "hi"."""\n    return "\u00e9"', "x = 1"]
+    path = tmp_path / "sub" / "rows.jsonl"
+    write_text_rows(path, texts)
+    assert file_texts(path) == texts
+    assert sorted(p.name for p in path.parent.iterdir()) == ["rows.jsonl"]  # no partial file left
 
 
 def test_math_source_without_data_says_how_to_fetch(tmp_path, tokenizer):
