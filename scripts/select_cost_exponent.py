@@ -9,7 +9,7 @@ into --out.
 
     python scripts/select_cost_exponent.py --exponents 0 1 2 3 4 --out reports/pipeline
     python scripts/select_cost_exponent.py --target runs/stdlib-functions.jsonl --solver eigh \
-        --probe-ratios 0.4 0.7 --exponents 1 2 3 --ranks-from runs/asvd-global-fn-0.2 \
+        --probe-ratios 0.4 0.7 --exponents 0 1 2 3 --ranks-from runs/asvd-global-fn-0.2 \
         --out reports/allocation-fn
 """
 
@@ -43,12 +43,14 @@ def block_perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
 
 def rank_profile(ranks: dict[str, int | None]) -> dict[str, str]:
     """Per projection type: 'linears cut / mean rank kept', the form the notes compare."""
-    kept = defaultdict(list)
+    kept_by_kind = defaultdict(list)
     for name, rank in ranks.items():
-        kept[name.rsplit(".", 1)[-1].removesuffix("_proj")].append(rank)
-    return {kind: f"{sum(r is not None for r in ranks)} / "
-                  f"{round(sum(r for r in ranks if r is not None) / max(1, sum(r is not None for r in ranks)))}"
-            for kind, ranks in kept.items()}
+        kept_by_kind[name.rsplit(".", 1)[-1].removesuffix("_proj")].append(rank)
+    profile = {}
+    for kind, kept in kept_by_kind.items():
+        cut = [rank for rank in kept if rank is not None]  # None: the linear stays dense
+        profile[kind] = f"{len(cut)} / {round(sum(cut) / len(cut)) if cut else '-'}"
+    return profile
 
 
 def main() -> None:
@@ -114,7 +116,8 @@ def main() -> None:
               "dense_perplexity": dense, "rows": rows}
     (args.out / "allocation_selection.json").write_text(json.dumps(record, indent=2))
     kinds = list(rows[0]["cut / mean rank kept"])
-    lines = [f"Validation: {record['validation']}. Method {args.method} ({args.solver}), {args.ratio:g} removed; dense: {dense:.3f}.",
+    lines = [f"Validation: {record['validation']}. Method {args.method} ({args.solver}), "
+             f"{args.ratio:g} removed; dense: {dense:.3f}.",
              "", "| allocation | probe | exponent | removed | validation ppl | " + " | ".join(kinds) + " |",
              "|---|---|---|---|---|" + "---|" * len(kinds)]
     for row in rows:
