@@ -10,7 +10,7 @@ compressed model alone and with each adapter, the mean per-token KL(dense || mod
 and README.md into --out.
 
     python scripts/bench_adapter_fit.py --model runs/whiten-asvdfn-ranks-fn-0.2 \
-        --adapters runs/recovery/nola-r8-k1024-kd1-100steps-on-stdlib-functions --out reports/adapter-fit
+        --adapters runs/recovery/whiten-asvdfn-ranks-fn-0.2/nola-r8-k1024-kd1-100steps-on-stdlib-functions --out reports/adapter-fit
 """
 
 from __future__ import annotations

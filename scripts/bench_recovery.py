@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--distill-weight", type=float, default=0.0,
                         help="> 0: distil from --dense (KL weight; the rest on the label loss); rows get '-kd'")
     parser.add_argument("--limit", type=int, default=32, help="documents per perplexity set")
-    parser.add_argument("--work", type=Path, default=Path("runs/recovery"))
+    parser.add_argument("--work", type=Path, default=Path("runs/recovery"),
+                        help="adapters are kept in WORK/<base folder name>/<row>")
     parser.add_argument("--out", type=Path, default=Path("reports/recovery"))
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of an earlier run in --out (each row records its run)")
@@ -100,7 +101,8 @@ def main() -> None:
             row += f"-lr{args.adapter_lr:g}"
         if args.target != "code":  # the rows of one table are compared on code perplexity
             row += f"-on-{Path(args.target).stem}"
-        summary = train_adapter(model, adapters, blocks, config, args.work / row, base_identity,
+        # keyed by the base too: the same row trained on another base must not overwrite this one
+        summary = train_adapter(model, adapters, blocks, config, args.work / args.model.resolve().name / row, base_identity,
                                 overwrite=True, progress=False, teacher=teacher)
         train_s = time.perf_counter() - start
         adapters.merge(model)
