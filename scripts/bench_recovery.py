@@ -83,6 +83,8 @@ def main() -> None:
         record("dense", load_any(args.dense), {})
         record("compressed", load_any(args.model), {})
     base_identity = {"path": str(args.model), "fingerprint": model_fingerprint(args.model)}
+    # keyed by the base too: the same row trained on another base must not overwrite this one
+    work_dir = args.work / args.model.resolve().name
     teacher = load_teacher(args.dense, tokenizer) if args.distill_weight else None
     for name in args.adapters:
         lr = args.adapter_lr or LEARNING_RATES.get(ADAPTERS[name]["method"], args.lr)
@@ -101,8 +103,7 @@ def main() -> None:
             row += f"-lr{args.adapter_lr:g}"
         if args.target != "code":  # the rows of one table are compared on code perplexity
             row += f"-on-{Path(args.target).stem}"
-        # keyed by the base too: the same row trained on another base must not overwrite this one
-        summary = train_adapter(model, adapters, blocks, config, args.work / args.model.resolve().name / row, base_identity,
+        summary = train_adapter(model, adapters, blocks, config, work_dir / row, base_identity,
                                 overwrite=True, progress=False, teacher=teacher)
         train_s = time.perf_counter() - start
         adapters.merge(model)
