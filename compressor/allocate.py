@@ -125,29 +125,31 @@ def given_ranks(shapes: dict[str, Shape], low_rank: dict[str, int]) -> dict[str,
 
 
 def global_ranks(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float,
-                 align: int = 8, tolerance: float = 0.005,
-                 min_rank: int | None = None, max_kept: float = 1.0) -> dict[str, int | None]:
+                 align: int = 8, tolerance: float = 0.005, min_rank: int | None = None,
+                 max_kept: float = 1.0, start: dict[str, int | None] | None = None) -> dict[str, int | None]:
     """Greedy allocation: repeatedly drop the tail chunk of `align` bases with the smallest
     cost per parameter saved, until `ratio` of the parameters is removed.
 
     costs[name][i] is the estimated loss increase of removing basis i of that matrix (bases in
-    decreasing order of importance; a matrix always keeps a prefix). A matrix starts dense; its
+    decreasing order of importance; a matrix always keeps a prefix). A matrix starts dense (or
+    at its rank in `start`: learned selection prunes in steps and never gives bases back); its
     first move goes to its largest useful rank (that move drops the bases beyond it at once).
     """
     check_ratio(ratio)
     min_rank = align if min_rank is None else min_rank
-    ranks = _greedy(shapes, costs, ratio, align, tolerance, min_rank, max_kept)
+    ranks = _greedy(shapes, costs, ratio, align, tolerance, min_rank, max_kept, start or {})
     _check_budget(shapes, ranks, ratio, tolerance, align)
     return ranks
 
 
 def _greedy(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float, align: int,
-            tolerance: float, min_rank: int, max_kept: float) -> dict[str, int | None]:
+            tolerance: float, min_rank: int, max_kept: float,
+            start: dict[str, int | None]) -> dict[str, int | None]:
     target = ratio * sum(shape.dense for shape in shapes.values())
     # tails[name][r] = total cost of the bases from r on (what keeping rank r drops).
     tails = {name: torch.cat([costs[name].double().flip(0).cumsum(0).flip(0),
                               torch.zeros(1, dtype=torch.float64)]).tolist() for name in shapes}
-    ranks: dict[str, int | None] = {name: None for name in shapes}
+    ranks: dict[str, int | None] = {name: start.get(name) for name in shapes}
 
     def next_move(name: str) -> tuple[float, str, int] | None:
         shape, rank = shapes[name], ranks[name]
@@ -160,7 +162,7 @@ def _greedy(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: flo
 
     heap = [move for move in map(next_move, shapes) if move is not None]
     heapq.heapify(heap)
-    removed = 0
+    removed = removed_params(shapes, ranks)
     while removed < target * (1 - tolerance) and heap:
         _, name, new_rank = heapq.heappop(heap)
         saved = shapes[name].stored(ranks[name]) - shapes[name].low_rank(new_rank)
@@ -189,7 +191,8 @@ def basis_energy(sigma: torch.Tensor, w: torch.Tensor, gram: torch.Tensor) -> to
 
 
 def measured_costs(energy: dict[str, torch.Tensor], probe_ranks: dict[str, int | None],
-                   sensitivity: dict[str, float], gamma: float = 2.0) -> dict[str, torch.Tensor]:
+                   sensitivity: dict[str, float], gamma: float = 2.0,
+                   anchor: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Per-basis loss costs on one scale for every matrix, anchored on measurements.
 
     A matrix truncated to rank r is modelled to cost
@@ -198,10 +201,17 @@ def measured_costs(energy: dict[str, torch.Tensor], probe_ranks: dict[str, int |
     (gamma > 1) around it, because errors compound faster than their energy grows when a
     matrix is cut deep. Basis i costs KL_m(i) - KL_m(i + 1). Matrices not probed (too small
     to compress) get the largest cost scale, i.e. are the last to be cut.
+
+    `anchor`: the energies the sensitivities were measured with, when `energy` are others
+    (learned coefficients): the scale stays that of the measurement, so a matrix whose
+    bases training shrank becomes cheaper to cut.
     """
-    tails = {name: torch.cat([values.double().flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
-             for name, values in energy.items()}
-    scale = {name: max(sensitivity[name], 1e-12) / max(float(tails[name][rank]), 1e-30) ** gamma
+    def tails_of(values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([values.double().flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+
+    tails = {name: tails_of(values) for name, values in energy.items()}
+    measured_tails = tails if anchor is None else {name: tails_of(values) for name, values in anchor.items()}
+    scale = {name: max(sensitivity[name], 1e-12) / max(float(measured_tails[name][rank]), 1e-30) ** gamma
              for name, rank in probe_ranks.items() if rank is not None and name in sensitivity}
     top = max(scale.values(), default=1.0)
     costs = {}
@@ -209,6 +219,13 @@ def measured_costs(energy: dict[str, torch.Tensor], probe_ranks: dict[str, int |
         modelled = scale.get(name, top) * tail.pow(gamma)  # KL_m(r) for r = 0..k
         costs[name] = modelled[:-1] - modelled[1:]
     return costs
+
+
+def pruning_targets(ratio: float, events: int) -> list[float]:
+    """The removed fraction after each of `events` pruning events: a cubic schedule (Zhu and
+    Gupta 2017) that cuts fast while much redundancy is left and slowly near the budget, so
+    the coefficients have time to take over what the last bases did."""
+    return [ratio * (1 - (1 - (event + 1) / events) ** 3) for event in range(events)]
 
 
 def summarize(shapes: dict[str, Shape], ranks: dict[str, int | None]) -> dict:

@@ -31,7 +31,8 @@ FLAG_TO_CONFIG = {
     "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
     "symmetric": ("quant", "symmetric"), "bits_per_weight": ("quant", "bits_per_weight"),
     "export_dtype": (None, "export_dtype"), "on_failure": (None, "on_failure"),
-    "ranks_from": (None, "ranks_from"),
+    "ranks_from": (None, "ranks_from"), "learn_steps": ("learn", "steps"), "learn_lr": ("learn", "lr"),
+    "learn_batch_size": ("learn", "batch_size"), "learn_seq_len": ("learn", "seq_len"),
 }
 
 # compressor train: flag -> (section, key) of TrainConfig.
@@ -100,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--max-kept-fraction", type=float,
                           help="a matrix whose factors would hold more than this fraction of its parameters "
                                "stays dense (low rank that keeps most of a matrix is slower than the matrix)")
-    compress.add_argument("--score", help="energy | taylor: how each basis is scored for the target")
+    compress.add_argument("--score", help="energy | taylor | learned: how each basis is scored for the target "
+                                          "(learned: Basis Selection, coefficients trained by distillation "
+                                          "on the target while pruning to the budget)")
+    compress.add_argument("--learn-steps", type=int, help="score learned: optimizer steps (default 120)")
+    compress.add_argument("--learn-lr", type=float, help="score learned: learning rate of the coefficients' "
+                                                         "relative scales (default 2e-3)")
+    compress.add_argument("--learn-batch-size", type=int, help="score learned: sequences per step (default 2)")
+    compress.add_argument("--learn-seq-len", type=int, help="score learned: tokens per sequence (default 256)")
     compress.add_argument("--sensitivity-samples", type=int, help="sequences for the sensitivity pass")
     compress.add_argument("--gradient-samples", type=int, help="sequences for the taylor gradients")
     compress.add_argument("--ranks-from", help="an earlier export's folder: keep its ranks (its allocation and "
@@ -183,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", default="perplexity",
                           help="comma-separated: perplexity, gsm8k, humaneval")
     evaluate.add_argument("--sets", default="code,math,general", help="perplexity sets")
+    evaluate.add_argument("--split", default="test", choices=("dev", "test", "all"),
+                          help="which part of every evaluation set: choose settings on dev, quote test")
     evaluate.add_argument("--limit", type=int, default=64,
                           help="documents per perplexity set and problems per benchmark (0: all)")
     evaluate.add_argument("--allow-code-exec", action="store_true",
@@ -200,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("models", nargs="+", type=Path, help="model folders (dense and compressed)")
     report.add_argument("--out", type=Path, required=True, help="report folder (replaced)")
     report.add_argument("--tasks", default="perplexity", help="comma-separated: perplexity, gsm8k, humaneval")
+    report.add_argument("--split", default="test", choices=("dev", "test", "all"),
+                        help="which part of every evaluation set (choose settings on dev, quote test)")
     report.add_argument("--limit", type=int, default=32, help="documents / problems per set (0: all)")
     report.add_argument("--allow-code-exec", action="store_true", help="humaneval: run the generated code")
     report.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot worked exemplars, 0 to 4")
@@ -332,11 +344,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.streaming:
         return _compress_streaming(args, config)
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
+    learn_blocks = _learn_blocks(args, config, tokenizer) if config.score == "learned" else None
     start = time.perf_counter()
     if not args.offload:
         place_model(model, device)
     result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet,
-                      offload_to=device if args.offload else None)
+                      offload_to=device if args.offload else None, learn_blocks=learn_blocks)
     model.to("cpu")  # the export is written from host memory
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
                "reproduce": _reproduce_record(args.model, model_id, blocks, config.calibration.seed),
@@ -344,9 +357,24 @@ def cmd_compress(args: argparse.Namespace) -> int:
     save_compressed(model, tokenizer, args.out, result.config, summary, args.overwrite,
                     dense=config.dense_export, scores=result.scores,
                     dtype=export_dtype(config.export_dtype, args.model))
+    if "learned_selection" in result.summary:
+        from compressor.selection import finish
+
+        finish(Path(result.summary["learned_selection"]["work"]))
     print(format_layers(result))
     print(f"saved: {args.out}")
     return 0
+
+
+def _learn_blocks(args: argparse.Namespace, config: CompressConfig, tokenizer):
+    """score learned: the target text it trains on, one block per sequence (or as many as the
+    text holds), seeded apart from the calibration blocks."""
+    from calibration.data import token_blocks
+
+    _, data = _paths(args)
+    learn = config.learn
+    return token_blocks(config.calibration.source, tokenizer, learn.steps * learn.batch_size, learn.seq_len,
+                        learn.seed + 1, data, at_most=True)
 
 
 def _compress_streaming(args: argparse.Namespace, config: CompressConfig) -> int:
@@ -483,11 +511,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     payload = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
                "adapter_trainable_parameters": (adapter_record or {}).get("trainable_parameters"),
                "parameters": parameter_count(model), "bytes_on_disk": folder_bytes(args.model),
-               "limit": args.limit or None}
+               "limit": args.limit or None, "split": args.split}
     if "perplexity" in tasks:
         sets = [name.strip() for name in args.sets.split(",") if name.strip()]
         results = evaluate_perplexity(model, tokenizer, data, sets, args.limit or None, args.max_length,
-                                      args.batch_size, progress=not args.quiet)
+                                      args.batch_size, progress=not args.quiet, split=args.split)
         print(format_table(results))
         payload["perplexity"] = {name: result.to_dict() for name, result in results.items()}
     benchmarks = [task for task in tasks if task != "perplexity"]
@@ -513,7 +541,7 @@ def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[
         result, from_cache = run_benchmark(task, model, tokenizer, data, home / "results", model_id,
                                            args.limit or None, args.shots, args.max_new_tokens, args.batch_size,
                                            allow_code_exec=args.allow_code_exec, use_cache=not args.no_cache,
-                                           progress=not args.quiet)
+                                           progress=not args.quiet, split=args.split)
         summary[task] = {key: value for key, value in result.to_dict().items() if key != "items"}
         summary[task]["from_cache"] = from_cache
         print(f"{task}: " + ", ".join(f"{name} {value:.3f} (95% CI {low:.3f}-{high:.3f})"
@@ -529,7 +557,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     tasks = tuple(parse_tasks(args.tasks, args.allow_code_exec))
     home, data = _paths(args)
     settings = ReportSettings(tasks, args.limit or None, args.allow_code_exec, args.batch_size, args.shots,
-                              args.max_new_tokens)
+                              args.max_new_tokens, args.split)
     rows = [measure_model(folder, data, home, settings, progress=not args.quiet) for folder in args.models]
     write_report(rows, settings, environment(data), args.out)
     print(f"report: {args.out / 'report.md'}, {args.out / 'report.html'}, {args.out / 'metrics.json'}")

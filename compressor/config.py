@@ -37,13 +37,43 @@ class CalibrationConfig:
 
 
 @dataclass
+class LearnConfig:
+    """score learned: Basis Selection's trained coefficients (compressor/selection.py)."""
+
+    steps: int = 120  # optimizer steps of distillation on the target text
+    lr: float = 2e-3  # for each coefficient's relative scale (it starts at 1)
+    batch_size: int = 2
+    seq_len: int = 256
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    prune_events: int = 8  # pruning steps, cubic schedule to the budget
+    prune_start: float = 0.1  # fraction of the steps before the first pruning event
+    prune_end: float = 0.7  # fraction of the steps by the last event; the rest fine-tunes the kept bases
+    checkpoint_every: int = 20  # steps; a rerun of the same command resumes from the last one
+    seed: int = 0  # data order
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "prune_events"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"learn.{key} must be >= 1; got {getattr(self, key)}.")
+        if self.seq_len < 2 or not self.lr > 0 or self.warmup_steps < 0 or self.checkpoint_every < 0:
+            raise ConfigError("learn.seq_len must be >= 2, lr > 0, warmup_steps and checkpoint_every >= 0.")
+        if not 0 <= self.prune_start < self.prune_end <= 1:
+            raise ConfigError(f"learn.prune_start ({self.prune_start}) and prune_end ({self.prune_end}) must "
+                              "satisfy 0 <= start < end <= 1 (fractions of the steps).")
+        if self.prune_events > self.steps:
+            raise ConfigError(f"learn.prune_events ({self.prune_events}) cannot exceed learn.steps ({self.steps}).")
+
+
+@dataclass
 class CompressConfig:
     version: int = CONFIG_VERSION
     ratio: float = 0.2  # fraction of decoder-linear parameters removed (quant auto: derived)
     method: str = "whiten"  # svd | asvd | whiten
     solver: str = "svd"  # svd: float64 LAPACK SVD (exact) | eigh: float32 eigen, 5-15x faster
     allocation: str = "global"  # uniform | global | auto: the one of the two with the lower calibration loss
-    score: str = "energy"  # energy | taylor: which bases the target needs (scoring.py)
+    score: str = "energy"  # energy | taylor | learned: which bases the target needs (scoring.py, selection.py)
     taylor_z: float = 2.0  # taylor: first-order terms within z standard errors of 0 are noise
     align: int = 8
     probe_ratio: float = 0.4  # global: each linear's sensitivity is measured truncated to this
@@ -60,6 +90,7 @@ class CompressConfig:
     export_dtype: str = "auto"  # floating-point tensors of the export (quantized codes aside)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)  # weight-only, after the rank cut
+    learn: LearnConfig = field(default_factory=LearnConfig)  # score learned only
 
     def validate(self) -> "CompressConfig":
         if self.version != CONFIG_VERSION:
@@ -91,6 +122,10 @@ class CompressConfig:
         if self.export_dtype not in EXPORT_DTYPES:
             raise ConfigError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}; got {self.export_dtype!r}.")
         self.quant.validate()
+        self.learn.validate()
+        if self.score == "learned" and (self.allocation != "global" or self.ranks_from or self.ratio == 0):
+            raise ConfigError("--score learned prunes to a global budget as it trains: use it with "
+                              "--allocation global and a --ratio, without --ranks-from.")
         if self.ranks_from and "auto" in (self.allocation, self.quant.scheme):
             raise ConfigError("--ranks-from fixes every rank; it cannot be combined with --allocation auto or "
                               "--quant auto, which choose them.")
@@ -101,7 +136,7 @@ class CompressConfig:
         if min(counts) < 1 or cal.seq_len < 2:
             raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples, "
                               "gradient_samples and selection_samples must be positive.")
-        used = {"sensitivity_samples": self.score == "energy" and self.allocation != "uniform",
+        used = {"sensitivity_samples": self.score in ("energy", "learned") and self.allocation != "uniform",
                 "gradient_samples": self.score == "taylor",
                 "selection_samples": self.quant.scheme == "auto" or self.allocation == "auto"}
         for key in (key for key, in_use in used.items() if in_use):

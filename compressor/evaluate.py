@@ -3,7 +3,7 @@
   code     HumanEval prompt + canonical solution (calibration code is the standard library)
   math     GSM8K test question + answer (calibration math is ASDiv)
   general  BoolQ passages of the held-out hash split (calibration uses the other part)
-Each document is scored on its own (truncated to `max_length` tokens); perplexity is
+Each set has a dev and a test split (compressor/splits.py). Each document is scored on its own (truncated to `max_length` tokens); perplexity is
 exp(total negative log-likelihood / total predicted tokens) over the first `limit` documents.
 """
 
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from calibration.data import is_eval_passage, read_jsonl
 from compressor.modeling_basis_llama import QuantizedLinear
+from compressor.splits import split_items
 
 PPL_SETS = ("code", "math", "general")
 
@@ -40,15 +41,17 @@ class PerplexityResult:
         return asdict(self)
 
 
-def eval_texts(name: str, data_dir: Path) -> list[str]:
+def eval_texts(name: str, data_dir: Path, split: str = "test") -> list[str]:
+    """The documents of perplexity set `name` in `split` (dev, test or all)."""
     if name == "code":
-        return [row["prompt"] + row["canonical_solution"] for row in read_jsonl(data_dir / "humaneval.jsonl")]
+        rows = split_items(read_jsonl(data_dir / "humaneval.jsonl"), split, "humaneval")
+        return [row["prompt"] + row["canonical_solution"] for row in rows]
     if name == "math":
-        return [f"Question: {row['question']}\nAnswer: {row['answer']}"
-                for row in read_jsonl(data_dir / "gsm8k_test.jsonl")]
+        rows = split_items(read_jsonl(data_dir / "gsm8k_test.jsonl"), split, "gsm8k")
+        return [f"Question: {row['question']}\nAnswer: {row['answer']}" for row in rows]
     if name == "general":
         passages = dict.fromkeys(row["passage"] for row in read_jsonl(data_dir / "boolq.jsonl") if row.get("passage"))
-        return [text for text in passages if is_eval_passage(text)]
+        return split_items([text for text in passages if is_eval_passage(text)], split, "general")
     raise ValueError(f"Unknown perplexity set {name!r}; choose from {', '.join(PPL_SETS)}.")
 
 
@@ -85,8 +88,9 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], name: str = "text"
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, data_dir: Path, sets=PPL_SETS, limit: int | None = 64,
-                        max_length: int = 512, batch_size: int = 8, progress: bool = True) -> dict[str, PerplexityResult]:
-    return {name: perplexity(model, tokenizer, eval_texts(name, data_dir), name, limit, max_length,
+                        max_length: int = 512, batch_size: int = 8, progress: bool = True,
+                        split: str = "test") -> dict[str, PerplexityResult]:
+    return {name: perplexity(model, tokenizer, eval_texts(name, data_dir, split), name, limit, max_length,
                              batch_size, progress) for name in sets}
 
 

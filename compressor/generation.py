@@ -33,6 +33,7 @@ from compressor.answers import (
     GSM8K_STOPS, HUMANEVAL_STOPS, flexible_answer, gold_answer, humaneval_program, strict_answer, truncate,
 )
 from compressor.sandbox import run_program
+from compressor.splits import split_items
 
 TASKS = ("gsm8k", "humaneval")
 DEFAULT_NEW_TOKENS = {"gsm8k": 256, "humaneval": 384}
@@ -154,30 +155,33 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
 
 
 def evaluate_gsm8k(model: nn.Module, tokenizer, data_dir: Path, limit: int | None = None, shots: int = 4,
-                   max_new_tokens: int = DEFAULT_NEW_TOKENS["gsm8k"], batch_size: int = 8, progress: bool = True) -> TaskResult:
+                   max_new_tokens: int = DEFAULT_NEW_TOKENS["gsm8k"], batch_size: int = 8, progress: bool = True,
+                   split: str = "test") -> TaskResult:
     start = time.perf_counter()
-    rows = read_jsonl(data_dir / "gsm8k_test.jsonl")[:limit]
+    lines = list(enumerate(read_jsonl(data_dir / "gsm8k_test.jsonl")))  # ids are test-file lines
+    lines = split_items(lines, split, "gsm8k")[:limit]
+    rows = [row for _, row in lines]
     exemplars = gsm8k_exemplars(shots)
     prompts = [gsm8k_prompt(row["question"], exemplars, tokenizer) for row in rows]
     completions = generate(model, tokenizer, prompts, max_new_tokens, GSM8K_STOPS, batch_size, progress, "gsm8k")
     items = []
-    for index, (row, completion) in enumerate(zip(rows, completions)):
+    for (line, row), completion in zip(lines, completions):
         gold = gold_answer(row["answer"])
-        items.append({"id": index, "completion": completion, "gold": str(gold),
+        items.append({"id": line, "completion": completion, "gold": str(gold),
                       "strict": strict_answer(completion) == gold, "flexible": flexible_answer(completion) == gold})
     return _result("gsm8k", items, ("strict", "flexible"), limit,
                    {"shots": shots, "exemplars": EXEMPLARS_VERSION, "max_new_tokens": max_new_tokens,
-                    "chat_template": bool(tokenizer.chat_template)}, start)
+                    "chat_template": bool(tokenizer.chat_template), "split": split}, start)
 
 
 def evaluate_humaneval(model: nn.Module, tokenizer, data_dir: Path, limit: int | None = None,
                        allow_code_exec: bool = False, max_new_tokens: int = DEFAULT_NEW_TOKENS["humaneval"], batch_size: int = 8,
-                       timeout_s: float = 10.0, progress: bool = True) -> TaskResult:
+                       timeout_s: float = 10.0, progress: bool = True, split: str = "test") -> TaskResult:
     if not allow_code_exec:
         raise CodeExecutionRefused("HumanEval runs the code the model writes. It runs in a limited "
                                    "subprocess, but only when you opt in: pass --allow-code-exec.")
     start = time.perf_counter()
-    problems = read_jsonl(data_dir / "humaneval.jsonl")[:limit]
+    problems = split_items(read_jsonl(data_dir / "humaneval.jsonl"), split, "humaneval")[:limit]
     completions = generate(model, tokenizer, [problem["prompt"] for problem in problems], max_new_tokens,
                            HUMANEVAL_STOPS, batch_size, progress, "humaneval")
     items = []
@@ -186,7 +190,8 @@ def evaluate_humaneval(model: nn.Module, tokenizer, data_dir: Path, limit: int |
         items.append({"id": problem["task_id"], "completion": completion, "pass@1": execution.passed,
                       "status": execution.status})
     return _result("humaneval", items, ("pass@1",), limit,
-                   {"max_new_tokens": max_new_tokens, "timeout_s": timeout_s, "sampling": "greedy"}, start)
+                   {"max_new_tokens": max_new_tokens, "timeout_s": timeout_s, "sampling": "greedy",
+                    "split": split}, start)
 
 
 def _result(task: str, items: list[dict], metrics: tuple[str, ...], limit: int | None, settings: dict,
@@ -229,18 +234,19 @@ def new_token_limit(task: str, max_new_tokens: int | None) -> int:
 def run_benchmark(task: str, model: nn.Module, tokenizer, data_dir: Path, results_dir: Path, model_id: str,
                   limit: int | None, shots: int = 4, max_new_tokens: int | None = None, batch_size: int = 8,
                   allow_code_exec: bool = False, use_cache: bool = True,
-                  progress: bool = True) -> tuple[TaskResult, bool]:
+                  progress: bool = True, split: str = "test") -> tuple[TaskResult, bool]:
     """One benchmark, cached under the settings that change its result (eval and report share
     the cache). Returns the result and whether it came from the cache."""
     max_new_tokens = new_token_limit(task, max_new_tokens)
     if task == "gsm8k":
-        settings = {"limit": limit, "shots": shots, "exemplars": EXEMPLARS_VERSION, "max_new_tokens": max_new_tokens}
+        settings = {"limit": limit, "shots": shots, "exemplars": EXEMPLARS_VERSION, "max_new_tokens": max_new_tokens,
+                    "split": split}
         compute = partial(evaluate_gsm8k, model, tokenizer, data_dir, limit, shots, max_new_tokens,
-                          batch_size, progress)
+                          batch_size, progress, split)
     elif task == "humaneval":
-        settings = {"limit": limit, "max_new_tokens": max_new_tokens}
+        settings = {"limit": limit, "max_new_tokens": max_new_tokens, "split": split}
         compute = partial(evaluate_humaneval, model, tokenizer, data_dir, limit, allow_code_exec,
-                          max_new_tokens, batch_size, progress=progress)
+                          max_new_tokens, batch_size, progress=progress, split=split)
     else:
         raise ValueError(f"Unknown benchmark {task!r}; choose from {', '.join(TASKS)}.")
     if not use_cache:

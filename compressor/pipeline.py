@@ -48,6 +48,7 @@ from compressor.load import read_rank_map
 from compressor.modeling_basis_llama import SCHEME_BITS, LowRankLinear, replace_module
 from compressor.quantize import QuantError, quantize_model, stored_bits
 from compressor.scoring import reorder, taylor_scores
+from compressor.selection import fold, learn_key, learn_selection
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +335,43 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
     return reports
 
 
+def learn_and_apply(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor, bases: Bases,
+                    config: CompressConfig, learn_blocks: torch.Tensor, learn_root: Path, model_id: str,
+                    progress: bool = True) -> tuple[dict[str, int | None], list[LayerReport], dict]:
+    """score learned: train the bases' coefficients while pruning to the budget
+    (selection.py), then fold them into the exported linears. Returns the ranks, the reports
+    and the learning record (loss curve, pruning trace, learned coefficients)."""
+    sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress)
+    work = Path(learn_root) / learn_key(model_id, blocks_fingerprint(learn_blocks), config)
+    factors, ranks, record = learn_selection(model, bases.factors, bases.shapes, bases.energy,
+                                             probe_ranks(bases, config), sensitivity, learn_blocks, config,
+                                             work, progress)
+    groups, reports = group_of(spec), []
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        stats = cache.load_layer(index)
+        for name in spec.linear_names:
+            full_name = spec.full_name(index, name)
+            if full_name not in factors:
+                continue  # could not be decomposed: stays dense
+            module, shape, rank = layer.get_submodule(name), bases.shapes[full_name], ranks[full_name]
+            new, error = fold(module, factors[full_name], rank, stats[groups[name]].mean_gram().float())
+            replace_module(layer, name, new)
+            reports.append(LayerReport(full_name, shape.out_features, shape.in_features, rank,
+                                       factors[full_name].full_rank, shape.dense, shape.stored(rank), error))
+    record["coefficients"] = {name: factor.sigma for name, factor in factors.items()}
+    record["work"] = str(work)  # the checkpoints, removed once the export is written
+    return ranks, reports, record
+
+
 def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: CompressConfig,
              cache_root: Path | None = None, model_id: str | None = None,
-             progress: bool = True, offload_to: torch.device | None = None) -> CompressionResult:
+             progress: bool = True, offload_to: torch.device | None = None,
+             learn_blocks: torch.Tensor | None = None) -> CompressionResult:
     """Compress `model` in place (its chosen linears become LowRankLinear).
 
     blocks: (samples, seq_len) calibration token ids. Statistics are cached under cache_root
-    when a model_id (the checkpoint's fingerprint) is given. The work runs where the model is
+    when a model_id (the checkpoint's fingerprint) is given. `learn_blocks` (n, learn.seq_len):
+    the target text score learned trains on. The work runs where the model is
     (CPU or one GPU), or with `offload_to` on that device while the model stays in host
     memory: one layer at a time where the stages go layer by layer, and through accelerate's
     CPU offload for the passes through the whole model (gradients, candidate losses). The
@@ -365,22 +396,20 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         start = time.perf_counter()
         bases = factorize(model, spec, cache, config, progress, offload_to)
         timings["decomposition"] = time.perf_counter() - start
-        start = time.perf_counter()
-        costs = score_bases(model, spec, cache, blocks, bases, config, progress, offload_to)
-        timings["scoring"] = time.perf_counter() - start
-        selection = allocation_table = None
-        if config.quant.scheme == "auto":
+        if config.score == "learned":
+            if learn_blocks is None or offload_to is not None:
+                raise ValueError("score learned needs its training blocks and runs where the model is "
+                                 "(no --offload).")
             start = time.perf_counter()
-            config, selection = select_rank_and_bits(model, spec, blocks, bases, costs, cache, config, offload_to)
-            timings["rank_x_bits_selection"] = time.perf_counter() - start
-        elif config.allocation == "auto":
-            start = time.perf_counter()
-            config, allocation_table = select_allocation(model, spec, blocks, bases, costs, cache, config, offload_to)
-            timings["allocation_selection"] = time.perf_counter() - start
-        start = time.perf_counter()
-        ranks = allocate(bases, config, costs)
-        reports = apply_ranks(model, spec, bases, ranks, cache, costs, device=offload_to)
-        timings["allocation_and_replace"] = time.perf_counter() - start
+            learn_root = Path(cache_root).parent / "learn" if cache_root is not None and model_id else root / "learn"
+            ranks, reports, learned = learn_and_apply(model, spec, cache, blocks, bases, config, learn_blocks,
+                                                      learn_root, model_id or "in-memory", progress)
+            timings["learned_selection"] = time.perf_counter() - start
+            costs = None
+            extras = {"learned_selection": {key: value for key, value in learned.items() if key != "coefficients"}}
+        else:
+            config, ranks, reports, costs, extras = score_and_allocate(model, spec, cache, blocks, bases, config,
+                                                                       timings, progress, offload_to)
     summary = summarize(bases.shapes, ranks)
     if bases.failed:  # the budget was spent on the others
         summary["kept_dense_after_failure"] = bases.failed
@@ -395,13 +424,38 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         start = time.perf_counter()
         summary["quantization"] = quantization_summary(model, spec, config)
         timings["quantization"] = time.perf_counter() - start
-    if selection is not None:
-        summary["rank_x_bits"] = selection
-    if allocation_table is not None:
-        summary["allocation_choice"] = allocation_table
+    summary.update(extras)
     scores = {} if costs is None else {f"{name}.score": cost.float() for name, cost in costs.items()}
     scores.update({f"{name}.order": order for name, order in bases.order.items()})
+    if config.score == "learned":  # the learned coefficient of every basis, most important first
+        scores.update({f"{name}.learned": values for name, values in learned["coefficients"].items()})
     return CompressionResult(ranks, reports, summary, timings, config, scores)
+
+
+def score_and_allocate(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor, bases: Bases,
+                       config: CompressConfig, timings: dict[str, float], progress: bool = True,
+                       device: torch.device | None = None):
+    """The heuristic scores (energy, taylor), the allocation (with quant / allocation auto's
+    candidate choice) and the replacement. Returns the config as run, the ranks, the reports,
+    the costs and the summary's extra entries."""
+    start = time.perf_counter()
+    costs = score_bases(model, spec, cache, blocks, bases, config, progress, device)
+    timings["scoring"] = time.perf_counter() - start
+    extras = {}
+    if config.quant.scheme == "auto":
+        start = time.perf_counter()
+        config, extras["rank_x_bits"] = select_rank_and_bits(model, spec, blocks, bases, costs, cache, config, device)
+        timings["rank_x_bits_selection"] = time.perf_counter() - start
+    elif config.allocation == "auto":
+        start = time.perf_counter()
+        config, extras["allocation_choice"] = select_allocation(model, spec, blocks, bases, costs, cache, config,
+                                                                device)
+        timings["allocation_selection"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ranks = allocate(bases, config, costs)
+    reports = apply_ranks(model, spec, bases, ranks, cache, costs, device=device)
+    timings["allocation_and_replace"] = time.perf_counter() - start
+    return config, ranks, reports, costs, extras
 
 
 def quantization_summary(model: nn.Module, spec: ArchSpec, config: CompressConfig) -> dict:

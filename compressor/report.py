@@ -37,6 +37,7 @@ class ReportSettings:
     batch_size: int = 8
     shots: int = 4  # gsm8k exemplars
     max_new_tokens: int | None = None  # benchmarks' generation length (None: each task's default)
+    split: str = "test"  # of every evaluation set (compressor/splits.py): reports quote test
 
 
 @torch.no_grad()
@@ -68,17 +69,19 @@ def measure_model(folder: Path, data_dir: Path, home: Path, settings: ReportSett
     row["tokens_per_second"], _ = cached_json(results, {"model": model_id, "task": "speed", "batch": 1},
                                               lambda: {"value": tokens_per_second(model, tokenizer)})
     if "perplexity" in settings.tasks:
-        fields = {"model": model_id, "task": "perplexity", "limit": settings.limit}
+        fields = {"model": model_id, "task": "perplexity", "limit": settings.limit, "split": settings.split}
         row["perplexity"], _ = cached_json(results, fields, lambda: {
             name: result.to_dict() for name, result in evaluate_perplexity(
                 model, tokenizer, data_dir, limit=settings.limit, batch_size=settings.batch_size,
-                progress=progress).items()})
+                progress=progress, split=settings.split).items()})
     for task in TASKS:
         if task in settings.tasks:
             result, _ = run_benchmark(task, model, tokenizer, data_dir, results, model_id, settings.limit,
                                       settings.shots, settings.max_new_tokens, settings.batch_size,
-                                      allow_code_exec=settings.allow_code_exec, progress=progress)
-            row[task] = {"metrics": result.metrics, "intervals": result.intervals, "n": result.n}
+                                      allow_code_exec=settings.allow_code_exec, progress=progress,
+                                      split=settings.split)
+            row[task] = {"metrics": result.metrics, "intervals": result.intervals, "n": result.n,
+                         "split": settings.split}
     summary = folder / "compression_summary.json"
     if summary.exists():
         record = json.loads(summary.read_text())
@@ -248,8 +251,9 @@ def write_report(rows: list[dict], settings: ReportSettings, env: dict, out_dir:
 
     images = plots(rows)
     header, body = table(rows)
-    limits = (f"Limits: the first {settings.limit} documents / problems of each set" if settings.limit
-              else "All documents and problems of each set")
+    limits = (f"Split {settings.split} (compressor/splits.py); " +
+              (f"the first {settings.limit} documents / problems of each set" if settings.limit
+               else "all its documents and problems"))
     intro = (f"{limits}; tasks: {', '.join(settings.tasks)}. Perplexity is token-weighted over held-out "
              "text (HumanEval prompts+solutions, GSM8K test, held-out BoolQ passages); tokens/s is greedy "
              "decoding of 32 new tokens after a 64-token prompt, on this machine." + generation_limits(settings))

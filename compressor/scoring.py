@@ -21,7 +21,7 @@ import torch
 
 from compressor.decompose import Factorization
 
-SCORES = ("energy", "taylor")
+SCORES = ("energy", "taylor", "learned")  # learned: compressor/selection.py
 
 
 def taylor_scores(sigma: torch.Tensor, grad_mean: torch.Tensor, fisher: torch.Tensor,

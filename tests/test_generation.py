@@ -33,7 +33,7 @@ def _eval(model_dir, data, tmp_path, *extra):
     out = tmp_path / "result.json"
     code = main(["eval", "--model", str(model_dir), "--tasks", "gsm8k,humaneval", "--allow-code-exec",
                  "--limit", "2", "--max-new-tokens", "8", "--data-dir", str(data), "--home", str(tmp_path / "home"),
-                 "--json", str(out), "--quiet", *extra])
+                 "--json", str(out), "--quiet", "--split", "all", *extra])  # the plumbing, on every item
     return code, json.loads(out.read_text()) if out.exists() else None
 
 

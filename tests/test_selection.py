@@ -1,0 +1,140 @@
+"""Learned basis selection (--score learned) on tiny models, and the evaluation splits."""
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from compressor.allocate import Shape, global_ranks, pruning_targets, removed_params
+from compressor.arch import get_spec
+from compressor.cli import main
+from compressor.config import CompressConfig, ConfigError, LearnConfig, config_from_dict
+from compressor.decompose import decompose
+from compressor.export import save_compressed
+from compressor.load import load_any
+from compressor.pipeline import compress
+from compressor.selection import BasisLinear, as_teacher, attach, event_steps, prune_event
+from compressor.splits import split_items
+
+
+def _learned_config(**learn) -> CompressConfig:
+    settings = {"steps": 4, "batch_size": 2, "seq_len": 32, "prune_events": 2, "warmup_steps": 1,
+                "checkpoint_every": 0, **learn}
+    return config_from_dict({"method": "whiten", "score": "learned", "ratio": 0.3, "tolerance": 0.02,
+                             "calibration": {"samples": 8, "seq_len": 32, "batch_size": 4,
+                                             "sensitivity_samples": 2},
+                             "learn": settings})
+
+
+def test_start_reproduces_the_dense_logits(tiny_model, blocks):
+    gram = torch.eye(64) + 0.1
+    factors = {}
+    for name, module in tiny_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "layers" in name:
+            inputs = torch.randn(256, module.in_features)
+            factors[name] = decompose(module.weight.detach(), "whiten", gram=inputs.T @ inputs / 256)
+    with torch.no_grad():
+        expected = tiny_model(blocks).logits
+    student = copy.deepcopy(tiny_model)
+    modules = attach(student, factors)
+    with torch.no_grad():
+        start = student(blocks).logits
+        with as_teacher(modules):
+            teacher = student(blocks).logits
+    assert torch.allclose(start, expected, atol=1e-4) and torch.allclose(teacher, expected, atol=1e-4)
+    assert {name for name, p in student.named_parameters() if p.requires_grad} == {f"{n}.scale" for n in factors}
+    del gram
+
+
+def test_prune_event_keeps_the_most_important_bases_and_never_revives():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32)
+    factor = decompose(weight, "svd")
+    module = BasisLinear(factor, None)
+    with torch.no_grad():
+        module.scale.copy_(torch.rand(32) + 0.1)  # learned: the order differs from sigma's
+    modules, shapes = {"m": module}, {"m": Shape(64, 32)}
+    energy = {"m": factor.sigma.double().square()}
+    input_energy = {"m": torch.ones(32, dtype=torch.float64)}
+    config = CompressConfig(align=1, tolerance=0.05)
+    for ratio in (0.2, 0.5):
+        ranks = prune_event(modules, shapes, ratio, input_energy, energy, {"m": 8}, {"m": 1.0}, config)
+        importance = module.coefficients().detach()
+        alive, dead = importance[module.mask == 1], (module.sigma * module.scale.square())[module.mask == 0]
+        assert int(module.mask.sum()) == ranks["m"]
+        assert dead.max() <= alive.min()  # no pruned basis outranks a kept one
+    kept_after_second = module.mask.clone()
+    prune_event(modules, shapes, 0.5, input_energy, energy, {"m": 8}, {"m": 1.0}, config)
+    assert torch.equal(module.mask, kept_after_second)
+
+
+def test_incremental_greedy_continues_from_given_ranks():
+    shapes = {"a": Shape(256, 256), "b": Shape(256, 256)}
+    costs = {"a": torch.linspace(1, 0.1, 256), "b": torch.linspace(2, 0.2, 256)}
+    first = global_ranks(shapes, costs, 0.3, align=8, tolerance=0.05)
+    second = global_ranks(shapes, costs, 0.6, align=8, tolerance=0.05, start=first)
+    assert all(second[name] <= (first[name] or 256) for name in shapes)
+    total = sum(shape.dense for shape in shapes.values())
+    assert abs(removed_params(shapes, second) / total - 0.6) <= 0.6 * 0.05
+
+
+def test_schedule_and_event_steps():
+    targets = pruning_targets(0.2, 4)
+    assert targets[-1] == pytest.approx(0.2) and targets == sorted(targets)
+    learn = LearnConfig(steps=100, prune_events=5, prune_start=0.1, prune_end=0.7)
+    assert event_steps(learn) == [10, 25, 40, 55, 70]
+    with pytest.raises(ConfigError, match="global"):
+        config_from_dict({"score": "learned", "allocation": "uniform"})
+    with pytest.raises(ConfigError, match="prune_events"):
+        config_from_dict({"score": "learned", "learn": {"steps": 2, "prune_events": 3}})
+
+
+def test_learned_compression_meets_the_budget(tiny_model, blocks, tmp_path):
+    config = _learned_config()
+    learn_blocks = torch.randint(3, 96, (8, 32), generator=torch.Generator().manual_seed(2))
+    result = compress(tiny_model, get_spec("llama"), blocks, config, tmp_path / "stats", "tiny", progress=False,
+                      learn_blocks=learn_blocks)
+    assert abs(result.summary["removed_fraction"] - 0.3) <= 0.3 * 0.02
+    record = result.summary["learned_selection"]
+    assert len(record["trace"]) == 4 and sum("pruned_to" in row for row in record["trace"]) == 2
+    assert not any(isinstance(module, BasisLinear) for module in tiny_model.modules())
+    assert all(f"{name}.learned" in result.scores for name in result.ranks)
+
+
+def test_cli_learned_export_reloads_with_the_same_logits(tmp_path, corpus, model_dir, blocks):
+    config = tmp_path / "learn.yaml"
+    config.write_text(yaml.safe_dump({"calibration": {"samples": 8, "seq_len": 32, "sensitivity_samples": 2},
+                                      "tolerance": 0.02, "learn": {"prune_events": 2, "warmup_steps": 1}}))
+    out = tmp_path / "out"
+    code = main(["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3", "--score",
+                 "learned", "--learn-steps", "3", "--learn-batch-size", "2", "--learn-seq-len", "32",
+                 "--config", str(config), "--out", str(out), "--home", str(tmp_path / "home"), "--quiet"])
+    assert code == 0
+    summary = json.loads((out / "compression_summary.json").read_text())
+    assert abs(summary["summary"]["removed_fraction"] - 0.3) <= 0.3 * 0.02
+    assert summary["summary"]["learned_selection"]["events_at_steps"] and (out / "basis_scores.safetensors").exists()
+    assert not (tmp_path / "home" / "learn").exists() or not any((tmp_path / "home" / "learn").iterdir())
+
+
+def test_learned_export_reloads_with_the_same_logits(tiny_model, tokenizer, blocks, tmp_path):
+    learn_blocks = torch.randint(3, 96, (8, 32), generator=torch.Generator().manual_seed(2))
+    result = compress(tiny_model, get_spec("llama"), blocks, _learned_config(), None, None, progress=False,
+                      learn_blocks=learn_blocks)
+    save_compressed(tiny_model, tokenizer, tmp_path / "out", result.config, result.to_dict(), scores=result.scores)
+    with torch.no_grad():
+        assert torch.allclose(tiny_model(blocks).logits, load_any(tmp_path / "out")(blocks).logits, atol=1e-5)
+
+
+def test_splits_are_disjoint_and_stable():
+    humaneval = list(range(164))
+    dev, test = split_items(humaneval, "dev", "humaneval"), split_items(humaneval, "test", "humaneval")
+    assert dev == list(range(82)) and test == list(range(82, 164))
+    gsm8k = list(range(1319))
+    assert split_items(gsm8k, "dev", "gsm8k")[-1] == 659 and split_items(gsm8k, "test", "gsm8k")[0] == 660
+    general = list(range(101))
+    assert set(split_items(general, "dev", "general")).isdisjoint(split_items(general, "test", "general"))
+    assert split_items(general, "all", "general") == general
+    with pytest.raises(ValueError, match="split"):
+        split_items(humaneval, "train", "humaneval")
