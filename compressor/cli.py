@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "its next-token distribution")
     train.add_argument("--distill-weight", type=float,
                        help="with --teacher: weight of the KL term, the rest on the label loss (default 1)")
+    train.add_argument("--device", default="cpu", help="where the model, the teacher and training run (cpu, cuda, "
+                                                       "cuda:1)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run of --out")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -442,11 +444,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from compressor.adapters import add_adapters
     from compressor.export import check_output
-    from compressor.load import load_any, load_tokenizer
+    from compressor.load import check_device, load_any, load_tokenizer
     from compressor.train import load_teacher, sequence_count, train_adapter, training_blocks
 
     config = resolve_config(args, TrainConfig, TRAIN_FLAG_TO_CONFIG)
     check_output(args.out, args.overwrite)
+    device = check_device(args.device)
     _, data = _paths(args)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -454,6 +457,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     teacher = load_teacher(Path(config.teacher), tokenizer) if config.teacher else None
     torch.manual_seed(config.seed)  # dropout is the only user of the global RNG here
     adapters = add_adapters(model, config.adapter)
+    model.to(device)  # the adapters are modules of the model: they move with it
+    if teacher is not None:
+        teacher.to(device)
     total = sum(param.numel() for param in model.parameters())
     print(f"{config.adapter.method}: {adapters.num_trainable():,} trainable parameters "
           f"({adapters.num_trainable() / total:.4%} of {total:,}); {len(blocks)} distinct blocks of "

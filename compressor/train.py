@@ -158,6 +158,7 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
         log.info("resuming from %s (step %d)", checkpoint, start_step)
 
     order = batch_order(len(blocks), config)
+    device = next(model.parameters()).device  # where the caller put the model (and the teacher)
     model.train()
     log_path = work / "train_log.jsonl"
     _truncate_log(log_path, start_step)  # steps after the checkpoint are run again
@@ -170,7 +171,8 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
                 group["lr"] = config.lr * lr_factor(step, config)
             total, parts = 0.0, {}
             for micro in order[step]:
-                loss, loss_parts = batch_loss(model, blocks[micro], teacher, config.distill_weight)
+                batch = blocks[micro].to(device)
+                loss, loss_parts = batch_loss(model, batch, teacher, config.distill_weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"Loss became {float(loss)} at step {step}; lower --lr.")
                 (loss / config.grad_accum).backward()

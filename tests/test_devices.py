@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from compressor.arch import get_spec
-from compressor.config import CalibrationConfig, CompressConfig, QuantConfig
+from compressor.config import CalibrationConfig, CompressConfig, LearnConfig, QuantConfig
 from compressor.load import DeviceError, check_device, place_model
 from compressor.pipeline import compress, language_model_loss
 from compressor.quantize import quantize_model
@@ -149,3 +149,27 @@ def test_offloaded_to_the_gpu_gives_the_cpu_model(tiny_model, blocks, overrides)
         else:  # float rounding can move a value across a code boundary: compare losses
             assert language_model_loss(offloaded, blocks, 4) == pytest.approx(
                 language_model_loss(plain, blocks, 4), rel=1e-2)
+
+
+@needs_gpu
+def test_learned_selection_on_the_gpu_meets_the_budget_like_the_cpu(tiny_model, blocks):
+    config = CompressConfig(method="whiten", score="learned", ratio=0.3, tolerance=0.02,
+                            calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4, sensitivity_samples=2),
+                            learn=LearnConfig(steps=4, batch_size=2, seq_len=32, prune_events=2, warmup_steps=1))
+    gpu_model = copy.deepcopy(tiny_model).to("cuda")
+    result = compress(gpu_model, get_spec("llama"), blocks, config, progress=False, learn_blocks=blocks)
+    assert abs(result.summary["removed_fraction"] - 0.3) <= 0.3 * 0.02
+    assert all(param.device.type == "cuda" for param in gpu_model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(gpu_model(blocks.cuda()).logits).all()
+
+
+@needs_gpu
+def test_recovery_training_on_the_gpu(tmp_path, model_dir, corpus):
+    from compressor.cli import main
+
+    code = main(["train", "--model", str(model_dir), "--adapter", "nola", "--rank", "2", "--num-basis", "16",
+                 "--target", str(corpus), "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--device", "cuda",
+                 "--teacher", str(model_dir), "--out", str(tmp_path / "adapter"), "--home", str(tmp_path / "home"),
+                 "--quiet"])
+    assert code == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()

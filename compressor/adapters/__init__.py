@@ -170,7 +170,7 @@ def write_adapter(adapters: AdapterSet, folder: Path, base_model: dict | None = 
     record = {**asdict(adapters.config), "target_shapes": adapters.target_shapes(),
               "trainable_parameters": adapters.num_trainable(), "base_model": base_model or {}}
     record["target_modules"] = list(adapters.config.target_modules)
-    tensors = {key: param.detach().contiguous() for key, param in adapters.trainable_state().items()}
+    tensors = {key: param.detach().cpu().contiguous() for key, param in adapters.trainable_state().items()}
     save_file(tensors, Path(folder) / WEIGHTS_FILE, metadata={"format": "pt", "method": adapters.config.method})
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(record, indent=2))
 
