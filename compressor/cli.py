@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "on the target while pruning to the budget)")
     compress.add_argument("--learn-steps", type=int, help="score learned: optimizer steps (default 120)")
     compress.add_argument("--learn-lr", type=float, help="score learned: learning rate of the coefficients' "
-                                                         "relative scales (default 2e-3)")
+                                                         "relative scales (default 5e-3)")
     compress.add_argument("--learn-batch-size", type=int, help="score learned: sequences per step (default 2)")
     compress.add_argument("--learn-seq-len", type=int, help="score learned: tokens per sequence (default 256)")
     compress.add_argument("--sensitivity-samples", type=int, help="sequences for the sensitivity pass")

@@ -139,14 +139,14 @@ def learned_factors(modules: dict[str, BasisLinear]) -> dict[str, Factorization]
 
 
 def event_steps(learn: LearnConfig) -> list[int]:
-    """The optimizer steps after which each pruning event runs."""
+    """The optimizer steps after which each pruning event runs (at most one per step)."""
+    events = min(learn.prune_events, learn.steps)
     first, last = learn.prune_start * learn.steps, learn.prune_end * learn.steps
-    spacing = (last - first) / max(1, learn.prune_events - 1)
-    steps = [round(last)] if learn.prune_events == 1 else [round(first + spacing * event)
-                                                            for event in range(learn.prune_events)]
-    for event in range(len(steps)):  # distinct, from step 1 on (short runs round onto each other)
+    spacing = (last - first) / max(1, events - 1)
+    steps = [round(last)] if events == 1 else [round(first + spacing * event) for event in range(events)]
+    for event in range(events):  # distinct, from step 1 on (short runs round onto each other)
         steps[event] = max(steps[event], steps[event - 1] + 1 if event else 1)
-    return steps
+    return [min(step, learn.steps - events + event + 1) for event, step in enumerate(steps)]
 
 
 def learn_key(model_id: str, tokens_sha256: str, config: CompressConfig) -> str:
@@ -200,8 +200,9 @@ def learn_selection(model: nn.Module, factors: dict[str, Factorization], shapes:
     params = [module.scale for module in modules.values()]
     optimizer = torch.optim.AdamW(params, lr=learn.lr, weight_decay=0.0)
     step, trace = _load_state(work, modules, optimizer)
+    resumed_from = step
     events = event_steps(learn)
-    targets = pruning_targets(config.ratio, learn.prune_events)
+    targets = pruning_targets(config.ratio, len(events))
     generator = torch.Generator().manual_seed(learn.seed)
     needed = learn.steps * learn.batch_size
     order = torch.cat([torch.randperm(len(blocks), generator=generator)
@@ -235,7 +236,8 @@ def learn_selection(model: nn.Module, factors: dict[str, Factorization], shapes:
     ranks = current_ranks(modules)
     learned = learned_factors(modules)
     return learned, ranks, {"trace": trace, "events_at_steps": events, "event_targets": targets,
-                            "train_tokens": int(needed * blocks.shape[1]), "distinct_blocks": len(blocks)}
+                            "train_tokens": int(needed * blocks.shape[1]), "distinct_blocks": len(blocks),
+                            "resumed_from_step": resumed_from}
 
 
 @torch.no_grad()

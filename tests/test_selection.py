@@ -87,8 +87,8 @@ def test_schedule_and_event_steps():
     assert event_steps(learn) == [10, 25, 40, 55, 70]
     with pytest.raises(ConfigError, match="global"):
         config_from_dict({"score": "learned", "allocation": "uniform"})
-    with pytest.raises(ConfigError, match="prune_events"):
-        config_from_dict({"score": "learned", "learn": {"steps": 2, "prune_events": 3}})
+    assert event_steps(LearnConfig(steps=3, prune_events=8)) == [1, 2, 3]  # one per step at most
+    assert event_steps(LearnConfig(steps=10, prune_events=3, prune_start=0.8, prune_end=1.0)) == [8, 9, 10]
 
 
 def test_learned_compression_meets_the_budget(tiny_model, blocks, tmp_path):
@@ -138,3 +138,33 @@ def test_splits_are_disjoint_and_stable():
     assert split_items(general, "all", "general") == general
     with pytest.raises(ValueError, match="split"):
         split_items(humaneval, "train", "humaneval")
+
+
+def test_an_interrupted_learned_run_resumes_to_the_same_model(tiny_model, blocks, tmp_path, monkeypatch):
+    learn_blocks = torch.randint(3, 96, (8, 32), generator=torch.Generator().manual_seed(2))
+    config = _learned_config(steps=6, checkpoint_every=2, prune_events=3)
+    uninterrupted = copy.deepcopy(tiny_model)
+    expected = compress(uninterrupted, get_spec("llama"), blocks, config, tmp_path / "a" / "stats", "tiny",
+                        progress=False, learn_blocks=learn_blocks)
+
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crash_at_step_five(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # a kill after the checkpoint of step 4
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        compress(copy.deepcopy(tiny_model), get_spec("llama"), blocks, config, tmp_path / "b" / "stats", "tiny",
+                 progress=False, learn_blocks=learn_blocks)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed_model = copy.deepcopy(tiny_model)
+    resumed = compress(resumed_model, get_spec("llama"), blocks, config, tmp_path / "b" / "stats", "tiny",
+                       progress=False, learn_blocks=learn_blocks)
+    assert resumed.summary["learned_selection"]["resumed_from_step"] == 4 and resumed.ranks == expected.ranks
+    assert [row["kl"] for row in resumed.summary["learned_selection"]["trace"]] == pytest.approx(
+        [row["kl"] for row in expected.summary["learned_selection"]["trace"]], rel=1e-4, abs=1e-7)
+    with torch.no_grad():
+        assert torch.allclose(resumed_model(blocks).logits, uninterrupted(blocks).logits, atol=1e-5)
