@@ -8,7 +8,9 @@ Ranks are multiples of `align`.
   uniform  the same kept fraction for every matrix (the SVD-LLM baseline)
   given    an earlier export's ranks (compress --ranks-from), checked against the shapes
   global   drop, across all matrices at once, the aligned chunks of bases whose estimated loss
-           cost per parameter saved is smallest (costs from calibration: see sensitivity.py)
+           cost per parameter saved is smallest (costs from calibration: see sensitivity.py);
+           solver `greedy` (chunk by chunk) or `hull` (Lagrangian: each matrix's choices on the
+           lower convex hull of cost against parameters saved, exact for its modelled cost)
 """
 
 from __future__ import annotations
@@ -174,6 +176,68 @@ def _greedy(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: flo
         if move is not None:
             heapq.heappush(heap, move)
     return ranks
+
+
+def hull_ranks(shapes: dict[str, Shape], costs: dict[str, torch.Tensor], ratio: float, align: int = 8,
+               tolerance: float = 0.005, min_rank: int | None = None, max_kept: float = 1.0) -> dict[str, int | None]:
+    """The allocation of least total modelled cost for the parameters it removes.
+
+    A matrix's choices are dense (saves 0, costs 0) or an aligned rank r (saves dense - stored(r),
+    costs the summed costs of the bases from r on). The greedy's first move of a matrix (dense
+    to its largest useful rank) is one large step whose cost per parameter may be above that of
+    its next steps, so the greedy can leave a matrix dense that should be cut deep. Here each
+    matrix's choices are reduced to the lower convex hull of (saved, cost), and the hull segments
+    of all matrices are taken cheapest-per-parameter first: that is the Lagrangian solution
+    (minimise cost - lambda * saved per matrix), optimal among all allocations removing at least
+    as much (Everett 1963). Where a segment would overshoot the budget's tolerance, its matrix
+    takes the deepest choice inside the segment that fits and stops there; the result is then
+    near, not provably at, the optimum.
+    """
+    check_ratio(ratio)
+    min_rank = align if min_rank is None else min_rank
+    total = sum(shape.dense for shape in shapes.values())
+    target = ratio * total
+    choices, segments = {}, []  # segments: (cost per parameter saved, matrix, saved, rank at its end)
+    for name, shape in shapes.items():
+        tail = torch.cat([costs[name].double().flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+        top = shape.max_useful_rank(align, max_kept)
+        choices[name] = [(0, 0.0, None)] + [(shape.dense - shape.low_rank(rank), float(tail[rank]), rank)
+                                            for rank in range(top, min_rank - 1, -align)]
+        hull = _lower_hull(choices[name])
+        segments += [((c1 - c0) / (s1 - s0), name, s1, r1) for (s0, c0, _), (s1, c1, r1) in zip(hull, hull[1:])]
+    ranks: dict[str, int | None] = {name: None for name in shapes}
+    saved = {name: 0 for name in shapes}
+    blocked = set()
+    for _, name, end, rank in sorted(segments, key=lambda segment: segment[0]):  # stable: a matrix's order kept
+        removed = sum(saved.values())
+        if removed >= target * (1 - tolerance):
+            break
+        if name in blocked:
+            continue
+        if removed + end - saved[name] > target * (1 + tolerance):
+            # The segment overshoots: the deepest choice inside it that fits, and this matrix is done.
+            fitting = [choice for choice in choices[name]
+                       if saved[name] < choice[0] < end and removed + choice[0] - saved[name] <= target * (1 + tolerance)]
+            if fitting:
+                saved[name], _, ranks[name] = max(fitting)
+            blocked.add(name)
+            continue
+        saved[name], ranks[name] = end, rank
+    _check_budget(shapes, ranks, ratio, tolerance, align)
+    return ranks
+
+
+def _lower_hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:
+    """The lower convex hull of (x, y, label) points sorted by increasing x (monotone chain)."""
+    hull: list[tuple[int, float, int | None]] = []
+    for point in points:
+        while len(hull) >= 2:
+            (x0, y0, _), (x1, y1, _) = hull[-2], hull[-1]
+            if (y1 - y0) * (point[0] - x0) < (point[1] - y0) * (x1 - x0):
+                break  # hull[-1] lies strictly below the chord: keep it
+            hull.pop()
+        hull.append(point)
+    return hull
 
 
 def basis_energy(sigma: torch.Tensor, w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,7 @@ class CompressConfig:
     method: str = "whiten"  # svd | asvd | whiten
     solver: str = "svd"  # svd: float64 LAPACK SVD (exact) | eigh: float32 eigen, 5-15x faster
     allocation: str = "global"  # uniform | global | auto: the one of the two with the lower calibration loss
+    global_solver: str = "greedy"  # global: greedy (chunk by chunk) | hull (exact for the modelled cost)
     score: str = "energy"  # energy | taylor | learned: which bases the target needs (scoring.py, selection.py)
     taylor_z: float = 2.0  # taylor: first-order terms within z standard errors of 0 are noise
     align: int = 8
@@ -101,6 +102,8 @@ class CompressConfig:
             raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}; got {self.solver!r}.")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}.")
+        if self.global_solver not in ("greedy", "hull"):
+            raise ConfigError(f"global_solver must be greedy or hull; got {self.global_solver!r}.")
         if self.score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}; got {self.score!r}.")
         if not self.taylor_z >= 0:

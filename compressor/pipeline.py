@@ -38,8 +38,8 @@ from calibration.data import blocks_fingerprint, token_blocks
 from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
 from calibration.stats import InputStats, OutputStats
-from compressor.allocate import (Shape, basis_energy, given_ranks, global_ranks, measured_costs, summarize,
-                                 uniform_ranks)
+from compressor.allocate import (Shape, basis_energy, given_ranks, global_ranks, hull_ranks, measured_costs,
+                                 summarize, uniform_ranks)
 from compressor.arch import ArchSpec, decoder_layers, linear_modules
 from compressor.config import CompressConfig
 from compressor.decompose import (Factorization, check_finite, decompose, kept_output_error,
@@ -282,8 +282,9 @@ def allocate(bases: Bases, config: CompressConfig,
         raise ValueError("allocation auto is resolved to uniform or global first (select_allocation)")
     if costs is None:
         raise ValueError("global allocation needs per-basis costs (score_bases)")
-    return global_ranks(bases.shapes, costs, config.ratio, config.align, config.tolerance,
-                        max_kept=config.max_kept_fraction)
+    solve = hull_ranks if config.global_solver == "hull" else global_ranks
+    return solve(bases.shapes, costs, config.ratio, config.align, config.tolerance,
+                 max_kept=config.max_kept_fraction)
 
 
 @torch.no_grad()

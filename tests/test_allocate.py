@@ -103,3 +103,54 @@ def test_given_ranks_are_checked_against_the_shapes():
         given_ranks(shapes, {"a": 22})
     with pytest.raises(BudgetError, match="rank of b is 0"):
         given_ranks(shapes, {"b": 0})
+
+
+def _brute_force(shapes, costs, align, min_rank):
+    """Every allocation: (parameters removed, total modelled cost, ranks)."""
+    import itertools
+
+    choices = {}
+    for name, shape in shapes.items():
+        tail = costs[name].double().flip(0).cumsum(0).flip(0).tolist() + [0.0]
+        top = shape.max_useful_rank(align)
+        choices[name] = [(0, 0.0, None)] + [(shape.dense - shape.low_rank(r), tail[r], r)
+                                            for r in range(top, min_rank - 1, -align)]
+    names = list(shapes)
+    for combo in itertools.product(*(choices[name] for name in names)):
+        yield sum(c[0] for c in combo), sum(c[1] for c in combo), {name: c[2] for name, c in zip(names, combo)}
+
+
+def _modelled(shapes, costs, ranks):
+    removed = sum(shape.dense - shape.stored(ranks[name]) for name, shape in shapes.items())
+    cost = sum(float(costs[name][ranks[name]:].double().sum()) for name in shapes if ranks[name] is not None)
+    return removed, cost
+
+
+def test_hull_allocation_is_the_brute_force_optimum_for_what_it_removes():
+    from compressor.allocate import hull_ranks
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"a": Shape(48, 32), "b": Shape(40, 40), "c": Shape(32, 56)}
+    for trial in range(20):
+        # Non-convex tails: the first bases after a cut can be cheap, later ones costly, and back.
+        costs = {name: torch.rand(min(s.out_features, s.in_features), generator=generator) ** 3
+                 for name, s in shapes.items()}
+        ranks = hull_ranks(shapes, costs, 0.3, align=4, tolerance=0.2)
+        removed, cost = _modelled(shapes, costs, ranks)
+        best = min(c for r, c, _ in _brute_force(shapes, costs, 4, 4) if r >= removed)
+        assert cost == pytest.approx(best, rel=1e-9, abs=1e-12), trial
+
+
+def test_hull_allocation_cuts_a_matrix_whose_first_step_is_dear_but_later_ones_cheap():
+    from compressor.allocate import hull_ranks
+
+    shapes = {"a": Shape(64, 64), "b": Shape(64, 64)}
+    # a: the bases beyond its largest useful rank (24) cost 1 in all, the next ones nearly nothing;
+    # b: its first move is nearly free, its next two chunks cost 0.6 each. The greedy prices a's
+    # first move alone (1 per 1024 parameters), so it cuts b deeper (0.6 per 1024) instead.
+    costs = {"a": torch.cat([torch.full((24,), 1e-6), torch.full((40,), 1 / 40)]),
+             "b": torch.cat([torch.full((8,), 1.0), torch.full((16,), 0.075), torch.full((40,), 1e-6)])}
+    greedy = global_ranks(shapes, costs, 0.375, align=8, tolerance=0.01)
+    hull = hull_ranks(shapes, costs, 0.375, align=8, tolerance=0.01)
+    assert _modelled(shapes, costs, greedy) == pytest.approx((3072, 1.2 + 40e-6))
+    assert _modelled(shapes, costs, hull) == pytest.approx((3072, 1.0 + 48e-6))  # b to 24, a to 16
