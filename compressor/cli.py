@@ -22,7 +22,7 @@ log = logging.getLogger("compressor")
 FLAG_TO_CONFIG = {
     "ratio": (None, "ratio"), "method": (None, "method"), "solver": (None, "solver"),
     "max_kept_fraction": (None, "max_kept_fraction"), "allocation": (None, "allocation"),
-    "global_solver": (None, "global_solver"),
+    "global_solver": (None, "global_solver"), "sequential": (None, "sequential"),
     "score": (None, "score"), "gradient_samples": ("calibration", "gradient_samples"),
     "align": (None, "align"), "dense": (None, "dense_export"),
     "target": ("calibration", "source"), "samples": ("calibration", "samples"),
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--global-solver", help="global allocation: greedy (default; aligned chunks, cheapest per "
                                                   "parameter first) | hull (Lagrangian over each matrix's convex "
                                                   "hull: exact for the modelled cost)")
+    compress.add_argument("--sequential", action="store_const", const=True,
+                          help="after the allocation, decompose each layer again on the inputs the already-"
+                               "compressed layers before it give it (one more calibration pass)")
     compress.add_argument("--align", type=int, help="ranks are multiples of this")
     compress.add_argument("--max-kept-fraction", type=float,
                           help="a matrix whose factors would hold more than this fraction of its parameters "

@@ -84,6 +84,9 @@ class CompressConfig:
     # An earlier export whose ranks are kept (allocation and ratio are then not used): for
     # comparing methods at the same ranks, or reusing an allocation measured once
     ranks_from: str = ""
+    # Each layer decomposed on the statistics its already-compressed predecessors give it
+    # (compressor/layers.py): one more calibration pass after the allocation.
+    sequential: bool = False
     on_failure: str = "stop"  # a linear that cannot be decomposed: stop (naming it) | dense
     dense_export: bool = False  # also (or instead) write factors multiplied back, stock LLaMA
     export_dtype: str = "auto"  # floating-point tensors of the export (quantized codes aside)
@@ -127,6 +130,9 @@ class CompressConfig:
         if self.score == "learned" and (self.allocation != "global" or self.ranks_from or self.ratio == 0):
             raise ConfigError("--score learned prunes to a global budget as it trains: use it with "
                               "--allocation global and a --ratio, without --ranks-from.")
+        if self.sequential and (self.score != "energy" or self.on_failure != "stop"):
+            raise ConfigError("--sequential decomposes each layer again on its compressed inputs, in singular-value "
+                              "order: use it with --score energy and --on-failure stop.")
         if self.ranks_from and "auto" in (self.allocation, self.quant.scheme):
             raise ConfigError("--ranks-from fixes every rank; it cannot be combined with --allocation auto or "
                               "--quant auto, which choose them.")

@@ -37,26 +37,21 @@ from calibration.capture import iterate_layers
 from calibration.data import blocks_fingerprint, token_blocks
 from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
-from calibration.stats import InputStats, OutputStats
 from compressor.allocate import (Shape, basis_energy, given_ranks, global_ranks, hull_ranks, measured_costs,
                                  summarize, uniform_ranks)
 from compressor.arch import ArchSpec, decoder_layers, linear_modules
 from compressor.config import CompressConfig
-from compressor.decompose import (Factorization, check_finite, decompose, kept_output_error,
-                                  whitened_bases_from_outputs)
+from compressor.decompose import Factorization, check_finite, kept_output_error
+from compressor.layers import (DecompositionError, LayerReport, decompose_linear, group_of, low_rank_linear,
+                               sequential_cut)
 from compressor.load import read_rank_map
-from compressor.modeling_basis_llama import SCHEME_BITS, LowRankLinear, replace_module
+from compressor.modeling_basis_llama import SCHEME_BITS, replace_module
 from compressor.quantize import QuantError, quantize_model, stored_bits
 from compressor.scoring import reorder, taylor_scores
 from compressor.selection import fold, learn_key, learn_selection
 
 log = logging.getLogger(__name__)
 
-
-class DecompositionError(RuntimeError):
-    def __init__(self, message: str, reason: str = ""):
-        super().__init__(message)
-        self.reason = reason  # the numerical error itself
 
 MAX_AUTO_RATIO = 0.9  # quant auto: a pair that must remove more than this is not tried
 
@@ -72,20 +67,6 @@ class Bases:
     failed: dict[str, str] = field(default_factory=dict)
     # Position -> index in singular-value order, for matrices whose bases a score reordered.
     order: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class LayerReport:
-    name: str
-    out_features: int
-    in_features: int
-    rank: int | None  # None: kept dense
-    full_rank: int
-    params_before: int
-    params_after: int
-    output_error: float  # relative ||dW X||^2 / ||W X||^2 on calibration inputs
-    score_dropped: float | None = None  # summed cost (estimated loss increase) of dropped bases
-    out_of_order: int = 0  # kept bases that are not among the `rank` largest singular values
 
 
 @dataclass
@@ -105,11 +86,6 @@ class CompressionResult:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def group_of(spec: ArchSpec) -> dict[str, str]:
-    """Linear name within a layer -> the name its input group's statistics are stored under."""
-    return {name: group[0] for group in spec.input_groups for name in group}
 
 
 def calibration_blocks(tokenizer, config: CompressConfig, data_dir: Path) -> torch.Tensor:
@@ -211,30 +187,6 @@ def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: tor
     return costs
 
 
-def decompose_linear(weight: torch.Tensor, stats: InputStats | OutputStats, config: CompressConfig,
-                     full_name: str) -> tuple[Factorization, torch.Tensor | None]:
-    """One linear's bases by the config's method and solver, with the mean Gram matrix of its
-    input (None from OutputStats: whiten needs none after); a numerical failure becomes a
-    DecompositionError naming the linear."""
-    from_outputs = isinstance(stats, OutputStats)
-    if from_outputs and (config.method, config.solver) != ("whiten", "eigh"):
-        raise ValueError(f"{full_name}: output statistics serve whiten with the eigh solver only")
-    gram = None if from_outputs else stats.mean_gram().to(weight.device)
-    if gram is not None:
-        check_finite(f"Gram matrix of {full_name}", gram)
-    try:
-        if from_outputs:
-            factor = whitened_bases_from_outputs(weight, stats.mean_gram().to(weight.device),
-                                                 stats.input_mean_square(), config.damping, full_name)
-        else:
-            factor = decompose(weight, config.method, gram=gram, abs_mean=stats.abs_mean().to(weight.device),
-                               asvd_alpha=config.asvd_alpha, damping=config.damping, name=full_name,
-                               solver=config.solver)
-    except (torch.linalg.LinAlgError, RuntimeError) as error:
-        raise DecompositionError(f"{full_name} cannot be decomposed ({config.method}): {error}.", str(error)) from None
-    return factor, gram
-
-
 def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: CompressConfig,
               progress: bool = True, device: torch.device | None = None) -> Bases:
     """Decompose every decoder linear into its bases, with each basis's output energy."""
@@ -285,21 +237,6 @@ def allocate(bases: Bases, config: CompressConfig,
     solve = hull_ranks if config.global_solver == "hull" else global_ranks
     return solve(bases.shapes, costs, config.ratio, config.align, config.tolerance,
                  max_kept=config.max_kept_fraction)
-
-
-@torch.no_grad()
-def low_rank_linear(dense: nn.Linear, up: torch.Tensor, down: torch.Tensor) -> LowRankLinear:
-    """The factors (up (out, r), down (r, in)) as a LowRankLinear in the dense linear's dtype,
-    keeping its bias."""
-    # skip_init: the factors overwrite every parameter, so no random initialisation is drawn
-    # (it took 7% of a layer's decomposition time on the example model).
-    low_rank = nn.utils.skip_init(LowRankLinear, dense.in_features, dense.out_features, down.shape[0],
-                                  bias=dense.bias is not None, device=dense.weight.device, dtype=dense.weight.dtype)
-    low_rank.up.weight.copy_(up)
-    low_rank.down.weight.copy_(down)
-    if dense.bias is not None:
-        low_rank.up.bias.copy_(dense.bias)
-    return low_rank
 
 
 @torch.no_grad()
@@ -454,7 +391,12 @@ def score_and_allocate(model: nn.Module, spec: ArchSpec, cache: StatsCache, bloc
         timings["allocation_selection"] = time.perf_counter() - start
     start = time.perf_counter()
     ranks = allocate(bases, config, costs)
-    reports = apply_ranks(model, spec, bases, ranks, cache, costs, device=device)
+    if config.sequential:
+        if device is not None:
+            raise ValueError("--sequential runs where the model is; drop --offload.")
+        reports, _ = sequential_cut(model, spec, blocks, ranks, config, progress)
+    else:
+        reports = apply_ranks(model, spec, bases, ranks, cache, costs, device=device)
     timings["allocation_and_replace"] = time.perf_counter() - start
     return config, ranks, reports, costs, extras
 

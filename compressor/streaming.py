@@ -42,12 +42,10 @@ from compressor import modeling_basis_llama
 from compressor.allocate import Shape, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers, get_spec, linear_modules
 from compressor.config import CompressConfig, ConfigError, save_config
-from compressor.decompose import kept_output_error
 from compressor.evaluate import peak_rss_bytes, rss_bytes
 from compressor.export import atomic_folder, basis_config
 from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
-from compressor.modeling_basis_llama import replace_module
-from compressor.pipeline import LayerReport, decompose_linear, group_of, low_rank_linear
+from compressor.layers import LayerReport, cut_layer
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +160,8 @@ def check_streamable(config: CompressConfig) -> None:
                           "`compressor quantize`, or compress without --streaming.")
     if config.dense_export:
         raise ConfigError("Streaming writes the low-rank export only; drop --dense.")
+    if config.sequential:
+        raise ConfigError("--sequential is for the in-memory pipeline; compress without --streaming.")
     if config.ranks_from:
         raise ConfigError("Streaming allocates uniform ranks itself; compress without --streaming to use --ranks-from.")
     if config.on_failure != "stop":
@@ -178,26 +178,6 @@ def output_gram_linears(layer: torch.nn.Module, spec: ArchSpec, config: Compress
     alone = [group[0] for group in spec.input_groups if len(group) == 1]
     return frozenset(name for name in alone
                      if layer.get_submodule(name).out_features < layer.get_submodule(name).in_features)
-
-
-def _decompose_layer(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict,
-                     ranks: dict[str, int | None], config: CompressConfig) -> list[LayerReport]:
-    """Cut every linear of one materialized layer to its rank, in place."""
-    groups = group_of(spec)
-    reports = []
-    for name in spec.linear_names:
-        full_name = spec.full_name(index, name)
-        dense = layer.get_submodule(name)
-        shape, rank = Shape(dense.out_features, dense.in_features), ranks[full_name]
-        report = LayerReport(full_name, shape.out_features, shape.in_features, rank,
-                             min(shape.out_features, shape.in_features), shape.dense, shape.stored(rank), 0.0)
-        reports.append(report)
-        if rank is None:
-            continue
-        factor, gram = decompose_linear(dense.weight.detach(), stats[groups[name]], config, full_name)
-        report.output_error = kept_output_error(dense.weight.detach(), factor, rank, gram)
-        replace_module(layer, name, low_rank_linear(dense, *factor.factors(rank)))
-    return reports
 
 
 def _rest_tensors(model: LlamaForCausalLM, spec: ArchSpec, checkpoint: LazyCheckpoint,
@@ -298,7 +278,7 @@ def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheck
     except FloatingPointError as error:
         raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
     calibration_s, clock = _now(device) - clock, _now(device)
-    reports += _decompose_layer(layer, spec, index, stats, ranks, config)
+    reports += cut_layer(layer, spec, index, stats, ranks, config)
     decomposition_s, clock = _now(device) - clock, _now(device)
     prefix = f"{spec.layers_path}.{index}."
     shard = f"model-layer-{index:05d}.safetensors"

@@ -243,7 +243,7 @@ def kills(drill: Drill) -> None:
     main(drill.compress_args(out=reference, **{"--allocation": "global", "--sensitivity-samples": 2}))
     for stage, (module, function, call) in {
             "calibration": ("calibration.capture", "collect_layer", 3),
-            "decomposition": ("compressor.pipeline", "decompose", 9),
+            "decomposition": ("compressor.layers", "decompose", 9),
             "export": ("compressor.export", "save_config", 1)}.items():
         home, out = drill.root / f"home-kill-{stage}", drill.root / "runs" / f"kill-{stage}"
         argv = drill.compress_args(out=out, **{"--allocation": "global", "--sensitivity-samples": 2})

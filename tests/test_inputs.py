@@ -191,7 +191,7 @@ def test_nan_activations_stop_calibration_naming_the_layer(tiny_model, blocks):
 def test_a_linear_that_cannot_be_decomposed(tiny_model, blocks, monkeypatch, on_failure):
     import compressor.pipeline
 
-    original, calls = compressor.pipeline.decompose, []
+    original, calls = compressor.layers.decompose, []
 
     def failing(weight, *args, **kwargs):  # the third linear of layer 0: self_attn.v_proj
         calls.append(1)
@@ -199,7 +199,7 @@ def test_a_linear_that_cannot_be_decomposed(tiny_model, blocks, monkeypatch, on_
             raise torch.linalg.LinAlgError("SVD did not converge")
         return original(weight, *args, **kwargs)
 
-    monkeypatch.setattr(compressor.pipeline, "decompose", failing)
+    monkeypatch.setattr(compressor.layers, "decompose", failing)
     config = CompressConfig(ratio=0.3, allocation="global", tolerance=0.03, on_failure=on_failure,
                             calibration=CalibrationConfig(samples=8, seq_len=32, sensitivity_samples=2))
     if on_failure == "stop":

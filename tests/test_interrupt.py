@@ -12,7 +12,7 @@ from compressor.testing import run_killed
 STAGES = {
     # stage: (module, function, call on which to die)
     "calibration": ("calibration.capture", "collect_layer", 3),  # layers 0 and 1 are done
-    "decomposition": ("compressor.pipeline", "decompose", 9),
+    "decomposition": ("compressor.layers", "decompose", 9),
     "export": ("compressor.export", "save_config", 1),  # the weights are written by then
 }
 

@@ -1,0 +1,123 @@
+"""One decoder layer's linears: decompose each on its input statistics and cut it to its rank.
+
+Shared by the in-memory pipeline (pipeline.py), the streaming one (streaming.py) and the
+sequential pass (`--sequential`, below): each layer's statistics come from the inputs the
+already-compressed layers before it give it (the order of GPTQ and SVD-LLM), so a later layer
+is whitened for the activations it will really see. Within a layer the statistics are the
+dense layer's (one forward per layer for the statistics, one for the compressed layer's output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.capture import capture_first_layer_inputs, collect_layer, run_layer
+from calibration.stats import InputStats, OutputStats
+from compressor.allocate import Shape
+from compressor.arch import ArchSpec, decoder_layers
+from compressor.config import CompressConfig
+from compressor.decompose import (Factorization, check_finite, decompose, kept_output_error,
+                                  whitened_bases_from_outputs)
+from compressor.modeling_basis_llama import LowRankLinear, replace_module
+
+
+class DecompositionError(RuntimeError):
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason  # the numerical error itself
+
+
+@dataclass
+class LayerReport:
+    name: str
+    out_features: int
+    in_features: int
+    rank: int | None  # None: kept dense
+    full_rank: int
+    params_before: int
+    params_after: int
+    output_error: float  # relative ||dW X||^2 / ||W X||^2 on calibration inputs
+    score_dropped: float | None = None  # summed cost (estimated loss increase) of dropped bases
+    out_of_order: int = 0  # kept bases that are not among the `rank` largest singular values
+
+
+def group_of(spec: ArchSpec) -> dict[str, str]:
+    """Linear name within a layer -> the name its input group's statistics are stored under."""
+    return {name: group[0] for group in spec.input_groups for name in group}
+
+
+def decompose_linear(weight: torch.Tensor, stats: InputStats | OutputStats, config: CompressConfig,
+                     full_name: str) -> tuple[Factorization, torch.Tensor | None]:
+    """One linear's bases by the config's method and solver, with the mean Gram matrix of its
+    input (None from OutputStats: whiten needs none after); a numerical failure becomes a
+    DecompositionError naming the linear."""
+    from_outputs = isinstance(stats, OutputStats)
+    if from_outputs and (config.method, config.solver) != ("whiten", "eigh"):
+        raise ValueError(f"{full_name}: output statistics serve whiten with the eigh solver only")
+    gram = None if from_outputs else stats.mean_gram().to(weight.device)
+    if gram is not None:
+        check_finite(f"Gram matrix of {full_name}", gram)
+    try:
+        if from_outputs:
+            factor = whitened_bases_from_outputs(weight, stats.mean_gram().to(weight.device),
+                                                 stats.input_mean_square(), config.damping, full_name)
+        else:
+            factor = decompose(weight, config.method, gram=gram, abs_mean=stats.abs_mean().to(weight.device),
+                               asvd_alpha=config.asvd_alpha, damping=config.damping, name=full_name,
+                               solver=config.solver)
+    except (torch.linalg.LinAlgError, RuntimeError) as error:
+        raise DecompositionError(f"{full_name} cannot be decomposed ({config.method}): {error}.", str(error)) from None
+    return factor, gram
+
+
+@torch.no_grad()
+def low_rank_linear(dense: nn.Linear, up: torch.Tensor, down: torch.Tensor) -> LowRankLinear:
+    """The factors (up (out, r), down (r, in)) as a LowRankLinear in the dense linear's dtype,
+    keeping its bias."""
+    # skip_init: the factors overwrite every parameter, so no random initialisation is drawn
+    # (it took 7% of a layer's decomposition time on the example model).
+    low_rank = nn.utils.skip_init(LowRankLinear, dense.in_features, dense.out_features, down.shape[0],
+                                  bias=dense.bias is not None, device=dense.weight.device, dtype=dense.weight.dtype)
+    low_rank.up.weight.copy_(up)
+    low_rank.down.weight.copy_(down)
+    if dense.bias is not None:
+        low_rank.up.bias.copy_(dense.bias)
+    return low_rank
+
+
+def cut_layer(layer: nn.Module, spec: ArchSpec, index: int, stats: dict, ranks: dict[str, int | None],
+              config: CompressConfig) -> list[LayerReport]:
+    """Decompose every linear of one layer with a rank on `stats` and cut it, in place."""
+    groups = group_of(spec)
+    reports = []
+    for name in spec.linear_names:
+        full_name = spec.full_name(index, name)
+        dense = layer.get_submodule(name)
+        shape, rank = Shape(dense.out_features, dense.in_features), ranks[full_name]
+        report = LayerReport(full_name, shape.out_features, shape.in_features, rank,
+                             min(shape.out_features, shape.in_features), shape.dense, shape.stored(rank), 0.0)
+        reports.append(report)
+        if rank is None:
+            continue
+        factor, gram = decompose_linear(dense.weight.detach(), stats[groups[name]], config, full_name)
+        report.output_error = kept_output_error(dense.weight.detach(), factor, rank, gram)
+        replace_module(layer, name, low_rank_linear(dense, *factor.factors(rank)))
+    return reports
+
+
+def sequential_cut(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, ranks: dict[str, int | None],
+                   config: CompressConfig, progress: bool = True) -> tuple[list[LayerReport], dict[int, dict]]:
+    """Cut every layer to `ranks` on the statistics its compressed predecessors give it.
+    Returns the reports and each layer's statistics (for checks)."""
+    inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size)
+    reports, layer_stats = [], {}
+    for index, layer in enumerate(tqdm(decoder_layers(model, spec), desc="sequential", disable=not progress)):
+        stats, _ = collect_layer(layer, spec, inputs)
+        reports += cut_layer(layer, spec, index, stats, ranks, config)
+        inputs = run_layer(layer, inputs)  # what the compressed layer passes on
+        layer_stats[index] = stats
+    return reports, layer_stats
