@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "calibration loss)")
     compress.add_argument("--global-solver", help="global allocation: greedy (default; aligned chunks, cheapest per "
                                                   "parameter first) | hull (Lagrangian over each matrix's convex "
-                                                  "hull: exact for the modelled cost)")
+                                                  "hull: optimal for the modelled cost of what it removes, "
+                                                  "unless a segment overshoots the budget)")
     compress.add_argument("--sequential", action="store_const", const=True,
                           help="after the allocation, decompose each layer again on the inputs the already-"
                                "compressed layers before it give it (one more calibration pass)")
@@ -350,6 +351,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.offload and (args.streaming or device.type == "cpu"):
         raise ConfigError("--offload is for the in-memory pipeline with a GPU --device (cuda, cuda:N); "
                           "--streaming already holds one layer at a time.")
+    if args.offload and (config.score == "learned" or config.sequential):
+        raise ConfigError("--score learned and --sequential run where the model is: drop --offload (or use "
+                          "a GPU that holds the model twice).")
     if args.streaming:
         return _compress_streaming(args, config)
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
@@ -465,6 +469,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)  # dropout is the only user of the global RNG here
     adapters = add_adapters(model, config.adapter)
     model.to(device)  # the adapters are modules of the model: they move with it
+    adapters.shared.to(device)  # Tied-LoRA's shared factors are not (moved in place: references hold)
     if teacher is not None:
         teacher.to(device)
     total = sum(param.numel() for param in model.parameters())

@@ -127,9 +127,11 @@ class CompressConfig:
             raise ConfigError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}; got {self.export_dtype!r}.")
         self.quant.validate()
         self.learn.validate()
-        if self.score == "learned" and (self.allocation != "global" or self.ranks_from or self.ratio == 0):
-            raise ConfigError("--score learned prunes to a global budget as it trains: use it with "
-                              "--allocation global and a --ratio, without --ranks-from.")
+        if self.score == "learned" and (self.allocation != "global" or self.ranks_from or self.ratio == 0
+                                        or self.quant.scheme == "auto" or self.global_solver != "greedy"):
+            raise ConfigError("--score learned prunes to a global budget step by step as it trains: use it with "
+                              "--allocation global, the greedy solver and a --ratio, without --ranks-from or "
+                              "--quant auto.")
         if self.sequential and (self.score != "energy" or self.on_failure != "stop"):
             raise ConfigError("--sequential decomposes each layer again on its compressed inputs, in singular-value "
                               "order: use it with --score energy and --on-failure stop.")

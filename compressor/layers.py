@@ -110,14 +110,17 @@ def cut_layer(layer: nn.Module, spec: ArchSpec, index: int, stats: dict, ranks: 
 
 
 def sequential_cut(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, ranks: dict[str, int | None],
-                   config: CompressConfig, progress: bool = True) -> tuple[list[LayerReport], dict[int, dict]]:
+                   config: CompressConfig, progress: bool = True,
+                   keep_stats: bool = False) -> tuple[list[LayerReport], dict[int, dict]]:
     """Cut every layer to `ranks` on the statistics its compressed predecessors give it.
-    Returns the reports and each layer's statistics (for checks)."""
+    Returns the reports and, with keep_stats (for checks: a 7B layer's are over a GB), each
+    layer's statistics."""
     inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size)
     reports, layer_stats = [], {}
     for index, layer in enumerate(tqdm(decoder_layers(model, spec), desc="sequential", disable=not progress)):
         stats, _ = collect_layer(layer, spec, inputs)
         reports += cut_layer(layer, spec, index, stats, ranks, config)
         inputs = run_layer(layer, inputs)  # what the compressed layer passes on
-        layer_stats[index] = stats
+        if keep_stats:
+            layer_stats[index] = stats
     return reports, layer_stats

@@ -323,6 +323,7 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     if config.ranks_from:  # a rank map of another model fails now too
         given_ranks({name: Shape(*module.weight.shape) for name, module in linears.items()},
                     read_rank_map(Path(config.ranks_from)))
+    linears = module = None  # no reference may keep a replaced dense weight alive (learned drops them)
     timings: dict[str, float] = {}
     params_before = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory(prefix="basis-stats-") as scratch:

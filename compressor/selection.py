@@ -104,6 +104,20 @@ def current_ranks(modules: dict[str, BasisLinear]) -> dict[str, int | None]:
 
 
 @torch.no_grad()
+def learned_energy(module: BasisLinear, input_energy: torch.Tensor) -> torch.Tensor:
+    """Each basis's output energy on the calibration inputs with its learned coefficient:
+    c_i^2 times the energy of its input direction (1 for whitened bases); 0 once masked."""
+    return (module.coefficients().double().square() * input_energy.to(module.sigma.device)).cpu()
+
+
+def importance_order(module: BasisLinear, energy: torch.Tensor) -> torch.Tensor:
+    """Bases most important first; masked ones always last (a live basis of zero energy must
+    not swap places with a pruned one)."""
+    alive = module.mask.cpu().bool()
+    return torch.argsort(torch.where(alive, energy, -1.0), descending=True, stable=True)
+
+
+@torch.no_grad()
 def prune_event(modules: dict[str, BasisLinear], shapes: dict[str, Shape], ratio: float,
                 input_energy: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
                 probe: dict[str, int | None], sensitivity: dict[str, float],
@@ -112,11 +126,13 @@ def prune_event(modules: dict[str, BasisLinear], shapes: dict[str, Shape], ratio
     learned importance on one scale across matrices (see the module docstring)."""
     order, energy = {}, {}
     for name, module in modules.items():
-        learned = (module.coefficients().double().square() * input_energy[name].to(module.sigma.device)).cpu()
-        order[name] = torch.argsort(learned, descending=True, stable=True)
+        learned = learned_energy(module, input_energy[name])
+        order[name] = importance_order(module, learned)
         energy[name] = learned[order[name]]  # masked bases: 0, at the end
     costs = measured_costs(energy, probe, sensitivity, config.cost_exponent, anchor=anchor)
-    ranks = global_ranks(shapes, costs, ratio, config.align, config.tolerance,
+    # The tolerance is the final budget's: early events have small targets.
+    tolerance = config.tolerance * config.ratio / ratio
+    ranks = global_ranks(shapes, costs, ratio, config.align, tolerance,
                          max_kept=config.max_kept_fraction, start=current_ranks(modules))
     for name, rank in ranks.items():
         if rank is not None:
@@ -126,14 +142,15 @@ def prune_event(modules: dict[str, BasisLinear], shapes: dict[str, Shape], ratio
     return ranks
 
 
-def learned_factors(modules: dict[str, BasisLinear]) -> dict[str, Factorization]:
-    """Each matrix's bases with their learned coefficients, most important first (masked ones
-    last, with coefficient 0)."""
+def learned_factors(modules: dict[str, BasisLinear],
+                    input_energy: dict[str, torch.Tensor]) -> dict[str, Factorization]:
+    """Each matrix's bases with their learned coefficients, most important first by the
+    pruning's own criterion (masked ones last, with coefficient 0)."""
     factors = {}
     for name, module in modules.items():
         with torch.no_grad():
             c = module.coefficients().float().cpu()
-        order = torch.argsort(c, descending=True, stable=True)
+            order = importance_order(module, learned_energy(module, input_energy[name]))
         factors[name] = Factorization(module.u.cpu()[:, order], c[order], module.w.cpu()[order], "learned")
     return factors
 
@@ -151,8 +168,10 @@ def event_steps(learn: LearnConfig) -> list[int]:
 
 def learn_key(model_id: str, tokens_sha256: str, config: CompressConfig) -> str:
     """Checkpoints of one run: the model, the training tokens and every setting that changes them."""
-    fields = {"model": model_id, "tokens": tokens_sha256, "learn": asdict(config.learn), "ratio": config.ratio,
+    learn = {key: value for key, value in asdict(config.learn).items() if key != "checkpoint_every"}
+    fields = {"model": model_id, "tokens": tokens_sha256, "learn": learn, "ratio": config.ratio,
               "method": config.method, "solver": config.solver, "damping": config.damping,
+              "asvd_alpha": config.asvd_alpha, "on_failure": config.on_failure,
               "align": config.align, "tolerance": config.tolerance, "probe": config.probe_ratio,
               "cost_exponent": config.cost_exponent, "max_kept": config.max_kept_fraction,
               "calibration": asdict(config.calibration)}
@@ -173,7 +192,7 @@ def _load_state(work: Path, modules, optimizer) -> tuple[int, list[dict]]:
     path = work / STATE_FILE
     if not path.exists():
         return 0, []
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location="cpu")  # a GPU run resumes anywhere
     with torch.no_grad():
         for name, module in modules.items():
             module.scale.copy_(state["scale"][name])
@@ -234,7 +253,7 @@ def learn_selection(model: nn.Module, factors: dict[str, Factorization], shapes:
         if learn.checkpoint_every and (step + 1) % learn.checkpoint_every == 0 and step + 1 < learn.steps:
             _save_state(work, step + 1, modules, optimizer, trace)
     ranks = current_ranks(modules)
-    learned = learned_factors(modules)
+    learned = learned_factors(modules, input_energy)
     return learned, ranks, {"trace": trace, "events_at_steps": events, "event_targets": targets,
                             "train_tokens": int(needed * blocks.shape[1]), "distinct_blocks": len(blocks),
                             "resumed_from_step": resumed_from}

@@ -152,7 +152,7 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
     checkpoint = _latest_checkpoint(work) if resume else None
     if checkpoint is not None:
         adapters.load_weights(checkpoint / WEIGHTS_FILE)
-        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
         log.info("resuming from %s (step %d)", checkpoint, start_step)

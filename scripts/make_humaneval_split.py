@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         sys.exit(f"{args.out} exists; remove it or pick another --out.")
-    texts = eval_texts("code", data_dir(args.home))
+    texts = eval_texts("code", data_dir(args.home), split="all")  # as it was made: positions in the whole set
     if not 0 < args.skip < len(texts):
         sys.exit(f"--skip must be between 1 and {len(texts) - 1} (HumanEval has {len(texts)} documents).")
     held_out, rest = texts[:args.skip], texts[args.skip:]

@@ -165,10 +165,11 @@ def test_learned_selection_on_the_gpu_meets_the_budget_like_the_cpu(tiny_model, 
 
 
 @needs_gpu
-def test_recovery_training_on_the_gpu(tmp_path, model_dir, corpus):
+@pytest.mark.parametrize("adapter", ["lora", "nola", "tied-lora"])  # tied-lora: factors shared outside the model
+def test_recovery_training_on_the_gpu(tmp_path, model_dir, corpus, adapter):
     from compressor.cli import main
 
-    code = main(["train", "--model", str(model_dir), "--adapter", "nola", "--rank", "2", "--num-basis", "16",
+    code = main(["train", "--model", str(model_dir), "--adapter", adapter, "--rank", "2", "--num-basis", "16",
                  "--target", str(corpus), "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--device", "cuda",
                  "--teacher", str(model_dir), "--out", str(tmp_path / "adapter"), "--home", str(tmp_path / "home"),
                  "--quiet"])

@@ -19,7 +19,7 @@ def test_sequential_statistics_are_those_of_a_plain_forward_through_the_compress
     shapes = {name: Shape(*module.weight.shape) for name, module in linear_modules(tiny_model, spec).items()}
     ranks = uniform_ranks(shapes, 0.3, align=4, tolerance=0.05)
     config = CompressConfig(method="whiten")
-    _, seen = sequential_cut(tiny_model, spec, blocks, ranks, config, progress=False)
+    _, seen = sequential_cut(tiny_model, spec, blocks, ranks, config, progress=False, keep_stats=True)
     assert any(isinstance(module, LowRankLinear) for module in tiny_model.modules())
     # A layer's input (what q, k, v and the rest of it read) comes only from the layers before it.
     for index, stats, _ in iterate_layers(tiny_model, spec, blocks, config.calibration.batch_size, progress=False):
