@@ -268,12 +268,15 @@ def fold(module: BasisLinear, factor: Factorization, rank: int | None,
     original = (module.u * module.sigma) @ module.w
     if rank is None:
         up, down = factor.u * factor.sigma, factor.w
-        new = nn.Linear(down.shape[1], up.shape[0], bias=module.bias is not None, device=original.device)
+        # skip_init, as layers.low_rank_linear: every parameter is overwritten below
+        new = nn.utils.skip_init(nn.Linear, down.shape[1], up.shape[0], bias=module.bias is not None,
+                                 device=original.device)
         new.weight.copy_(up @ down)
         target = new
     else:
         up, down = factor.factors(rank)
-        new = LowRankLinear(down.shape[1], up.shape[0], rank, bias=module.bias is not None, device=original.device)
+        new = nn.utils.skip_init(LowRankLinear, down.shape[1], up.shape[0], rank, bias=module.bias is not None,
+                                 device=original.device)
         new.down.weight.copy_(down)
         new.up.weight.copy_(up)
         target = new.up
