@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from calibration.stats import InputStats
+from compressor.files import atomic_write
 
 STATS_VERSION = 1
 RESUME_FILE = "resume.safetensors"
@@ -88,10 +88,9 @@ class StatsCache:
                 counts[group] = str(item.count)
             save_file(tensors, self.partial / f"layer_{index:03d}.safetensors", metadata=counts)
             # One file holds the states and the layer they enter: a kill cannot split them.
-            tmp = self.partial / f".{RESUME_FILE}.tmp"
-            save_file({f"batch_{i}": h.contiguous() for i, h in enumerate(hidden)}, tmp,
-                      metadata={"next_layer": str(index + 1)})
-            os.replace(tmp, self.partial / RESUME_FILE)
+            states = {f"batch_{i}": h.contiguous() for i, h in enumerate(hidden)}
+            atomic_write(self.partial / RESUME_FILE,
+                         lambda tmp: save_file(states, tmp, metadata={"next_layer": str(index + 1)}))
             n_layers = index + 1
         (self.partial / RESUME_FILE).unlink(missing_ok=True)
         (self.partial / "key.json").write_text(json.dumps({**self.info, "layers": n_layers}, indent=2))
@@ -112,17 +111,12 @@ class StatsCache:
         return json.loads(path.read_text()) if path.exists() else None
 
     def save_json(self, name: str, value) -> None:
-        path = self.path / f"{name}.json"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(value, indent=1))
-        tmp.rename(path)
+        atomic_write(self.path / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
 
     def load_tensors(self, name: str) -> dict | None:
         path = self.path / f"{name}.safetensors"
         return load_file(path) if path.exists() else None
 
     def save_tensors(self, name: str, tensors: dict) -> None:
-        path = self.path / f"{name}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({key: value.contiguous() for key, value in tensors.items()}, tmp)
-        tmp.rename(path)
+        contiguous = {key: value.contiguous() for key, value in tensors.items()}
+        atomic_write(self.path / f"{name}.safetensors", lambda tmp: save_file(contiguous, tmp))

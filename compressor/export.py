@@ -11,11 +11,8 @@ Everything is written to a temporary sibling folder and renamed at the end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -24,6 +21,7 @@ from transformers import LlamaForCausalLM
 
 from compressor import modeling_basis_llama
 from compressor.config import CompressConfig, save_config
+from compressor.files import atomic_folder
 from compressor.modeling_basis_llama import (
     FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, BasisLlamaConfig, BasisLlamaForCausalLM, LowRankLinear,
     QuantizedLinear, replace_module,
@@ -33,62 +31,6 @@ AUTO_MAP = {
     "AutoConfig": "modeling_basis_llama.BasisLlamaConfig",
     "AutoModelForCausalLM": "modeling_basis_llama.BasisLlamaForCausalLM",
 }
-
-
-class OutputExistsError(FileExistsError):
-    pass
-
-
-def check_output(out_dir: Path, overwrite: bool) -> None:
-    if Path(out_dir).exists() and not overwrite:
-        raise OutputExistsError(f"Output folder {out_dir} already exists; choose another --out or "
-                                "pass --overwrite to replace it.")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def clean_stale(out_dir: Path) -> None:
-    """Remove what a killed writer of `out_dir` left: its temporary folder, and the previous
-    output it had moved aside, which goes back in place if the new one never arrived."""
-    for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.*-*")):
-        kind, _, pid = leftover.name.removeprefix(f".{out_dir.name}.").partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old" and not out_dir.exists():
-            leftover.rename(out_dir)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-@contextmanager
-def atomic_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `out_dir`, on failure it is removed."""
-    out_dir = Path(out_dir)
-    clean_stale(out_dir)
-    check_output(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def low_rank_ranks(model: nn.Module) -> dict[str, int]:

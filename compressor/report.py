@@ -247,7 +247,7 @@ def generation_limits(settings: ReportSettings) -> str:
 
 def write_report(rows: list[dict], settings: ReportSettings, env: dict, out_dir: Path) -> None:
     """report.md (+ PNG files), self-contained report.html and metrics.json into out_dir (atomic)."""
-    from compressor.export import atomic_folder
+    from compressor.files import atomic_folder
 
     images = plots(rows)
     header, body = table(rows)

@@ -41,9 +41,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from calibration.cache import StatsCache
 from compressor.allocate import Shape, global_ranks, measured_costs, pruning_targets
+from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig, LearnConfig
 from compressor.decompose import Factorization, output_error
+from compressor.layers import LayerReport, group_of
 from compressor.modeling_basis_llama import LowRankLinear, replace_module
 from compressor.train import distillation_kl, lr_factor
 
@@ -283,6 +286,27 @@ def fold(module: BasisLinear, factor: Factorization, rank: int | None,
     if module.bias is not None:
         target.bias.copy_(module.bias)
     return new, output_error(original, up, down, gram)
+
+
+@torch.no_grad()
+def fold_all(model: nn.Module, spec: ArchSpec, cache: StatsCache, factors: dict[str, Factorization],
+             shapes: dict[str, Shape], ranks: dict[str, int | None]) -> list[LayerReport]:
+    """Replace every trained BasisLinear of `model` by its folded export (see `fold`), layer
+    by layer, each reported with its output error on that layer's calibration inputs."""
+    groups, reports = group_of(spec), []
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        stats = cache.load_layer(index)
+        for name in spec.linear_names:
+            full_name = spec.full_name(index, name)
+            if full_name not in factors:
+                continue  # could not be decomposed: stays dense
+            shape, rank = shapes[full_name], ranks[full_name]
+            new, error = fold(layer.get_submodule(name), factors[full_name], rank,
+                              stats[groups[name]].mean_gram().float())
+            replace_module(layer, name, new)
+            reports.append(LayerReport(full_name, shape.out_features, shape.in_features, rank,
+                                       factors[full_name].full_rank, shape.dense, shape.stored(rank), error))
+    return reports
 
 
 def finish(work: Path) -> None:

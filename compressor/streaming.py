@@ -43,7 +43,8 @@ from compressor.allocate import Shape, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers, get_spec, linear_modules
 from compressor.config import CompressConfig, ConfigError, save_config
 from compressor.evaluate import peak_rss_bytes, rss_bytes
-from compressor.export import atomic_folder, basis_config
+from compressor.export import basis_config
+from compressor.files import atomic_folder
 from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
 from compressor.layers import LayerReport, cut_layer
 

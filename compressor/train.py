@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from calibration.data import blocks_fingerprint, token_blocks
 from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter, write_adapter
 from compressor.config import TrainConfig, config_to_dict, load_config, save_config
-from compressor.export import check_output
+from compressor.files import atomic_write, check_output
 from compressor.load import load_any, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ def _save_checkpoint(adapters: AdapterSet, work: Path, step: int, optimizer, bas
     final = work / "checkpoints" / f"step-{step:06d}"
     save_adapter(adapters, final, base_model, overwrite=True)
     # Written last: a checkpoint without its state file is incomplete and never resumed from.
-    tmp = final / f".{STATE_FILE}.tmp"
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp)
-    tmp.rename(final / STATE_FILE)
+    atomic_write(final / STATE_FILE, lambda tmp: torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp))
 
 
 def _check_same_config(path: Path, config: TrainConfig) -> None:

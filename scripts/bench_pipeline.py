@@ -27,9 +27,8 @@ from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_cou
 from compressor.export import save_compressed
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_model, load_tokenizer
-from compressor.pipeline import (
-    Bases, allocate, apply_ranks, calibrate, calibration_blocks, factorize, score_bases, select_allocation,
-)
+from compressor.candidates import select_allocation
+from compressor.stages import Bases, allocate, apply_ranks, calibrate, calibration_blocks, factorize, score_bases
 
 
 def peak_rss_gib() -> float:

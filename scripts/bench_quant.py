@@ -31,7 +31,7 @@ from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_cou
 from compressor.export import write_model
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import is_compressed, load_any, load_model, load_tokenizer
-from compressor.pipeline import decoder_linear_bytes
+from compressor.candidates import decoder_linear_bytes
 from compressor.quantize import QuantConfig, quantize_model
 
 SCHEMES = {"fp16": None, "int8": QuantConfig("int8", 128), "int4": QuantConfig("int4", 128),

@@ -32,7 +32,8 @@ from compressor.arch import linear_modules
 from compressor.config import CalibrationConfig, CompressConfig
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_model, load_tokenizer
-from compressor.pipeline import calibration_blocks, compress
+from compressor.pipeline import compress
+from compressor.stages import calibration_blocks
 from compressor.streaming import compress_streaming
 
 
@@ -94,7 +95,7 @@ def main() -> None:
         runs["streaming, solver eigh"], stages["streaming, solver eigh"] = seconds, summary["timings_s"]
     for solver in ("eigh",) if args.skip_svd else ("eigh", "svd"):
         fresh, _ = load_model(model_dir)
-        seconds, result = timed(lambda: compress(fresh, spec, blocks, config(solver), progress=False))
+        seconds, result = timed(lambda model=fresh: compress(model, spec, blocks, config(solver), progress=False))
         runs[f"in memory, solver {solver}"], stages[f"in memory, solver {solver}"] = seconds, result.timings
         del fresh
     results = {"command": "python " + " ".join(sys.argv), "model": str(model_dir),

@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 

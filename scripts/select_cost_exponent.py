@@ -32,7 +32,7 @@ from compressor.allocate import given_ranks, global_ranks, measured_costs, summa
 from compressor.config import CalibrationConfig, CompressConfig
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_model, load_tokenizer, read_rank_map
-from compressor.pipeline import apply_ranks, calibrate, calibration_blocks, factorize, probe_ranks, sensitivities
+from compressor.stages import apply_ranks, calibrate, calibration_blocks, factorize, probe_ranks, sensitivities
 
 
 @torch.no_grad()

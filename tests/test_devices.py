@@ -12,7 +12,8 @@ from transformers import LlamaForCausalLM
 from compressor.arch import get_spec
 from compressor.config import CalibrationConfig, CompressConfig, LearnConfig, QuantConfig
 from compressor.load import DeviceError, check_device, place_model
-from compressor.pipeline import compress, language_model_loss
+from compressor.pipeline import compress
+from compressor.stages import language_model_loss
 from compressor.quantize import quantize_model
 from compressor.testing import tiny_llama_config
 

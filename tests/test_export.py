@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from compressor.arch import get_spec
 from compressor.config import CalibrationConfig, CompressConfig
-from compressor.export import OutputExistsError, save_compressed
+from compressor.export import save_compressed
+from compressor.files import OutputExistsError
 from compressor.modeling_basis_llama import BasisLlamaForCausalLM, LowRankLinear
 from compressor.pipeline import compress
 from compressor.quantize import QuantConfig

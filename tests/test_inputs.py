@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
-from calibration.cache import StatsCache, stats_key
+from calibration.cache import stats_key
 from calibration.data import CalibrationDataError, blocks_fingerprint, file_texts, token_blocks, write_text_rows
 from compressor.arch import get_spec
 from compressor.cli import main
 from compressor.config import CalibrationConfig, CompressConfig, ConfigError, load_config
-from compressor.pipeline import calibrate, compress
+from compressor.pipeline import compress
+from compressor.stages import calibrate
 
 
 def test_calibration_file_shorter_than_asked(tmp_path, tokenizer):

@@ -12,7 +12,8 @@ from compressor.arch import get_spec
 from compressor.config import CalibrationConfig, CompressConfig, ConfigError
 from compressor.export import save_compressed
 from compressor.modeling_basis_llama import NF4_LEVELS, QuantizedLinear, unpack_codes
-from compressor.pipeline import compress, language_model_loss
+from compressor.pipeline import compress
+from compressor.stages import language_model_loss
 from compressor.quantize import (
     QuantConfig, QuantError, dequantize_tensors, pack_codes, quantize_int, quantize_matrix, quantize_model,
     quantize_nf4, quantize_tensors,

@@ -5,7 +5,8 @@ import torch
 from calibration.sensitivity import truncation_sensitivity
 from compressor.arch import get_spec
 from compressor.config import CalibrationConfig, CompressConfig
-from compressor.pipeline import compress, language_model_loss
+from compressor.pipeline import compress
+from compressor.stages import language_model_loss
 
 
 def test_measured_sensitivity_equals_a_direct_forward(tiny_model, blocks):

@@ -11,7 +11,8 @@ from compressor.arch import get_spec, linear_modules
 from compressor.config import CompressConfig, ConfigError, config_from_dict
 from compressor.layers import sequential_cut
 from compressor.modeling_basis_llama import LowRankLinear
-from compressor.pipeline import compress, language_model_loss
+from compressor.pipeline import compress
+from compressor.stages import language_model_loss
 
 
 def test_sequential_statistics_are_those_of_a_plain_forward_through_the_compressed_model(tiny_model, blocks):

@@ -178,7 +178,7 @@ def write_adapter(adapters: AdapterSet, folder: Path, base_model: dict | None = 
 def save_adapter(adapters: AdapterSet, out_dir: Path, base_model: dict | None = None,
                  overwrite: bool = False) -> Path:
     """The adapter as its own folder, written atomically."""
-    from compressor.export import atomic_folder
+    from compressor.files import atomic_folder
 
     with atomic_folder(out_dir, overwrite) as tmp:
         write_adapter(adapters, tmp, base_model)
@@ -228,7 +228,7 @@ def quantize_adapter(adapter_dir: Path, out_dir: Path, bits: int, group_size: in
                      symmetric: bool = False, overwrite: bool = False) -> dict:
     """A copy of a saved adapter with its tensors stored at `bits` bits (any method; loading
     decodes them). Returns the quantization record with the bytes before and after."""
-    from compressor.export import atomic_folder
+    from compressor.files import atomic_folder
 
     adapter_dir = Path(adapter_dir)
     _, record = read_adapter_config(adapter_dir)

@@ -1,0 +1,126 @@
+"""Subcommands for recovery adapters: train, merge, quantize-adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from compressor.cli.common import add_common, base_identity, paths, resolve_config, with_adapter
+from compressor.config import TrainConfig
+from compressor.files import check_output
+
+# compressor train: flag -> (section, key) of TrainConfig.
+TRAIN_FLAG_TO_CONFIG = {
+    "target": (None, "target"), "steps": (None, "steps"), "batch_size": (None, "batch_size"),
+    "grad_accum": (None, "grad_accum"), "seq_len": (None, "seq_len"), "lr": (None, "lr"),
+    "warmup_steps": (None, "warmup_steps"), "seed": (None, "seed"),
+    "checkpoint_every": (None, "checkpoint_every"), "adapter": ("adapter", "method"),
+    "rank": ("adapter", "rank"), "alpha": ("adapter", "alpha"), "dropout": ("adapter", "dropout"),
+    "num_basis": ("adapter", "num_basis"), "teacher": (None, "teacher"),
+    "distill_weight": (None, "distill_weight"),
+}
+
+
+
+def add_parsers(sub) -> None:
+    train = sub.add_parser("train", help="train a recovery adapter (LoRA, NOLA, Tied-LoRA) on target data")
+    add_common(train)
+    train.add_argument("--model", type=Path, required=True, help="compressed (or dense) model folder")
+    train.add_argument("--config", type=Path, help="YAML training config (flags override it)")
+    train.add_argument("--adapter", help="lora | nola | tied-lora")
+    train.add_argument("--target", help="training data: code | math | general | mix | PATH.jsonl/.txt")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--out", type=Path, required=True, help="adapter output folder")
+    train.add_argument("--rank", type=int)
+    train.add_argument("--alpha", type=float, help="update scale alpha / rank")
+    train.add_argument("--dropout", type=float)
+    train.add_argument("--num-basis", type=int, help="NOLA: random bases for A and for B")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--warmup-steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    train.add_argument("--seq-len", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: none)")
+    train.add_argument("--teacher", help="distil from this model folder (the dense original): match "
+                                         "its next-token distribution")
+    train.add_argument("--distill-weight", type=float,
+                       help="with --teacher: weight of the KL term, the rest on the label loss (default 1)")
+    train.add_argument("--device", default="cpu", help="where the model, the teacher and training run (cpu, cuda, "
+                                                       "cuda:1)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run of --out")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    train.set_defaults(handler=cmd_train)
+
+    merge = sub.add_parser("merge", help="fold a trained adapter into the model: [U | B] [V ; A]")
+    add_common(merge)
+    merge.add_argument("--model", type=Path, required=True)
+    merge.add_argument("--adapter", type=Path, required=True, help="adapter folder (compressor train --out)")
+    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(handler=cmd_merge)
+
+    quantize_adapter = sub.add_parser("quantize-adapter", help="store a trained adapter's tensors in fewer bits")
+    quantize_adapter.add_argument("adapter", type=Path, help="adapter folder (compressor train --out)")
+    quantize_adapter.add_argument("--bits", type=int, required=True, help="16 (float16) | 8 | 4 | 3 | 2")
+    quantize_adapter.add_argument("--group-size", type=int, default=64, help="values per scale")
+    quantize_adapter.add_argument("--symmetric", action="store_true", help="no zero points")
+    quantize_adapter.add_argument("--out", type=Path, required=True)
+    quantize_adapter.add_argument("--overwrite", action="store_true")
+    quantize_adapter.set_defaults(handler=cmd_quantize_adapter)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from compressor.adapters import add_adapters
+    from compressor.load import check_device, load_any, load_tokenizer
+    from compressor.train import load_teacher, sequence_count, train_adapter, training_blocks
+
+    config = resolve_config(args, TrainConfig, TRAIN_FLAG_TO_CONFIG)
+    check_output(args.out, args.overwrite)
+    device = check_device(args.device)
+    _, data = paths(args)
+    model = load_any(args.model)
+    tokenizer = load_tokenizer(args.model)
+    blocks = training_blocks(config, tokenizer, data)
+    teacher = load_teacher(Path(config.teacher), tokenizer) if config.teacher else None
+    torch.manual_seed(config.seed)  # dropout is the only user of the global RNG here
+    adapters = add_adapters(model, config.adapter)
+    model.to(device)  # the adapters are modules of the model: they move with it
+    adapters.shared.to(device)  # Tied-LoRA's shared factors are not (moved in place: references hold)
+    if teacher is not None:
+        teacher.to(device)
+    total = sum(param.numel() for param in model.parameters())
+    print(f"{config.adapter.method}: {adapters.num_trainable():,} trainable parameters "
+          f"({adapters.num_trainable() / total:.4%} of {total:,}); {len(blocks)} distinct blocks of "
+          f"{config.seq_len} tokens for {sequence_count(config)} sequences")
+    summary = train_adapter(model, adapters, blocks, config, args.out, base_identity(args.model),
+                            overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, teacher=teacher)
+    summary["model_parameters"] = total
+    print(json.dumps(summary, indent=2))
+    print(f"saved: {args.out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from compressor.export import save_merged
+    from compressor.load import load_any, load_tokenizer
+
+    check_output(args.out, args.overwrite)
+    model = load_any(args.model)
+    tokenizer = load_tokenizer(args.model)
+    record = with_adapter(model, args.model, args.adapter)
+    save_merged(model, tokenizer, args.out, args.model, record, args.overwrite)
+    print(f"saved: {args.out}")
+    return 0
+
+
+def cmd_quantize_adapter(args: argparse.Namespace) -> int:
+    from compressor.adapters import quantize_adapter
+
+    record = quantize_adapter(args.adapter, args.out, args.bits, args.group_size, args.symmetric, args.overwrite)
+    print(json.dumps(record, indent=2))
+    print(f"saved: {args.out}")
+    return 0

@@ -1,0 +1,53 @@
+"""What every subcommand shares: the cache flags, the config a YAML file and flags resolve to,
+and an adapter merged into a loaded model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from compressor.config import config_from_dict, config_to_dict, load_config
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, default=None,
+                        help="cache folder for downloads, data and statistics "
+                             "(default $BASIS_COMPRESSOR_HOME or ~/.cache/basis-compressor)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="data folder (default HOME/data)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The cache folder and the data folder the flags name (or the defaults)."""
+    from compressor.fetch import data_dir, default_home
+
+    home = args.home or default_home()
+    return home, args.data_dir or data_dir(home)
+
+
+def resolve_config(args: argparse.Namespace, cls, flags: dict[str, tuple[str | None, str]]):
+    """The YAML config (or the defaults) with every flag that was given applied on top.
+    flags: flag -> (section, key) of the config; a flag left unset keeps the YAML value."""
+    config = load_config(args.config, cls) if getattr(args, "config", None) else cls()
+    data = config_to_dict(config)
+    for flag, (section, key) in flags.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            (data[section] if section else data)[key] = value
+    return config_from_dict(data, cls)
+
+
+def base_identity(model_dir: Path) -> dict:
+    """What an adapter records of the model it was trained on, and checks when loaded."""
+    from calibration.cache import model_fingerprint
+
+    return {"path": str(model_dir), "fingerprint": model_fingerprint(model_dir)}
+
+
+def with_adapter(model, model_dir: Path, adapter_dir: Path) -> dict:
+    """Merge the adapter of `adapter_dir` into `model`; returns the adapter's record."""
+    from compressor.adapters import load_adapter, read_adapter_config
+
+    adapters = load_adapter(model, adapter_dir, base_identity(model_dir))
+    adapters.merge(model)
+    return read_adapter_config(adapter_dir)[1]

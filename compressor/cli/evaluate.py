@@ -1,0 +1,126 @@
+"""Subcommands that measure: eval (one model) and report (several, side by side)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from compressor.cli.common import add_common, paths, with_adapter
+
+
+def add_parsers(sub) -> None:
+    evaluate = sub.add_parser("eval", help="held-out perplexity on code, math and general text")
+    add_common(evaluate)
+    evaluate.add_argument("--model", type=Path, required=True)
+    evaluate.add_argument("--adapter", type=Path, help="evaluate with this adapter merged in")
+    evaluate.add_argument("--tasks", default="perplexity",
+                          help="comma-separated: perplexity, gsm8k, humaneval")
+    evaluate.add_argument("--sets", default="code,math,general", help="perplexity sets")
+    evaluate.add_argument("--split", default="test", choices=("dev", "test", "all"),
+                          help="which part of every evaluation set: choose settings on dev, quote test")
+    evaluate.add_argument("--limit", type=int, default=64,
+                          help="documents per perplexity set and problems per benchmark (0: all)")
+    evaluate.add_argument("--allow-code-exec", action="store_true",
+                          help="humaneval: run the generated code (in a limited subprocess)")
+    evaluate.add_argument("--shots", type=int, default=4,
+                          help="gsm8k: few-shot worked exemplars (ASDiv problems), 0 to 4")
+    evaluate.add_argument("--max-new-tokens", type=int, help="benchmarks: generation length "
+                                                              "(default gsm8k 256, humaneval 384)")
+    evaluate.add_argument("--no-cache", action="store_true", help="recompute benchmark results")
+    evaluate.add_argument("--max-length", type=int, default=512)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    report = sub.add_parser("report", help="report.md, report.html and metrics.json over model folders")
+    add_common(report)
+    report.add_argument("models", nargs="+", type=Path, help="model folders (dense and compressed)")
+    report.add_argument("--out", type=Path, required=True, help="report folder (replaced)")
+    report.add_argument("--tasks", default="perplexity", help="comma-separated: perplexity, gsm8k, humaneval")
+    report.add_argument("--split", default="test", choices=("dev", "test", "all"),
+                        help="which part of every evaluation set (choose settings on dev, quote test)")
+    report.add_argument("--limit", type=int, default=32, help="documents / problems per set (0: all)")
+    report.add_argument("--allow-code-exec", action="store_true", help="humaneval: run the generated code")
+    report.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot worked exemplars, 0 to 4")
+    report.add_argument("--max-new-tokens", type=int, help="benchmarks: generation length "
+                                                            "(default gsm8k 256, humaneval 384)")
+    report.add_argument("--batch-size", type=int, default=8)
+    report.set_defaults(handler=cmd_report)
+
+
+def parse_tasks(text: str, allow_code_exec: bool) -> list[str]:
+    """--tasks, checked before any model is loaded: known names, and opt-in for code execution."""
+    tasks = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(tasks) - {"perplexity", "gsm8k", "humaneval"})
+    if unknown or not tasks:
+        raise ValueError(f"Unknown task(s) {unknown or '(none given)'}; choose from perplexity, gsm8k, humaneval.")
+    if "humaneval" in tasks and not allow_code_exec:
+        raise ValueError("HumanEval runs the code the model writes (in a limited subprocess); "
+                         "pass --allow-code-exec to allow it.")
+    return tasks
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from compressor.evaluate import evaluate_perplexity, folder_bytes, format_table, parameter_count
+    from compressor.load import load_any, load_tokenizer
+
+    tasks = parse_tasks(args.tasks, args.allow_code_exec)
+    home, data = paths(args)
+    model = load_any(args.model)
+    tokenizer = load_tokenizer(args.model)
+    adapter_record = with_adapter(model, args.model, args.adapter) if args.adapter else None
+    payload = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
+               "adapter_trainable_parameters": (adapter_record or {}).get("trainable_parameters"),
+               "parameters": parameter_count(model), "bytes_on_disk": folder_bytes(args.model),
+               "limit": args.limit or None, "split": args.split}
+    if "perplexity" in tasks:
+        sets = [name.strip() for name in args.sets.split(",") if name.strip()]
+        results = evaluate_perplexity(model, tokenizer, data, sets, args.limit or None, args.max_length,
+                                      args.batch_size, progress=not args.quiet, split=args.split)
+        print(format_table(results))
+        payload["perplexity"] = {name: result.to_dict() for name, result in results.items()}
+    benchmarks = [task for task in tasks if task != "perplexity"]
+    if benchmarks:
+        payload["benchmarks"] = _run_benchmarks(args, model, tokenizer, data, home, benchmarks)
+    print(json.dumps(payload, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[str]) -> dict:
+    """GSM8K / HumanEval results, from the cache when this model, task and settings ran before."""
+    from calibration.cache import model_fingerprint
+    from compressor.generation import run_benchmark
+
+    model_id = model_fingerprint(args.model)
+    if args.adapter:
+        model_id += "+" + model_fingerprint(args.adapter, pattern="adapter_model.safetensors")
+    summary = {}
+    for task in tasks:
+        result, from_cache = run_benchmark(task, model, tokenizer, data, home / "results", model_id,
+                                           args.limit or None, args.shots, args.max_new_tokens, args.batch_size,
+                                           allow_code_exec=args.allow_code_exec, use_cache=not args.no_cache,
+                                           progress=not args.quiet, split=args.split)
+        summary[task] = {key: value for key, value in result.to_dict().items() if key != "items"}
+        summary[task]["from_cache"] = from_cache
+        print(f"{task}: " + ", ".join(f"{name} {value:.3f} (95% CI {low:.3f}-{high:.3f})"
+                                      for (name, value), (low, high) in zip(result.metrics.items(),
+                                                                            result.intervals.values()))
+              + f" on {result.n} problems" + (" (cached)" if from_cache else ""))
+    return summary
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from compressor.report import ReportSettings, environment, measure_model, write_report
+
+    tasks = tuple(parse_tasks(args.tasks, args.allow_code_exec))
+    home, data = paths(args)
+    settings = ReportSettings(tasks, args.limit or None, args.allow_code_exec, args.batch_size, args.shots,
+                              args.max_new_tokens, args.split)
+    rows = [measure_model(folder, data, home, settings, progress=not args.quiet) for folder in args.models]
+    write_report(rows, settings, environment(data), args.out)
+    print(f"report: {args.out / 'report.md'}, {args.out / 'report.html'}, {args.out / 'metrics.json'}")
+    return 0
