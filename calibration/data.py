@@ -1,24 +1,31 @@
 """Target-domain text sources -> fixed-length token blocks, seeded, disjoint from evaluation.
 
 Sources (all read from the data folder `compressor fetch-example` fills, or a local file):
-  code     Python standard-library files (evaluation uses HumanEval: disjoint)
-  math     ASDiv word problems with answers (evaluation uses GSM8K: disjoint)
-  general  Wikipedia passages of BoolQ, the calibration half of a fixed hash split
-  mix      equal thirds of the three above
-  PATH     any local .jsonl (a "text" field, or the first string field) or .txt file
+  code       Python standard-library files (evaluation uses HumanEval: disjoint)
+  functions  the standard library's documented functions and methods of at most 40 lines,
+             each on its own: text shaped like HumanEval's (signature, docstring, body)
+  math       ASDiv word problems with answers (evaluation uses GSM8K: disjoint)
+  general    Wikipedia passages of BoolQ, the calibration half of a fixed hash split
+  mix        equal thirds of the three above
+  PATH       any local .jsonl (a "text" field, or the first string field) or .txt file
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import random
+import textwrap
 from pathlib import Path
 
 import torch
 
-SOURCES = ("code", "math", "general", "mix")
+from compressor.files import atomic_write
+
+SOURCES = ("code", "functions", "math", "general", "mix")
+FUNCTION_MAX_LINES = 40
 
 
 class CalibrationDataError(ValueError):
@@ -47,6 +54,29 @@ def code_texts() -> list[str]:
     return [path.read_text(encoding="utf-8", errors="replace") for path in sorted(stdlib.glob("*.py"))]
 
 
+def documented_functions(source: str, max_lines: int = FUNCTION_MAX_LINES) -> list[str]:
+    """Every function or method of `source` with a docstring and at most max_lines lines,
+    dedented, in the order ast.walk meets them."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # a few test-data files of the library are not valid Python on purpose
+        return []
+    texts = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+            continue
+        if node.end_lineno - node.lineno + 1 > max_lines:
+            continue
+        segment = ast.get_source_segment(source, node, padded=True)
+        if segment:
+            texts.append(textwrap.dedent(segment))
+    return texts
+
+
+def function_texts() -> list[str]:
+    return [function for source in code_texts() for function in documented_functions(source)]
+
+
 def math_texts(data_dir: Path) -> list[str]:
     rows = read_jsonl(data_dir / "asdiv.jsonl")
     return [f"{row['passage']} {row['question']}\nAnswer: {row['answer']}" for row in rows]
@@ -61,9 +91,8 @@ def general_texts(data_dir: Path) -> list[str]:
 def write_text_rows(path: Path, texts: list[str]) -> None:
     """`texts` as {"text": ...} JSONL rows (what file_texts reads back), written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
-    partial.replace(path)
+    rows = "".join(json.dumps({"text": text}) + "\n" for text in texts)
+    atomic_write(path, lambda tmp: tmp.write_text(rows, encoding="utf-8"))
 
 
 def file_texts(path: Path) -> list[str]:
@@ -90,6 +119,8 @@ def file_texts(path: Path) -> list[str]:
 def source_texts(source: str, data_dir: Path) -> list[str]:
     if source == "code":
         return code_texts()
+    if source == "functions":
+        return function_texts()
     if source == "math":
         return math_texts(data_dir)
     if source == "general":

@@ -84,11 +84,14 @@ def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
         for param, flag in saved_flags.items():
             param.requires_grad_(flag)
             param.grad = None
-    n = len(blocks)
-    results = {}
-    for name in bases:
-        mean = grad_sums[name] / n
-        variance = (square_sums[name] / n - mean.square()).clamp_min(0) * n / max(n - 1, 1)
-        stderr = (variance / n).sqrt() if n > 1 else torch.full_like(mean, float("inf"))
-        results[name] = CoefficientGradients(mean.float(), (fisher_sums[name] / n).float(), stderr.float())
-    return results
+    return {name: _per_sequence_mean(grad_sums[name], square_sums[name], fisher_sums[name], len(blocks))
+            for name in bases}
+
+
+def _per_sequence_mean(grad_sum: torch.Tensor, square_sum: torch.Tensor, fisher_sum: torch.Tensor,
+                       n: int) -> CoefficientGradients:
+    """Mean gradient over n sequences, its standard error (inf for one sequence), mean Fisher."""
+    mean = grad_sum / n
+    variance = (square_sum / n - mean.square()).clamp_min(0) * n / max(n - 1, 1)
+    stderr = (variance / n).sqrt() if n > 1 else torch.full_like(mean, float("inf"))
+    return CoefficientGradients(mean.float(), (fisher_sum / n).float(), stderr.float())

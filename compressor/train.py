@@ -125,14 +125,9 @@ def _truncate_log(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, config: TrainConfig,
-                  out_dir: Path, base_model: dict, overwrite: bool = False, resume: bool = False,
-                  progress: bool = True, teacher: nn.Module | None = None) -> dict:
-    """Train `adapters` (attached to `model`) on `blocks` (n, seq_len); returns the summary.
-    `teacher` (with config.teacher set) is the model whose next-token distributions are matched."""
-    if bool(config.teacher) != (teacher is not None):
-        raise ValueError("config.teacher names the teacher model and `teacher` is that model: give both or neither.")
-    out_dir = Path(out_dir)
+def _work_folder(out_dir: Path, config: TrainConfig, overwrite: bool, resume: bool) -> Path:
+    """The run's working folder (renamed to out_dir at the end), with its config; an unfinished
+    run there is resumed, replaced (overwrite) or refused."""
     check_output(out_dir, overwrite)
     work = partial_dir(out_dir)
     if work.exists() and not resume:
@@ -143,18 +138,53 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
     work.mkdir(parents=True, exist_ok=True)
     _check_same_config(work / "train_config.yaml", config)
     save_config(config, work / "train_config.yaml")
+    return work
 
+
+def _resume(adapters: AdapterSet, optimizer, work: Path) -> int:
+    """Load the latest complete checkpoint of `work` (weights and optimizer); its step, or 0."""
+    checkpoint = _latest_checkpoint(work)
+    if checkpoint is None:
+        return 0
+    adapters.load_weights(checkpoint / WEIGHTS_FILE)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resuming from %s (step %d)", checkpoint, state["step"])
+    return state["step"]
+
+
+def _train_step(model: nn.Module, batches: list[torch.Tensor], teacher: nn.Module | None, config: TrainConfig,
+                params: list[torch.Tensor], optimizer, step: int) -> dict:
+    """One optimizer step over its micro-batches (gradients accumulated); the step's record."""
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * lr_factor(step, config)
+    total, parts = 0.0, {}
+    for batch in batches:
+        loss, loss_parts = batch_loss(model, batch, teacher, config.distill_weight)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Loss became {float(loss)} at step {step}; lower --lr.")
+        (loss / config.grad_accum).backward()
+        total += float(loss.detach()) / config.grad_accum
+        for name, value in loss_parts.items():
+            parts[name] = parts.get(name, 0.0) + value / config.grad_accum
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": total, **parts, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
+
+
+def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, config: TrainConfig,
+                  out_dir: Path, base_model: dict, overwrite: bool = False, resume: bool = False,
+                  progress: bool = True, teacher: nn.Module | None = None) -> dict:
+    """Train `adapters` (attached to `model`) on `blocks` (n, seq_len); returns the summary.
+    `teacher` (with config.teacher set) is the model whose next-token distributions are matched."""
+    if bool(config.teacher) != (teacher is not None):
+        raise ValueError("config.teacher names the teacher model and `teacher` is that model: give both or neither.")
+    out_dir = Path(out_dir)
+    work = _work_folder(out_dir, config, overwrite, resume)
     params = list(adapters.trainable_state().values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    start_step = 0
-    checkpoint = _latest_checkpoint(work) if resume else None
-    if checkpoint is not None:
-        adapters.load_weights(checkpoint / WEIGHTS_FILE)
-        state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
-        log.info("resuming from %s (step %d)", checkpoint, start_step)
-
+    start_step = _resume(adapters, optimizer, work) if resume else 0
     order = batch_order(len(blocks), config)
     device = next(model.parameters()).device  # where the caller put the model (and the teacher)
     model.train()
@@ -165,26 +195,11 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
                disable=not progress, initial=start_step, total=config.steps)
     with open(log_path, "a") as log_file:
         for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, config)
-            total, parts = 0.0, {}
-            for micro in order[step]:
-                batch = blocks[micro].to(device)
-                loss, loss_parts = batch_loss(model, batch, teacher, config.distill_weight)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"Loss became {float(loss)} at step {step}; lower --lr.")
-                (loss / config.grad_accum).backward()
-                total += float(loss.detach()) / config.grad_accum
-                for name, value in loss_parts.items():
-                    parts[name] = parts.get(name, 0.0) + value / config.grad_accum
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "loss": total, **parts, "lr": optimizer.param_groups[0]["lr"],
-                      "grad_norm": grad_norm, "seconds": time.perf_counter() - begin}
-            log_file.write(json.dumps(record) + "\n")
+            batches = [blocks[micro].to(device) for micro in order[step]]
+            record = _train_step(model, batches, teacher, config, params, optimizer, step)
+            log_file.write(json.dumps({**record, "seconds": time.perf_counter() - begin}) + "\n")
             log_file.flush()
-            bar.set_postfix(loss=f"{total:.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 _save_checkpoint(adapters, work, step + 1, optimizer, base_model)
     model.eval()

@@ -41,7 +41,7 @@ def timed(function, *args):
     return value, time.perf_counter() - start
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=example_model_dir(default_home()))
     parser.add_argument("--home", type=Path, default=default_home())
@@ -54,7 +54,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=64, help="documents per perplexity set")
     parser.add_argument("--work", type=Path, default=Path("runs/bench"))
     parser.add_argument("--out", type=Path, default=Path("reports/pipeline"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "RESULTS.json"
     results = {"command": "python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]),

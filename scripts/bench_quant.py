@@ -48,7 +48,7 @@ def dense_decoder_weights(model) -> int:
                for layer in decoder_layers(model, spec) for name in spec.linear_names)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sources", nargs="+", default=[f"dense={example_model_dir(default_home())}"],
                         help="NAME=FOLDER of the models whose bases are quantized")
@@ -62,7 +62,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=32, help="documents per perplexity set")
     parser.add_argument("--work", type=Path, default=Path("runs/quant"))
     parser.add_argument("--out", type=Path, default=Path("reports/quantization"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dd = data_dir(args.home)
     command = "python scripts/bench_quant.py " + " ".join(sys.argv[1:])

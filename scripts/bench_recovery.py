@@ -41,7 +41,7 @@ ADAPTERS = {
 LEARNING_RATES = {"nola": 5e-3}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="compressed model folder")
     parser.add_argument("--dense", type=Path, default=example_model_dir(default_home()))
@@ -62,7 +62,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/recovery"))
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of an earlier run in --out (each row records its run)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dd = data_dir(args.home)
     tokenizer = load_tokenizer(args.model)

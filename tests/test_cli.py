@@ -104,7 +104,7 @@ def test_compress_train_merge_eval(tmp_path, corpus, model_dir, capsys):
     record = json.loads((adapter / "adapter_config.json").read_text())
     assert record["method"] == "nola" and record["trainable_parameters"] == 2 * 16 * 21
     assert record["base_model"]["fingerprint"]
-    # The saved config is enough to rebuild the blocks trained on (scripts/bench_adapter_fit.py relies on it).
+    # The saved config is enough to rebuild the blocks trained on (scripts/experiments/bench_adapter_fit.py relies on it).
     rebuilt = training_blocks(load_config(adapter / "train_config.yaml", TrainConfig), load_tokenizer(out), data)
     trained_on = json.loads((adapter / "train_summary.json").read_text())["tokens_sha256"]
     assert blocks_fingerprint(rebuilt) == trained_on

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from calibration.cache import stats_key
-from calibration.data import CalibrationDataError, blocks_fingerprint, file_texts, token_blocks, write_text_rows
+from calibration.data import (CalibrationDataError, blocks_fingerprint, documented_functions, file_texts,
+                              token_blocks, write_text_rows)
 from compressor.arch import get_spec
 from compressor.cli import main
 from compressor.config import CalibrationConfig, CompressConfig, ConfigError, load_config
@@ -64,6 +65,17 @@ def test_text_rows_written_read_back_whole(tmp_path):
     write_text_rows(path, texts)
     assert file_texts(path) == texts
     assert sorted(p.name for p in path.parent.iterdir()) == ["rows.jsonl"]  # no partial file left
+
+
+def test_functions_source_is_documented_functions_each_on_its_own(tmp_path, tokenizer):
+    source = 'def short(x):\n    """Double x."""\n    return 2 * x\n\n\ndef bare(y):\n    return y\n\n\n' \
+             'class C:\n    def method(self):\n        """A method."""\n        return 1\n\n\n' \
+             'def long():\n    """Too long."""\n' + "    pass\n" * 40
+    assert documented_functions(source) == ['def short(x):\n    """Double x."""\n    return 2 * x',
+                                            'def method(self):\n    """A method."""\n    return 1']
+    assert documented_functions("def broken(:\n") == []
+    blocks = token_blocks("functions", tokenizer, 2, 16, 0, tmp_path)  # the standard library's own
+    assert blocks.shape == (2, 16)
 
 
 def test_math_source_without_data_says_how_to_fetch(tmp_path, tokenizer):

@@ -29,7 +29,7 @@ def add_parsers(sub) -> None:
     train.add_argument("--model", type=Path, required=True, help="compressed (or dense) model folder")
     train.add_argument("--config", type=Path, help="YAML training config (flags override it)")
     train.add_argument("--adapter", help="lora | nola | tied-lora")
-    train.add_argument("--target", help="training data: code | math | general | mix | PATH.jsonl/.txt")
+    train.add_argument("--target", help="training data: code | functions | math | general | mix | PATH.jsonl/.txt")
     train.add_argument("--steps", type=int)
     train.add_argument("--out", type=Path, required=True, help="adapter output folder")
     train.add_argument("--rank", type=int)

@@ -7,8 +7,8 @@ with another seed. Exponent 0 stands for the uniform baseline. --ranks-from adds
 earlier exports, with this run's bases, as reference rows. Writes a JSON and a Markdown table
 into --out.
 
-    python scripts/select_cost_exponent.py --exponents 0 1 2 3 4 --out reports/pipeline
-    python scripts/select_cost_exponent.py --target runs/stdlib-functions.jsonl --solver eigh \
+    python scripts/experiments/select_cost_exponent.py --exponents 0 1 2 3 4 --out reports/pipeline
+    python scripts/experiments/select_cost_exponent.py --target runs/stdlib-functions.jsonl --solver eigh \
         --probe-ratios 0.4 0.7 --exponents 0 1 2 3 --ranks-from runs/asvd-global-fn-0.2 \
         --out reports/allocation-fn
 """
@@ -110,7 +110,7 @@ def main() -> None:
                   global_ranks(bases.shapes, costs, args.ratio))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"command": "python scripts/select_cost_exponent.py " + " ".join(sys.argv[1:]),
+    record = {"command": "python scripts/experiments/select_cost_exponent.py " + " ".join(sys.argv[1:]),
               "method": args.method, "solver": args.solver, "ratio": args.ratio,
               "validation": f"{args.validation_blocks} x {base.calibration.seq_len} tokens of {args.target}, "
                             f"seed {args.validation_seed}; {shared} of them also a calibration block",

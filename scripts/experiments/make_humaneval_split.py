@@ -7,7 +7,7 @@ does text of HumanEval's own form move HumanEval perplexity more than other code
 trained on them is contaminated for every HumanEval measurement except perplexity on the first
 --skip documents, and must never be reported as a recovery result.
 
-    python scripts/make_humaneval_split.py --skip 32 --out runs/humaneval-after-32.jsonl
+    python scripts/experiments/make_humaneval_split.py --skip 32 --out runs/humaneval-after-32.jsonl
 """
 
 from __future__ import annotations

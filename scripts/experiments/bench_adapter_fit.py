@@ -9,7 +9,7 @@ compressed model alone and with each adapter, the mean per-token KL(dense || mod
 --blocks of each is measured (the training loss of a distilled adapter). Writes RESULTS.json
 and README.md into --out.
 
-    python scripts/bench_adapter_fit.py --model runs/whiten-asvdfn-ranks-fn-0.2 \
+    python scripts/experiments/bench_adapter_fit.py --model runs/whiten-asvdfn-ranks-fn-0.2 \
         --adapters runs/recovery/whiten-asvdfn-ranks-fn-0.2/nola-r8-k1024-kd1-100steps-on-stdlib-functions --out reports/adapter-fit
 """
 
@@ -77,7 +77,7 @@ def main() -> None:
         teacher_logits = {name: [teacher(input_ids=batch).logits for batch in blocks.split(BATCH)]
                           for name, blocks in sets.items()}
     del teacher
-    results = {"command": "python scripts/bench_adapter_fit.py " + " ".join(sys.argv[1:]),
+    results = {"command": "python scripts/experiments/bench_adapter_fit.py " + " ".join(sys.argv[1:]),
                "blocks": args.blocks, "seq_len": config.seq_len, "target": config.target, "kl": {}}
     for adapter in [None, *args.adapters]:
         model = load_any(args.model).eval()

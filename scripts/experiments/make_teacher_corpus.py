@@ -9,7 +9,7 @@ the teacher continues it by sampling (temperature 1 and top-p 0.95 by default) u
 of text or --new-tokens tokens. Rows are {"text": signature + continuation}, for
 `--target FILE.jsonl`.
 
-    python scripts/make_teacher_corpus.py --prompts runs/stdlib-functions.jsonl \\
+    python scripts/experiments/make_teacher_corpus.py --prompts runs/stdlib-functions.jsonl \\
         --out runs/teacher-functions.jsonl
 """
 
