@@ -27,7 +27,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from compressor.cli import main
-from compressor.testing import run_killed, save_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny models: tests/helpers.py
+from helpers import run_killed, save_tiny_model  # noqa: E402
 
 CODE = "def scale(values, factor):\n    return [v * factor for v in values]\n\n" * 60
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from compressor.testing import VOCAB, make_tokenizer, tiny_llama_config
+from helpers import VOCAB, make_tokenizer, tiny_llama_config
 
 
 @pytest.fixture

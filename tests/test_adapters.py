@@ -111,7 +111,7 @@ def test_adapter_for_a_different_base_is_refused(tmp_path, compressed):
     other = copy.deepcopy(adapters.remove(compressed))
     with pytest.raises(AdapterError, match="different base model"):
         load_adapter(other, tmp_path / "lora", base_model={"fingerprint": "two"})
-    from compressor.testing import tiny_llama_config
+    from helpers import tiny_llama_config
     from transformers import LlamaForCausalLM
     wider = LlamaForCausalLM(tiny_llama_config(hidden_size=32, intermediate_size=64))
     with pytest.raises(AdapterError, match="does not fit this model"):

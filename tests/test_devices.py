@@ -15,7 +15,7 @@ from compressor.load import DeviceError, check_device, place_model
 from compressor.pipeline import compress
 from compressor.stages import language_model_loss
 from compressor.quantize import quantize_model
-from compressor.testing import tiny_llama_config
+from helpers import tiny_llama_config
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from compressor.cli import main
-from compressor.testing import run_killed
+from helpers import run_killed
 
 STAGES = {
     # stage: (module, function, call on which to die)

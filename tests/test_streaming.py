@@ -9,7 +9,7 @@ from compressor.config import CalibrationConfig, CompressConfig, ConfigError
 from compressor.load import ModelFolderError, load_model
 from compressor.pipeline import compress
 from compressor.streaming import compress_streaming
-from compressor.testing import VOCAB, make_tokenizer
+from helpers import VOCAB, make_tokenizer
 
 
 def _config(method="whiten", solver="svd", **overrides) -> CompressConfig:

@@ -1,6 +1,7 @@
-"""Helpers for the tests and the fault drills (scripts/reliability.py): tiny random LLaMA models
-with a character-level tokenizer (built in memory, nothing downloaded), and running the CLI in
-a child process that kills itself with SIGKILL at a chosen point."""
+"""Helpers for the tests and the fault drill (scripts/reliability.py, which puts this folder on
+its path): tiny random LLaMA models with a character-level tokenizer (built in memory, nothing
+downloaded), and running the CLI in a child process that kills itself with SIGKILL at a chosen
+point."""
 
 from __future__ import annotations
 
