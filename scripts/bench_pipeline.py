@@ -57,6 +57,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def sweep(args: argparse.Namespace, model, spec, cache, blocks, base: CompressConfig, run_one) -> None:
+    """Every method x score x allocation x ratio of the flags, one factorization per method."""
+    for method in args.methods:
+        bases, decompose_s = timed(factorize, model, spec, cache,
+                                   CompressConfig(method=method, calibration=base.calibration), False)
+        for score in args.scores:
+            for allocation in args.allocations:
+                config = CompressConfig(method=method, allocation=allocation, score=score,
+                                        calibration=base.calibration)
+                # A score may reorder bases: each (score, allocation) starts from the factorization.
+                scored = Bases(dict(bases.factors), bases.shapes, dict(bases.energy))
+                costs, score_s = timed(score_bases, model, spec, cache, blocks, scored, config, False)
+                for ratio in args.ratios:
+                    run_one(replace(config, ratio=ratio), scored, costs,
+                            {"decompose_s": decompose_s, "score_s": score_s})
+        del bases
+
+
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -108,20 +126,7 @@ def main() -> None:
                                   "allocate_apply_s": apply_s, "export_s": export_s}, folder)
         shutil.rmtree(folder)  # about 2 GB each; the numbers are kept
 
-    for method in args.methods:
-        bases, decompose_s = timed(factorize, model, spec, cache,
-                                   CompressConfig(method=method, calibration=base.calibration), False)
-        for score in args.scores:
-            for allocation in args.allocations:
-                config = CompressConfig(method=method, allocation=allocation, score=score,
-                                        calibration=base.calibration)
-                # A score may reorder bases: each (score, allocation) starts from the factorization.
-                scored = Bases(dict(bases.factors), bases.shapes, dict(bases.energy))
-                costs, score_s = timed(score_bases, model, spec, cache, blocks, scored, config, False)
-                for ratio in args.ratios:
-                    run_one(replace(config, ratio=ratio), scored, costs,
-                            {"decompose_s": decompose_s, "score_s": score_s})
-        del bases
+    sweep(args, model, spec, cache, blocks, base, run_one)
 
 
 def markdown(results: dict) -> str:

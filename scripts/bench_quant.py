@@ -65,6 +65,23 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def measure_adapter(args: argparse.Namespace, results: dict, evaluate, save) -> None:
+    """The adapter merged after storing it at each of --adapter-bits."""
+    tokenizer = load_tokenizer(args.adapter_base)
+    for bits in args.adapter_bits:
+        folder = args.adapter
+        if bits != 32:
+            folder = args.work / f"adapter-{bits}"
+            quantize_adapter(args.adapter, folder, bits, args.adapter_group_size, overwrite=True)
+        model = load_any(args.adapter_base)
+        load_adapter(model, folder).merge(model)
+        results["adapter"][str(bits)] = {"folder": str(folder), "bits": bits,
+                                         "group_size": None if bits >= 16 else args.adapter_group_size,
+                                         "adapter_bytes": folder_bytes(folder), "perplexity": evaluate(model, tokenizer)}
+        save()
+        print("adapter", bits, results["adapter"][str(bits)]["adapter_bytes"], flush=True)
+
+
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,19 +132,7 @@ def main() -> None:
                   flush=True)
 
     if args.adapter:
-        tokenizer = load_tokenizer(args.adapter_base)
-        for bits in args.adapter_bits:
-            folder = args.adapter
-            if bits != 32:
-                folder = args.work / f"adapter-{bits}"
-                quantize_adapter(args.adapter, folder, bits, args.adapter_group_size, overwrite=True)
-            model = load_any(args.adapter_base)
-            load_adapter(model, folder).merge(model)
-            results["adapter"][str(bits)] = {"folder": str(folder), "bits": bits,
-                                             "group_size": None if bits >= 16 else args.adapter_group_size,
-                                             "adapter_bytes": folder_bytes(folder), "perplexity": evaluate(model, tokenizer)}
-            save()
-            print("adapter", bits, results["adapter"][str(bits)]["adapter_bytes"], flush=True)
+        measure_adapter(args, results, evaluate, save)
 
 
 def markdown(results: dict) -> str:
