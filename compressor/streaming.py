@@ -41,6 +41,7 @@ from calibration.capture import LayerInputs, capture_first_layer_inputs, collect
 from compressor import modeling_basis_llama
 from compressor.allocate import Shape, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers, get_spec, linear_modules
+from compressor.card import write_card
 from compressor.config import CompressConfig, ConfigError, save_config
 from compressor.evaluate import peak_rss_bytes, rss_bytes
 from compressor.export import basis_config
@@ -261,6 +262,7 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
                    "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
                    "rss_before_layers_bytes": rss_before_layers, **(record or {})}
         (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_card(tmp)
     return summary
 
 

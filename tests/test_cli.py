@@ -55,6 +55,15 @@ def test_compress_then_eval(tmp_path, corpus, model_dir, capsys):
     assert set(result["perplexity"]) == {"code", "math", "general"}
     assert all(v["perplexity"] > 1 for v in result["perplexity"].values())
     assert result["bytes_on_disk"] > 0
+    # The export's model card: front matter, what was done, kept ranks, then what eval measured.
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "transformers" and "basis-compressor" in front["tags"]
+    assert f"({summary['summary']['removed_fraction']:.1%} removed)" in card
+    assert "| down_proj |" in card and "method `whiten`, allocation `global`" in card
+    assert f"| test | perplexity, code | {result['perplexity']['code']['perplexity']:.3f} |" in card
+    assert main(["eval", "--model", str(model_dir), "--limit", "2", *common]) == 0
+    assert not (model_dir / "README.md").exists()  # a user's source folder is never written to
 
 
 def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
@@ -68,6 +77,7 @@ def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
     assert summary["reproduce"]["tokens_sha256"] and len(summary["per_layer"]) == 3
     assert yaml.safe_load((tmp_path / "out" / "compression.yaml").read_text())["solver"] == "eigh"
     assert main(["eval", "--model", str(tmp_path / "out"), "--limit", "2", *common]) == 0
+    assert "| q_proj |" in (tmp_path / "out" / "README.md").read_text()  # streaming exports have a card too
     # Global allocation needs the whole model: refused with what to do, before any work.
     assert main([*args[:-6], "--allocation", "global", "--streaming", *common,
                  "--out", str(tmp_path / "global")]) == 2

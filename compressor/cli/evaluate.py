@@ -62,6 +62,7 @@ def parse_tasks(text: str, allow_code_exec: bool) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from compressor.card import is_export, record_evaluation
     from compressor.evaluate import evaluate_perplexity, folder_bytes, format_table, parameter_count
     from compressor.load import load_any, load_tokenizer
 
@@ -87,6 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
+    if is_export(args.model) and not args.adapter:  # the card says what this very model measured
+        record_evaluation(args.model, payload)
     return 0
 
 
