@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from compressor.cli.common import add_common, paths, with_adapter
@@ -89,7 +90,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
     if is_export(args.model) and not args.adapter:  # the card says what this very model measured
-        record_evaluation(args.model, payload)
+        try:
+            record_evaluation(args.model, payload)
+        except OSError as error:  # a read-only export: the results above and in --json stand
+            print(f"warning: could not add the results to {args.model}'s model card: {error}", file=sys.stderr)
     return 0
 
 
