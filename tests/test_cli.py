@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 import yaml
 from safetensors import safe_open
@@ -239,3 +240,27 @@ def test_ranks_from_an_earlier_export(tmp_path, corpus, model_dir, capsys):
     assert main(["compress", *common, "--ranks-from", str(first), "--allocation", "auto",
                  "--out", str(tmp_path / "auto")]) == 2
     assert "--ranks-from fixes every rank" in capsys.readouterr().err
+
+
+def test_version_and_help_show_every_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("compressor ")
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # Flags that the YAML config can supply show the config's default, not argparse's None.
+    assert "--ratio RATIO fraction of decoder-linear parameters to remove (default: 0.2)" in text
+    assert "--seed SEED (default: 0)" in text and "--method METHOD svd | asvd | whiten (default: whiten)" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--rank RANK (default: 8)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_eval_json_dash_prints_only_json(tmp_path, model_dir, capsys):
+    common = ["--home", str(tmp_path / "home"), "--data-dir", str(_data_dir(tmp_path)), "--quiet"]
+    assert main(["eval", "--model", str(model_dir), "--limit", "2", "--json", "-", *common]) == 0
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out)["perplexity"]) == {"code", "math", "general"}  # nothing else on stdout
+    assert "| set | perplexity |" in captured.err  # the table went to stderr
+    assert not (tmp_path / "-").exists()

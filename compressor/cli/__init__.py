@@ -7,16 +7,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib import metadata
 
 from safetensors import SafetensorError
 
 from compressor.cli import adapters, compress, evaluate
+from compressor.cli.common import log_level
+
+
+def _version() -> str:
+    try:
+        return metadata.version("basis-compressor")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=(
         "Compress a LLaMA-family checkpoint for a target task, recover it with a small adapter, "
         "evaluate it and report."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (compress, adapters, evaluate):
         group.add_parsers(sub)
@@ -24,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=log_level(args), format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         return args.handler(args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, FloatingPointError) as error:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from compressor.cli.common import add_common, base_identity, paths, resolve_config, with_adapter
+from compressor.cli.common import add_common, base_identity, paths, resolve_config, show_defaults, with_adapter
 from compressor.config import TrainConfig
 from compressor.files import check_output
 
@@ -51,6 +51,7 @@ def add_parsers(sub) -> None:
                                                        "cuda:1)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run of --out")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    show_defaults(train, TrainConfig(), TRAIN_FLAG_TO_CONFIG)
     train.set_defaults(handler=cmd_train)
 
     merge = sub.add_parser("merge", help="fold a trained adapter into the model: [U | B] [V ; A]")
@@ -59,6 +60,7 @@ def add_parsers(sub) -> None:
     merge.add_argument("--adapter", type=Path, required=True, help="adapter folder (compressor train --out)")
     merge.add_argument("--out", type=Path, required=True)
     merge.add_argument("--overwrite", action="store_true")
+    show_defaults(merge)
     merge.set_defaults(handler=cmd_merge)
 
     quantize_adapter = sub.add_parser("quantize-adapter", help="store a trained adapter's tensors in fewer bits")
@@ -68,6 +70,7 @@ def add_parsers(sub) -> None:
     quantize_adapter.add_argument("--symmetric", action="store_true", help="no zero points")
     quantize_adapter.add_argument("--out", type=Path, required=True)
     quantize_adapter.add_argument("--overwrite", action="store_true")
+    show_defaults(quantize_adapter)
     quantize_adapter.set_defaults(handler=cmd_quantize_adapter)
 
 

