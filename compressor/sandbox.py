@@ -9,13 +9,19 @@ deleted afterwards, with:
 - no network: socket creation is disabled;
 - writes only inside the scratch folder (open / os.open refuse any other path for writing)
   and a file-size limit.
-The Python-level guards stop accidents of generated code, not a determined attacker (ctypes
-can undo them); run evaluations of untrusted models in a container or VM as well. Nothing runs
-unless the caller opts in (compressor eval --allow-code-exec).
+Where bubblewrap (`bwrap`, Debian package bubblewrap) works, the child also runs in an OS-level
+sandbox that holds whatever the Python guards miss (ctypes, os-level calls): a read-only view of
+the file system, an empty private /tmp and home, the scratch folder the only writable place,
+and no network, no view of other processes (new user, network, PID, IPC and UTS namespaces).
+Without it the child runs with the Python guards alone, which stop accidents of generated code,
+not a determined attacker; a warning says so once per process. Nothing runs unless the caller
+opts in (compressor eval --allow-code-exec).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import resource
 import shutil
@@ -25,6 +31,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Installed in the child before the program runs; the program arrives on stdin.
 _GUARD = r"""
@@ -89,6 +98,41 @@ def _limit(memory_bytes: int, cpu_seconds: int, max_processes: int, file_bytes: 
     return apply
 
 
+def _bwrap_command(scratch: str) -> list[str]:
+    """bubblewrap's wrapping: / read-only, private /tmp and home folders (the Python installation
+    shown again), the scratch folder writable, every namespace new (no network), the child dies
+    with its parent."""
+    hidden = sorted({str(Path.home()), "/root", "/home"} - {scratch})
+    command = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for folder in hidden:
+        if os.path.isdir(folder) and not scratch.startswith(folder + os.sep):
+            command += ["--tmpfs", folder]
+    # The interpreter may live under a hidden home (pyenv, conda): shown again, read-only.
+    for needed in sorted({sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}):
+        command += ["--ro-bind", needed, needed]
+    return command + ["--bind", scratch, scratch, "--chdir", scratch, "--unshare-all", "--die-with-parent",
+                      "--new-session", "--"]
+
+
+@functools.lru_cache(maxsize=1)
+def os_sandbox_available() -> bool:
+    """Whether bubblewrap is installed and allowed to make namespaces here (probed once)."""
+    if shutil.which("bwrap") is None:
+        log.warning("No OS-level sandbox: bubblewrap (bwrap) is not installed, so generated code runs with "
+                    "Python-level guards only, which stop accidents, not an attacker. Install it "
+                    "(apt install bubblewrap) or run evaluations of untrusted models in a container.")
+        return False
+    scratch = tempfile.mkdtemp(prefix="basis-sandbox-probe-")
+    try:
+        probe = subprocess.run([*_bwrap_command(scratch), "/bin/true"], capture_output=True, text=True, timeout=30)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if probe.returncode != 0:
+        log.warning("No OS-level sandbox: bubblewrap cannot create namespaces here (%s); generated code runs "
+                    "with Python-level guards only.", probe.stderr.strip()[-200:])
+    return probe.returncode == 0
+
+
 def run_program(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 << 30,
                 max_processes: int = 64, file_bytes: int = 16 << 20) -> Execution:
     """Run `program` (Python source) in the sandbox; passed means it exited 0."""
@@ -96,7 +140,10 @@ def run_program(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 << 
     env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0",
            "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-I", "-c", _GUARD], cwd=scratch, env=env, text=True,
+    command = [sys.executable, "-I", "-c", _GUARD]
+    if os_sandbox_available():
+        command = _bwrap_command(scratch) + command
+    process = subprocess.Popen(command, cwd=scratch, env=env, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True,
                                preexec_fn=_limit(memory_bytes, int(timeout_s) + 1, max_processes, file_bytes))

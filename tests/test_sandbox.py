@@ -1,14 +1,18 @@
 """The code-execution sandbox and the answer rules of the generation benchmarks."""
 
 import os
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from compressor.answers import (
     GSM8K_STOPS, HUMANEVAL_STOPS, flexible_answer, gold_answer, humaneval_program, strict_answer, truncate,
 )
-from compressor.sandbox import run_program
+from compressor.sandbox import os_sandbox_available, run_program
+
+needs_bwrap = pytest.mark.skipif(not os_sandbox_available(), reason="bubblewrap is not available here")
 
 PROBLEM = {  # shaped like a HumanEval record
     "prompt": "def add(a: int, b: int) -> int:\n    \"\"\"Sum of a and b.\"\"\"\n",
@@ -60,6 +64,35 @@ def test_scratch_folder_is_deleted():
     assert result.passed
     leftovers = [name for name in os.listdir(os.environ.get("TMPDIR", "/tmp")) if name.startswith("basis-sandbox-")]
     assert not leftovers
+
+
+# What the Python guards miss, the OS-level sandbox must hold: each program below slips past
+# them (the private _socket module, ctypes brought back, plain reads) and must still fail.
+@needs_bwrap
+def test_os_sandbox_holds_network_and_writes_that_bypass_the_python_guards(tmp_path):
+    network = run_program("import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
+                          "s.settimeout(2)\ns.connect(('1.1.1.1', 80))\n")
+    assert network.status == "failed" and ("unreachable" in network.detail or "Errno" in network.detail)
+    target = tmp_path / "escaped.txt"
+    escape = run_program("import os, sys\ndel sys.modules['ctypes']\nimport ctypes\n"
+                         "libc = ctypes.CDLL(None)\n"
+                         f"fd = libc.open({str(target).encode()!r}, os.O_WRONLY | os.O_CREAT, 0o644)\n"
+                         "assert fd >= 0, 'open failed'\n")
+    assert escape.status == "failed" and not target.exists()
+
+
+@needs_bwrap
+def test_os_sandbox_hides_the_home_folder_and_other_files(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x")
+    read = run_program(f"print(open({str(secret)!r}).read())\n")
+    assert read.status == "failed" and "No such file" in read.detail
+    # Only the way to the Python installation shows in the home folder (pyenv, conda live there).
+    shown = {Path(prefix).relative_to(Path.home()).parts[0] for prefix in (sys.prefix, sys.base_prefix)
+             if Path(prefix).is_relative_to(Path.home())}
+    home = run_program(f"import os\nprint(os.listdir({str(Path.home())!r}))\n"
+                       f"assert set(os.listdir({str(Path.home())!r})) <= {shown!r}\n")
+    assert home.passed, home.detail
 
 
 @pytest.mark.parametrize("completion,strict,flexible", [
