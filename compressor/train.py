@@ -11,6 +11,7 @@ last checkpoint (the data order is a function of the seed and the step, so it is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -153,20 +155,39 @@ def _resume(adapters: AdapterSet, optimizer, work: Path) -> int:
     return state["step"]
 
 
+def _sum_over_processes(params: list[torch.Tensor], values: dict[str, float], processes: int) -> dict[str, float]:
+    """Add up every process's gradients (in place) and logged values: each process ran its
+    share of the step's micro-batches, each scaled by 1 / grad_accum, so the sums are the
+    single-process step's."""
+    if processes == 1:
+        return values
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
+    names = sorted(values)
+    totals = torch.tensor([values[name] for name in names], dtype=torch.float64, device=params[0].device)
+    torch.distributed.all_reduce(totals)
+    return dict(zip(names, totals.tolist()))
+
+
 def _train_step(model: nn.Module, batches: list[torch.Tensor], teacher: nn.Module | None, config: TrainConfig,
-                params: list[torch.Tensor], optimizer, step: int) -> dict:
-    """One optimizer step over its micro-batches (gradients accumulated); the step's record."""
+                params: list[torch.Tensor], optimizer, step: int, processes: int = 1) -> dict:
+    """One optimizer step over this process's micro-batches (gradients accumulated, then summed
+    over the processes); the step's record."""
     for group in optimizer.param_groups:
         group["lr"] = config.lr * lr_factor(step, config)
-    total, parts = 0.0, {}
+    values = {"loss": 0.0}
     for batch in batches:
         loss, loss_parts = batch_loss(model, batch, teacher, config.distill_weight)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Loss became {float(loss)} at step {step}; lower --lr.")
         (loss / config.grad_accum).backward()
-        total += float(loss.detach()) / config.grad_accum
-        for name, value in loss_parts.items():
-            parts[name] = parts.get(name, 0.0) + value / config.grad_accum
+        for name, value in {"loss": float(loss.detach()), **loss_parts}.items():
+            values[name] = values.get(name, 0.0) + value / config.grad_accum
+    values = _sum_over_processes(params, values, processes)
+    total = values.pop("loss")
+    parts = values
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -180,29 +201,38 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
     `teacher` (with config.teacher set) is the model whose next-token distributions are matched."""
     if bool(config.teacher) != (teacher is not None):
         raise ValueError("config.teacher names the teacher model and `teacher` is that model: give both or neither.")
-    out_dir = Path(out_dir)
-    work = _work_folder(out_dir, config, overwrite, resume)
+    out_dir, state = Path(out_dir), PartialState()  # state: the processes `accelerate launch` started (or one)
+    if config.grad_accum % state.num_processes:
+        raise ValueError(f"--grad-accum ({config.grad_accum}) must be a multiple of the number of processes "
+                         f"({state.num_processes}): each process runs an equal share of every step's micro-batches.")
+    work = _work_folder(out_dir, config, overwrite, resume) if state.is_main_process else partial_dir(out_dir)
+    state.wait_for_everyone()  # the main process has prepared (or checked) the working folder
     params = list(adapters.trainable_state().values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     start_step = _resume(adapters, optimizer, work) if resume else 0
-    order = batch_order(len(blocks), config)
+    order = batch_order(len(blocks), config)[:, state.process_index::state.num_processes]
     device = next(model.parameters()).device  # where the caller put the model (and the teacher)
     model.train()
     log_path = work / "train_log.jsonl"
-    _truncate_log(log_path, start_step)  # steps after the checkpoint are run again
+    if state.is_main_process:
+        _truncate_log(log_path, start_step)  # steps after the checkpoint are run again
     begin = time.perf_counter()
     bar = tqdm(range(start_step, config.steps), desc=f"train {adapters.config.method}",
-               disable=not progress, initial=start_step, total=config.steps)
-    with open(log_path, "a") as log_file:
+               disable=not progress or not state.is_main_process, initial=start_step, total=config.steps)
+    with open(log_path, "a") if state.is_main_process else contextlib.nullcontext() as log_file:
         for step in bar:
             batches = [blocks[micro].to(device) for micro in order[step]]
-            record = _train_step(model, batches, teacher, config, params, optimizer, step)
+            record = _train_step(model, batches, teacher, config, params, optimizer, step, state.num_processes)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if not state.is_main_process:
+                continue  # the main process alone writes; the adapters of all stay equal
             log_file.write(json.dumps({**record, "seconds": time.perf_counter() - begin}) + "\n")
             log_file.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 _save_checkpoint(adapters, work, step + 1, optimizer, base_model)
     model.eval()
+    if not state.is_main_process:
+        return {}
 
     losses = [json.loads(line) for line in log_path.read_text().splitlines()]
     summary = {"method": adapters.config.method, "trainable_parameters": adapters.num_trainable(),

@@ -75,7 +75,9 @@ def add_parsers(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Under `accelerate launch` every process runs this; the main one prints and writes."""
     import torch
+    from accelerate import PartialState
 
     from compressor.adapters import add_adapters
     from compressor.load import check_device, load_any, load_tokenizer
@@ -84,26 +86,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(args, TrainConfig, TRAIN_FLAG_TO_CONFIG)
     check_output(args.out, args.overwrite)
     device = check_device(args.device)
+    state = PartialState(cpu=device.type == "cpu")  # the processes `torchrun` / `accelerate launch` started
+    if state.num_processes > 1 and device.type == "cuda":
+        device = state.device  # one GPU per process, as accelerate assigned them
     _, data = paths(args)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
     blocks = training_blocks(config, tokenizer, data)
     teacher = load_teacher(Path(config.teacher), tokenizer) if config.teacher else None
-    torch.manual_seed(config.seed)  # dropout is the only user of the global RNG here
+    torch.manual_seed(config.seed)  # dropout and LoRA's initialisation: the same on every process
     adapters = add_adapters(model, config.adapter)
     model.to(device)  # the adapters are modules of the model: they move with it
     adapters.shared.to(device)  # Tied-LoRA's shared factors are not (moved in place: references hold)
     if teacher is not None:
         teacher.to(device)
     total = sum(param.numel() for param in model.parameters())
-    print(f"{config.adapter.method}: {adapters.num_trainable():,} trainable parameters "
-          f"({adapters.num_trainable() / total:.4%} of {total:,}); {len(blocks)} distinct blocks of "
-          f"{config.seq_len} tokens for {sequence_count(config)} sequences")
+    if state.is_main_process:
+        print(f"{config.adapter.method}: {adapters.num_trainable():,} trainable parameters "
+              f"({adapters.num_trainable() / total:.4%} of {total:,}); {len(blocks)} distinct blocks of "
+              f"{config.seq_len} tokens for {sequence_count(config)} sequences"
+              + (f"; {state.num_processes} processes" if state.num_processes > 1 else ""))
     summary = train_adapter(model, adapters, blocks, config, args.out, base_identity(args.model),
                             overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, teacher=teacher)
-    summary["model_parameters"] = total
-    print(json.dumps(summary, indent=2))
-    print(f"saved: {args.out}")
+    if state.is_main_process:
+        print(json.dumps({**summary, "model_parameters": total, "processes": state.num_processes}, indent=2))
+        print(f"saved: {args.out}")
     return 0
 
 
