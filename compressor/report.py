@@ -1,5 +1,8 @@
-"""`compressor report`: one table of every model (dense and compressed variants), plots, and the
-environment, as report.md, a self-contained report.html (plots embedded) and metrics.json.
+"""`compressor report`: which model to pick. One table of every model (dense and compressed
+variants) with each measure as a multiple of dense, the size-quality Pareto front and a
+recommendation generated from the numbers, plots, and the environment, as report.md, a
+self-contained report.html (plots embedded) and metrics.json. This file measures and writes;
+report_compare.py concludes, report_plots.py draws, report_render.py lays the page out.
 
 Every number comes from an evaluation of the model folders given; each evaluation is cached
 per (model fingerprint, task, settings) under HOME/results, so a report is rebuilt without
@@ -8,9 +11,6 @@ rerunning what it has already measured.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import os
 import platform
@@ -25,8 +25,11 @@ from calibration.cache import model_fingerprint
 from compressor.arch import decoder_layers, get_spec, linear_modules
 from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
 from compressor.generation import TASKS, cached_json, new_token_limit, run_benchmark
-from compressor.load import load_any, load_tokenizer
+from compressor.load import load_any, load_tokenizer, source_dtype
 from compressor.modeling_basis_llama import LowRankLinear, QuantizedLinear
+from compressor.report_compare import BENCHMARK_NAMES, dense_row, pareto_front, quality_measure, recommendation
+from compressor.report_plots import figures
+from compressor.report_render import Page, environment_rows, markdown, table, to_html
 
 
 @dataclass
@@ -64,7 +67,9 @@ def measure_model(folder: Path, data_dir: Path, home: Path, settings: ReportSett
                            if key not in ("ranks", "quant")},
            "quant": (config.get("compression", {}).get("quant") or {}).get("scheme"),
            "parameters": parameter_count(model), "bytes_on_disk": folder_bytes(folder),
+           "dtype": str(source_dtype(folder)).removeprefix("torch."), "target": calibration_target(folder),
            "ranks": rank_table(model), "spectra": spectra(model)}
+    row["adapter"] = merged_adapter(folder, row["parameters"])
     results = home / "results"
     row["tokens_per_second"], _ = cached_json(results, {"model": model_id, "task": "speed", "batch": 1},
                                               lambda: {"value": tokens_per_second(model, tokenizer)})
@@ -87,6 +92,39 @@ def measure_model(folder: Path, data_dir: Path, home: Path, settings: ReportSett
         record = json.loads(summary.read_text())
         row["reproduce"], row["command"] = record.get("reproduce"), record.get("command")
     return row
+
+
+def calibration_target(folder: Path) -> str | None:
+    """The calibration source a compressed export was made for: compression.yaml's
+    calibration.source, else the --target of the command in compression_summary.json (None: a
+    dense model, which has neither)."""
+    import yaml
+
+    config = folder / "compression.yaml"
+    if config.exists():
+        source = ((yaml.safe_load(config.read_text()) or {}).get("calibration") or {}).get("source")
+        if source:
+            return str(source)
+    summary = folder / "compression_summary.json"
+    command = (json.loads(summary.read_text()).get("command") or []) if summary.exists() else []
+    for index, word in enumerate(command):
+        if word == "--target" and index + 1 < len(command):
+            return command[index + 1]
+        if word.startswith("--target="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def merged_adapter(folder: Path, parameters: int) -> dict | None:
+    """A merged export's adapter (compressor merge writes merged_adapter_config.json): its method,
+    rank and trainable parameters, also as a share of the model's. None: no adapter merged."""
+    path = folder / "merged_adapter_config.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    trainable = record.get("trainable_parameters")
+    return {"method": record.get("method"), "rank": record.get("rank"), "trainable_parameters": trainable,
+            "trainable_share": trainable / parameters if trainable and parameters else None}
 
 
 def rank_table(model) -> dict[str, list[float | None]]:
@@ -130,110 +168,6 @@ def environment(data_dir: Path) -> dict:
             "data_manifest": json.loads(manifest.read_text()) if manifest.exists() else None}
 
 
-def _figure_png(draw) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure = pyplot.figure(figsize=(7, 4))
-    draw(figure)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    pyplot.close(figure)
-    return buffer.getvalue()
-
-
-def plots(rows: list[dict]) -> dict[str, bytes]:
-    """name -> PNG: perplexity and accuracy against size, and a rank heat map per compressed model."""
-    images = {}
-
-    def perplexity_plot(figure):
-        axes = figure.add_subplot()
-        for name in rows[0].get("perplexity", {}):
-            axes.plot([row["bytes_on_disk"] / 1e6 for row in rows],
-                      [row["perplexity"][name]["perplexity"] for row in rows], "o", label=name)
-        for row in rows:
-            axes.annotate(row["name"], (row["bytes_on_disk"] / 1e6, min(v["perplexity"] for v in row["perplexity"].values())),
-                          fontsize=7)
-        axes.set(xlabel="bytes on disk (MB)", ylabel="perplexity", yscale="log", title="Perplexity against size")
-        axes.legend()
-
-    if all("perplexity" in row for row in rows):
-        images["perplexity_vs_size"] = _figure_png(perplexity_plot)
-
-    def accuracy_plot(figure):
-        axes = figure.add_subplot()
-        for task, metric in (("gsm8k", "strict"), ("gsm8k", "flexible"), ("humaneval", "pass@1")):
-            points = [row for row in rows if task in row]
-            if not points:
-                continue
-            values = [row[task]["metrics"][metric] for row in points]
-            errors = [[v - row[task]["intervals"][metric][0] for v, row in zip(values, points)],
-                      [row[task]["intervals"][metric][1] - v for v, row in zip(values, points)]]
-            axes.errorbar([row["bytes_on_disk"] / 1e6 for row in points], values, yerr=errors, fmt="o",
-                          capsize=3, label=f"{task} {metric}")
-        axes.set(xlabel="bytes on disk (MB)", ylabel="accuracy (95% CI)", title="Accuracy against size")
-        axes.legend()
-
-    if any("gsm8k" in row or "humaneval" in row for row in rows):
-        images["accuracy_vs_size"] = _figure_png(accuracy_plot)
-    for row in rows:
-        if any(value is not None for values in row["ranks"].values() for value in values):
-            images[f"ranks_{row['name']}"] = _figure_png(lambda figure, row=row: _heat_map(figure, row))
-        images[f"spectra_{row['name']}"] = _figure_png(lambda figure, row=row: _spectra_plot(figure, row))
-    return images
-
-
-def _spectra_plot(figure, row: dict) -> None:
-    axes = figure.add_subplot()
-    for name, values in row["spectra"].items():
-        axes.plot(range(1, len(values) + 1), values, label=name)
-    axes.set(xlabel="basis index", ylabel="singular value / largest", yscale="log",
-             title=f"{row['name']}: singular-value spectra")
-    axes.legend(fontsize=7)
-
-
-def _heat_map(figure, row: dict) -> None:
-    axes = figure.add_subplot()
-    names = list(row["ranks"])
-    grid = [[1.0 if value is None else value for value in row["ranks"][name]] for name in names]
-    image = axes.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    axes.set(yticks=range(len(names)), yticklabels=names, xlabel="layer",
-             title=f"{row['name']}: kept rank / full rank (1 = dense)")
-    figure.colorbar(image, ax=axes)
-
-
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else f"{value:,}"
-
-
-def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    sets = list(rows[0].get("perplexity", {}))
-    header = ["model", "ratio", "quant", "parameters", "bytes on disk", "tokens/s (batch 1)",
-              *[f"ppl {name}" for name in sets]]
-    tasks = [(task, metric) for task, metric in (("gsm8k", "strict"), ("gsm8k", "flexible"), ("humaneval", "pass@1"))
-             if any(task in row for row in rows)]
-    header += [f"{task} {metric} (95% CI)" for task, metric in tasks]
-    body = []
-    for row in rows:
-        cells = [row["name"], _fmt(row["compression"].get("ratio")), row["quant"] or "-", _fmt(row["parameters"]),
-                 _fmt(row["bytes_on_disk"]), _fmt(row["tokens_per_second"]["value"], 1)]
-        cells += [_fmt(row["perplexity"][name]["perplexity"]) for name in sets]
-        for task, metric in tasks:
-            if task in row:
-                low, high = row[task]["intervals"][metric]
-                cells.append(f"{row[task]['metrics'][metric]:.3f} ({low:.3f}-{high:.3f}, n={row[task]['n']})")
-            else:
-                cells.append("-")
-        body.append(cells)
-    return header, body
-
-
-NAMES = {"gsm8k": "GSM8K", "humaneval": "HumanEval"}
-
-
 def generation_limits(settings: ReportSettings) -> str:
     """The benchmark settings that bound (and change) their scores, as a sentence."""
     parts = []
@@ -241,50 +175,50 @@ def generation_limits(settings: ReportSettings) -> str:
         if task in settings.tasks:
             shots = f"{settings.shots}-shot, " if task == "gsm8k" else ""
             tokens = new_token_limit(task, settings.max_new_tokens)
-            parts.append(f"{NAMES[task]} {shots}greedy, at most {tokens} new tokens")
+            parts.append(f"{BENCHMARK_NAMES[task]} {shots}greedy, at most {tokens} new tokens")
     return f" {'; '.join(parts)}." if parts else ""
 
 
-def write_report(rows: list[dict], settings: ReportSettings, env: dict, out_dir: Path) -> None:
-    """report.md (+ PNG files), self-contained report.html and metrics.json into out_dir (atomic)."""
-    from compressor.files import atomic_folder
-
-    images = plots(rows)
-    header, body = table(rows)
+def build_page(rows: list[dict], settings: ReportSettings, env: dict) -> Page:
+    """Everything the report says, before it is written as Markdown or HTML."""
+    header, body, on_front = table(rows)
+    quality = quality_measure(rows)
     limits = (f"Split {settings.split} (compressor/splits.py); " +
               (f"the first {settings.limit} documents / problems of each set" if settings.limit
                else "all its documents and problems"))
     intro = (f"{limits}; tasks: {', '.join(settings.tasks)}. Perplexity is token-weighted over held-out "
              "text (HumanEval prompts+solutions, GSM8K test, held-out BoolQ passages); tokens/s is greedy "
              "decoding of 32 new tokens after a 64-token prompt, on this machine." + generation_limits(settings))
+    front = (f"'on the front': no other model is at most as large and at least as good on {quality.label} "
+             f"({quality.why})" if quality else "'on the front': no quality measure, so no front")
+    notes = ("Each measure is a multiple of the dense model's (model / dense), with the value itself under it "
+             "(in brackets in report.md): size on disk in MB at the stored dtype, decoding tokens/s (higher is faster), perplexity (lower is "
+             "better), benchmark score (higher is better). " + front + ". 'target': the calibration source "
+             "a compressed model was made for; 'adapter': a merged adapter and its share of trainable parameters.")
+    return Page(recommendation(rows), notes, intro, header, body, on_front, figures(rows), environment_rows(env))
+
+
+def choice_record(rows: list[dict]) -> dict:
+    """metrics.json's copy of what the report concludes, for scripts that read it."""
+    quality, dense = quality_measure(rows), dense_row(rows)
+    return {"dense": dense["name"] if dense else None,
+            "quality": {"task": quality.task, "metric": quality.metric, "why": quality.why} if quality else None,
+            "front": [row["name"] for row in pareto_front(rows, quality)] if quality else [],
+            "recommendation": recommendation(rows)}
+
+
+def write_report(rows: list[dict], settings: ReportSettings, env: dict, out_dir: Path) -> None:
+    """report.md (+ PNG files), self-contained report.html and metrics.json into out_dir (atomic)."""
+    from compressor.files import atomic_folder
+
+    page = build_page(rows, settings, env)
     with atomic_folder(out_dir, overwrite=True) as tmp:
-        markdown = ["# Compression report", "", intro, "",
-                    "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        markdown += ["| " + " | ".join(cells) + " |" for cells in body]
-        for name, png in images.items():
-            (tmp / f"{name}.png").write_bytes(png)
-            markdown += ["", f"![{name}]({name}.png)"]
-        markdown += ["", "## Environment", "", "```json", json.dumps(env, indent=2, default=str), "```"]
-        (tmp / "report.md").write_text("\n".join(markdown) + "\n")
-        (tmp / "report.html").write_text(_html(intro, header, body, images, env))
-        metrics = {"settings": vars(settings), "environment": env, "models": rows}
+        for figure in page.figures:
+            (tmp / f"{figure.name}.png").write_bytes(figure.png)
+        (tmp / "report.md").write_text(markdown(page))
+        (tmp / "report.html").write_text(to_html(page))
+        metrics = {"settings": vars(settings), "environment": env, "choice": choice_record(rows), "models": rows}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-
-
-def _html(intro: str, header: list[str], body: list[list[str]], images: dict[str, bytes], env: dict) -> str:
-    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>" for cells in body)
-    figures = "".join(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
-                      f'{base64.b64encode(png).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
-                      for name, png in images.items())
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Compression report</title><style>"
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-            "padding:4px 8px;text-align:right}img{max-width:100%}</style></head><body>"
-            f"<h1>Compression report</h1><p>{html.escape(intro)}</p><table><tr>{head}</tr>{rows}</table>"
-            f"{figures}<h2>Environment</h2><pre>{html.escape(json.dumps(env, indent=2, default=str))}</pre>"
-            # Lets a headless browser report whether every embedded plot decoded (check_renders).
-            "<script>window.addEventListener('load',()=>{document.body.dataset.imagesRendered="
-            "[...document.images].every(i=>i.complete&&i.naturalWidth>0)})</script></body></html>")
 
 
 def check_renders(html_path: Path, browser: str = "chromium", timeout_s: float = 60) -> dict:
@@ -299,5 +233,7 @@ def check_renders(html_path: Path, browser: str = "chromium", timeout_s: float =
                           "--dump-dom", Path(html_path).resolve().as_uri()],
                          capture_output=True, text=True, timeout=timeout_s)
     dom = run.stdout
-    return {"browser_exit": run.returncode, "table_rows": dom.count("<tr>"), "images": dom.count("<img"),
+    models = re.search(r'<table id="models">(.*?)</table>', dom, re.S)  # header + one row per model
+    return {"browser_exit": run.returncode, "table_rows": models.group(1).count("<tr") if models else 0,
+            "images": dom.count("<img"),
             "images_rendered": bool(re.search(r'data-images-rendered="true"', dom))}

@@ -108,7 +108,7 @@ def test_report_over_dense_and_compressed_models(tmp_path, corpus, model_dir, da
     assert compressed["quant"] == "int8" and len(compressed["spectra"]) == 6
     assert max(v for v in compressed["ranks"]["q_proj"] if v is not None) < 1
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5  # perplexity, accuracy, one rank map, two spectra
+    assert html.count("data:image/png;base64,") == 5  # benchmarks, perplexity, speed, the rank maps, one spectrum
     markdown = (out / "report.md").read_text()
     assert "the first 2 documents" in markdown
     assert "GSM8K 2-shot, greedy, at most 24 new tokens; HumanEval greedy, at most 24 new tokens." in markdown

@@ -135,6 +135,7 @@ def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[
 
 def cmd_report(args: argparse.Namespace) -> int:
     from compressor.report import ReportSettings, environment, measure_model, write_report
+    from compressor.report_compare import recommendation
 
     tasks = tuple(parse_tasks(args.tasks, args.allow_code_exec))
     home, data = paths(args)
@@ -142,5 +143,6 @@ def cmd_report(args: argparse.Namespace) -> int:
                               args.max_new_tokens, args.split)
     rows = [measure_model(folder, data, home, settings, progress=not args.quiet) for folder in args.models]
     write_report(rows, settings, environment(data), args.out)
+    print(recommendation(rows))  # the report's answer, also on the console
     print(f"report: {args.out / 'report.md'}, {args.out / 'report.html'}, {args.out / 'metrics.json'}")
     return 0
