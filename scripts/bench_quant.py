@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from calibration.cache import model_fingerprint
 from compressor.adapters import load_adapter, quantize_adapter
 from compressor.arch import decoder_layers, get_spec
 from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
@@ -74,7 +75,7 @@ def measure_adapter(args: argparse.Namespace, results: dict, evaluate, save) -> 
             folder = args.work / f"adapter-{bits}"
             quantize_adapter(args.adapter, folder, bits, args.adapter_group_size, overwrite=True)
         model = load_any(args.adapter_base)
-        load_adapter(model, folder).merge(model)
+        load_adapter(model, folder, {"fingerprint": model_fingerprint(args.adapter_base)}).merge(model)
         results["adapter"][str(bits)] = {"folder": str(folder), "bits": bits,
                                          "group_size": None if bits >= 16 else args.adapter_group_size,
                                          "adapter_bytes": folder_bytes(folder), "perplexity": evaluate(model, tokenizer)}

@@ -98,7 +98,7 @@ def test_nola_regenerates_the_same_bases_without_touching_the_global_rng(tmp_pat
     save_adapter(adapters, tmp_path / "nola")
     names = {p.name for p in (tmp_path / "nola").iterdir()}
     assert names == {"adapter_config.json", "adapter_model.safetensors"}  # seed + coefficients only
-    loaded = load_adapter(fresh, tmp_path / "nola")
+    loaded = load_adapter(fresh, tmp_path / "nola", verify_base=False)  # an in-memory model: no fingerprint
     name = "model.layers.2.mlp.down_proj"
     with torch.no_grad():
         for saved, restored in zip(adapters.module(name).update_factors(), loaded.module(name).update_factors()):
@@ -115,7 +115,22 @@ def test_adapter_for_a_different_base_is_refused(tmp_path, compressed):
     from transformers import LlamaForCausalLM
     wider = LlamaForCausalLM(tiny_llama_config(hidden_size=32, intermediate_size=64))
     with pytest.raises(AdapterError, match="does not fit this model"):
-        load_adapter(wider, tmp_path / "lora")
+        load_adapter(wider, tmp_path / "lora", verify_base=False)
+
+
+def test_an_unverifiable_base_or_an_unknown_key_is_refused(tmp_path, compressed):
+    adapters = add_adapters(compressed, AdapterConfig(method="lora", rank=2))
+    save_adapter(adapters, tmp_path / "bare")  # no base-model identity recorded
+    save_adapter(adapters, tmp_path / "lora", base_model={"fingerprint": "one"})
+    base = copy.deepcopy(adapters.remove(compressed))
+    for folder, identity in ((tmp_path / "bare", {"fingerprint": "one"}), (tmp_path / "lora", None)):
+        with pytest.raises(AdapterError, match="--no-verify-base"):
+            load_adapter(base, folder, base_model=identity)
+    load_adapter(base, tmp_path / "bare", verify_base=False).remove(base)  # the user's explicit choice
+    config = tmp_path / "lora" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"rank"', '"rnak"'))
+    with pytest.raises(AdapterError, match=r"unknown key\(s\) \['rnak'\]"):
+        load_adapter(base, tmp_path / "lora", base_model={"fingerprint": "one"})
 
 
 def test_bad_adapter_settings_are_named():

@@ -185,6 +185,10 @@ def save_adapter(adapters: AdapterSet, out_dir: Path, base_model: dict | None = 
     return Path(out_dir)
 
 
+# What adapter_config.json holds besides the AdapterConfig fields.
+RECORD_KEYS = {"target_shapes", "trainable_parameters", "base_model", "quantization"}
+
+
 def read_adapter_config(adapter_dir: Path) -> tuple[AdapterConfig, dict]:
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
@@ -194,22 +198,39 @@ def read_adapter_config(adapter_dir: Path) -> tuple[AdapterConfig, dict]:
     except json.JSONDecodeError as error:
         raise AdapterError(f"{path} is not valid JSON: {error}") from None
     names = {f.name for f in fields(AdapterConfig)}
+    unknown = sorted(set(record) - names - RECORD_KEYS)
+    if unknown:  # a newer format, or a hand edit: guessing would load something else than was saved
+        raise AdapterError(f"{path} has unknown key(s) {unknown}; it was written by another version of this "
+                           "package or edited. Known: the adapter settings and " + ", ".join(sorted(RECORD_KEYS)) + ".")
     config = AdapterConfig(**{key: value for key, value in record.items() if key in names})
     config.target_modules = tuple(config.target_modules)
     return config, record
 
 
+def check_base(adapter_dir: Path, record: dict, base_model: dict | None) -> None:
+    """The adapter must have been trained on this very model: both weight fingerprints known
+    and equal. An unknown side is refused too (verify_base=False, --no-verify-base, skips it)."""
+    saved = record.get("base_model", {}).get("fingerprint")
+    given = (base_model or {}).get("fingerprint")
+    if not saved or not given:
+        side = "the adapter does not record" if not saved else "no fingerprint was given for"
+        raise AdapterError(f"Cannot check that adapter {adapter_dir} belongs to this model: {side} the base "
+                           "model's weight fingerprint. Load it on the model it was trained on and pass "
+                           "--no-verify-base (verify_base=False) to skip the check.")
+    if saved != given:
+        raise AdapterError(f"Adapter {adapter_dir} was trained on a different base model "
+                           f"({record['base_model'].get('path', 'unknown path')}); load it on that model.")
+
+
 def load_adapter(model: nn.Module, adapter_dir: Path, base_model: dict | None = None,
-                 spec: ArchSpec | None = None) -> AdapterSet:
-    """Attach a saved adapter to `model`, refusing one made for a different base model."""
+                 spec: ArchSpec | None = None, verify_base: bool = True) -> AdapterSet:
+    """Attach a saved adapter to `model`, refusing one made for a different base model
+    (base_model: the model's identity, {"fingerprint": ...}; see check_base)."""
     spec = spec or get_spec("llama")
     config, record = read_adapter_config(adapter_dir)
     validate_config(config, spec)
-    saved_fingerprint = record.get("base_model", {}).get("fingerprint")
-    given_fingerprint = (base_model or {}).get("fingerprint")
-    if saved_fingerprint and given_fingerprint and saved_fingerprint != given_fingerprint:
-        raise AdapterError(f"Adapter {adapter_dir} was trained on a different base model "
-                           f"({record['base_model'].get('path', 'unknown path')}); load it on that model.")
+    if verify_base:
+        check_base(adapter_dir, record, base_model)
     for name, base in _targets(model, spec, config).items():
         expected = record.get("target_shapes", {}).get(name)
         if expected != [base.out_features, base.in_features]:

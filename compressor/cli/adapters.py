@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from compressor.cli.common import add_common, base_identity, paths, resolve_config, show_defaults, with_adapter
+from compressor.cli.common import (add_common, add_verify_base, base_identity, paths, resolve_config, show_defaults,
+                                   with_adapter)
 from compressor.config import TrainConfig
 from compressor.files import check_output
 
@@ -58,6 +59,7 @@ def add_parsers(sub) -> None:
     add_common(merge)
     merge.add_argument("--model", type=Path, required=True)
     merge.add_argument("--adapter", type=Path, required=True, help="adapter folder (compressor train --out)")
+    add_verify_base(merge)
     merge.add_argument("--out", type=Path, required=True)
     merge.add_argument("--overwrite", action="store_true")
     show_defaults(merge)
@@ -121,7 +123,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
-    record = with_adapter(model, args.model, args.adapter)
+    record = with_adapter(model, args.model, args.adapter, verify_base=not args.no_verify_base)
     save_merged(model, tokenizer, args.out, args.model, record, args.overwrite)
     print(f"saved: {args.out}")
     return 0

@@ -72,10 +72,15 @@ def base_identity(model_dir: Path) -> dict:
     return {"path": str(model_dir), "fingerprint": model_fingerprint(model_dir)}
 
 
-def with_adapter(model, model_dir: Path, adapter_dir: Path) -> dict:
+def add_verify_base(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-verify-base", action="store_true",
+                        help="load the adapter even where its base model's weight fingerprint cannot be checked")
+
+
+def with_adapter(model, model_dir: Path, adapter_dir: Path, verify_base: bool = True) -> dict:
     """Merge the adapter of `adapter_dir` into `model`; returns the adapter's record."""
     from compressor.adapters import load_adapter, read_adapter_config
 
-    adapters = load_adapter(model, adapter_dir, base_identity(model_dir))
+    adapters = load_adapter(model, adapter_dir, base_identity(model_dir), verify_base=verify_base)
     adapters.merge(model)
     return read_adapter_config(adapter_dir)[1]

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from compressor.cli.common import add_common, paths, show_defaults, with_adapter
+from compressor.cli.common import add_common, add_verify_base, paths, show_defaults, with_adapter
 
 
 def add_parsers(sub) -> None:
@@ -16,6 +16,7 @@ def add_parsers(sub) -> None:
     add_common(evaluate)
     evaluate.add_argument("--model", type=Path, required=True)
     evaluate.add_argument("--adapter", type=Path, help="evaluate with this adapter merged in")
+    add_verify_base(evaluate)
     evaluate.add_argument("--tasks", default="perplexity",
                           help="comma-separated: perplexity, gsm8k, humaneval")
     evaluate.add_argument("--sets", default="code,math,general", help="perplexity sets")
@@ -93,7 +94,8 @@ def _measure(args: argparse.Namespace) -> dict:
     home, data = paths(args)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
-    adapter_record = with_adapter(model, args.model, args.adapter) if args.adapter else None
+    adapter_record = (with_adapter(model, args.model, args.adapter, verify_base=not args.no_verify_base)
+                      if args.adapter else None)
     payload = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
                "adapter_trainable_parameters": (adapter_record or {}).get("trainable_parameters"),
                "parameters": parameter_count(model), "bytes_on_disk": folder_bytes(args.model),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from calibration.cache import model_fingerprint
 from calibration.data import blocks_fingerprint, token_blocks
 from compressor.adapters import load_adapter
 from compressor.config import TrainConfig, load_config
@@ -82,7 +83,7 @@ def main() -> None:
     for adapter in [None, *args.adapters]:
         model = load_any(args.model).eval()
         if adapter is not None:
-            load_adapter(model, adapter)
+            load_adapter(model, adapter, {"fingerprint": model_fingerprint(args.model)})
         name = "none" if adapter is None else adapter.name
         results["kl"][name] = {kind: mean_kl(model, blocks, teacher_logits[kind]) for kind, blocks in sets.items()}
         print(name, results["kl"][name], flush=True)
