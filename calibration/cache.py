@@ -5,6 +5,8 @@ statistics are never reused after the model, the data, the tokenizer or the samp
 A folder is written under a hidden `.KEY.partial` name and renamed when complete. After each
 layer, the hidden states entering the next one are saved there too (one file, replaced
 atomically), so an interrupted calibration resumes at the first layer it had not finished.
+One process at a time writes a key (`StatsCache.lock`): a second one with the same key waits,
+then finds the statistics complete and reuses them, or resumes what a killed writer left.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from calibration.stats import InputStats
-from compressor.files import atomic_write
+from compressor.files import atomic_write, file_lock
 
 STATS_VERSION = 1
 RESUME_FILE = "resume.safetensors"
@@ -40,10 +42,16 @@ def model_fingerprint(model_dir: Path, pattern: str | None = None) -> str:
     return digest.hexdigest()
 
 
-def stats_key(model_id: str, tokens_sha256: str, source: str, samples: int, seq_len: int, seed: int) -> dict:
+def stats_key(model_id: str, tokens_sha256: str, source: str, samples: int, seq_len: int, seed: int,
+              corpus_sha256: str | None = None) -> dict:
+    """The key's fields and the key. corpus_sha256 (the standard library the code sources read)
+    is recorded in key.json but not hashed into the key: the token ids are, so statistics of
+    another corpus already have another key, and the keys of existing caches stay valid."""
     info = {"stats_version": STATS_VERSION, "model": model_id, "tokens_sha256": tokens_sha256,
             "source": source, "samples": samples, "seq_len": seq_len, "seed": seed}
     info["key"] = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:24]
+    if corpus_sha256 is not None:
+        info["corpus_sha256"] = corpus_sha256
     return info
 
 
@@ -62,6 +70,13 @@ class StatsCache:
     def partial(self) -> Path:
         return self.path.with_name(f".{self.path.name}.partial")
 
+    def lock(self):
+        """Held while this process writes the key's partial folder (see calibrate). The lock
+        file lies beside the cache folder, not in it: its entries are the caches alone."""
+        root = self.path.parent
+        return file_lock(root.with_name(f".{root.name}.{self.path.name}.lock"),
+                         f"the calibration statistics {self.path}")
+
     def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
         """(first unfinished layer, hidden states entering it) of an interrupted calibration
         of this key; (0, None) when there is none."""
@@ -75,7 +90,8 @@ class StatsCache:
 
     def write_layers(self, layer_stats, start: int = 0) -> None:
         """Consume (index, {group: InputStats}, next hidden states) triples from layer `start`
-        on (earlier layers are already in the partial folder) and store them; rename when all done."""
+        on (earlier layers are already in the partial folder) and store them; rename when all done.
+        Call it holding `lock()`."""
         if start == 0:
             shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ Sources (all read from the data folder `compressor fetch-example` fills, or a lo
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -22,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from compressor.fetch import verified
 from compressor.files import atomic_write
 
 SOURCES = ("code", "functions", "math", "general", "mix")
+STDLIB_SOURCES = ("code", "functions", "mix")  # the sources that read this machine's standard library
 FUNCTION_MAX_LINES = 40
 
 
@@ -38,8 +41,10 @@ def is_eval_passage(text: str) -> bool:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file; a fetched data file is first checked against its
+    folder's manifest (compressor.fetch.verified)."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(verified(path), encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
     except FileNotFoundError:
         raise CalibrationDataError(
@@ -49,9 +54,30 @@ def read_jsonl(path: Path) -> list[dict]:
         raise CalibrationDataError(f"Cannot read {path} as UTF-8 JSON lines: {error}") from None
 
 
+def _stdlib_files() -> list[Path]:
+    return sorted(Path(os.path.dirname(os.__file__)).glob("*.py"))
+
+
 def code_texts() -> list[str]:
-    stdlib = Path(os.path.dirname(os.__file__))
-    return [path.read_text(encoding="utf-8", errors="replace") for path in sorted(stdlib.glob("*.py"))]
+    return [path.read_text(encoding="utf-8", errors="replace") for path in _stdlib_files()]
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_sha256() -> str:
+    """sha256 over the names and bytes of the files code_texts reads (once per process): the
+    code corpus is whatever standard library this Python has, so runs record which one."""
+    digest = hashlib.sha256()
+    for path in _stdlib_files():
+        data = path.read_bytes()
+        digest.update(f"{path.name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def corpus_sha256(source: str) -> str | None:
+    """The standard library's hash for the sources built from it (code, functions, mix), else
+    None: the data files of the others are checked against the fetch manifest instead."""
+    return stdlib_sha256() if source in STDLIB_SOURCES else None
 
 
 def documented_functions(source: str, max_lines: int = FUNCTION_MAX_LINES) -> list[str]:

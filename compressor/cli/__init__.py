@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=log_level(args), format="%(levelname)s %(name)s: %(message)s", force=True)
+    # A handler on stderr unless the host (pytest, an application) has its own; the level is set
+    # on this project's loggers only, so a host's other loggers and handlers stay as they were.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for package in ("compressor", "calibration"):
+        logging.getLogger(package).setLevel(log_level(args))
     try:
         return args.handler(args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, FloatingPointError) as error:
