@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -166,14 +168,48 @@ def _build(cls, data: dict, where: str):
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"Unknown key(s) {unknown} in {where or 'config'}; valid keys: {sorted(known)}.")
-    kwargs = dict(data)
+    kwargs, hints = dict(data), typing.get_type_hints(cls)
     for name, value in data.items():
         factory = known[name].default_factory
         if factory is not MISSING and is_dataclass(default := factory()):
             kwargs[name] = _build(type(default), value, f"{where}.{name}" if where else name)
-        elif isinstance(value, list):
+            continue
+        if not _has_type(value, hints[name]):
+            raise ConfigError(f"{where + '.' if where else ''}{name} must be {_type_name(hints[name])}; "
+                              f"got {value!r}.")
+        if isinstance(value, list):
             kwargs[name] = tuple(value)  # YAML has no tuples; config sequences are tuples
+        elif hints[name] is float and isinstance(value, int):
+            kwargs[name] = float(value)
     return cls(**kwargs)
+
+
+def _has_type(value, hint) -> bool:
+    """Whether a YAML value fits a config field's annotation (an int fits a float; a bool fits
+    nothing but a bool: YAML's `yes` is not a count)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is tuple or hint is tuple:
+        return isinstance(value, (list, tuple))
+    return True  # anything else is checked by the section's validate()
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if hint is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, "a list" if typing.get_origin(hint) is tuple or hint is tuple else str(hint))
 
 
 def config_from_dict(data: dict, cls=None):
