@@ -341,5 +341,8 @@ def test_unknown_checkpoint_dtype_is_an_error(tmp_path, corpus, model_dir, capsy
     (model_dir / "config.json").write_text(json.dumps({**config, "dtype": "float64"}))
     with pytest.raises(ModelFolderError, match=r"'float64'.*float32, float16, bfloat16.*--export-dtype"):
         source_dtype(model_dir)
+    assert main(_args(model_dir, corpus, tmp_path / "home", out, "--quiet")) == 2
+    assert "--export-dtype" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "stats").exists()  # refused before any calibration
     assert not out.exists()
     assert main(_args(model_dir, corpus, tmp_path / "home", out, "--quiet", "--export-dtype", "float32")) == 0

@@ -251,6 +251,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     config = resolve_config(args, CompressConfig, FLAG_TO_CONFIG)
     check_output(args.out, args.overwrite)  # refuse before hours of work, not after
+    export_dtype(config.export_dtype, args.model)  # a source dtype an export cannot keep, too
     device = check_device(args.device)
     if args.offload and (args.streaming or device.type == "cpu"):
         raise ConfigError("--offload is for the in-memory pipeline with a GPU --device (cuda, cuda:N); "
