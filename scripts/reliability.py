@@ -292,6 +292,36 @@ def kills(drill: Drill) -> None:
             leftovers(out)))
 
 
+def generated_code(drill: Drill) -> None:
+    """What HumanEval's sandbox does with hostile generated code (compressor/sandbox.py)."""
+    from compressor.sandbox import os_sandbox_available, run_program
+
+    where = "bubblewrap + Python guards" if os_sandbox_available() else "Python guards only (no bubblewrap)"
+    outside = drill.root / "escaped.txt"
+    programs = {
+        "network through socket": "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\n",
+        "network through _socket (past the Python guard)":
+            "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(2)\n"
+            "s.connect(('1.1.1.1', 80))\n",
+        "write outside the scratch folder": f"open({str(outside)!r}, 'w').write('x')\n",
+        "write through ctypes (guard undone)":
+            "import os, sys\ndel sys.modules['ctypes']\nimport ctypes\n"
+            f"assert ctypes.CDLL(None).open({str(outside).encode()!r}, os.O_WRONLY | os.O_CREAT, 0o644) >= 0\n",
+        "read the user's home": f"import os\nprint(os.listdir({str(Path.home())!r}))\n"
+                                f"assert '.cache' in os.listdir({str(Path.home())!r})\n",
+        "fork bomb": "import os\nwhile True:\n    os.fork()\n",
+        "infinite loop": "while True:\n    pass\n",
+        "memory bomb": "blocks = []\nwhile True:\n    blocks.append(bytearray(1 << 24))\n",
+    }
+    for case, program in programs.items():
+        result = run_program(program, timeout_s=3, memory_bytes=512 << 20)
+        last = (result.detail.strip().splitlines() or ["(none)"])[-1][:300]
+        left = "escaped.txt" if outside.exists() else "nothing"
+        drill.outcomes.append(Outcome(f"generated code: {case}", where, result.status,
+                                      last.replace(str(drill.root), "<scratch>"), left))
+        outside.unlink(missing_ok=True)
+
+
 def markdown(outcomes: list[Outcome], command: str) -> str:
     lines = ["# Reliability: bad input, faults and interruptions", "",
              f"Every row is a run of `{command}` on tiny random LLaMA models built by the script "
@@ -316,6 +346,7 @@ def main_drill() -> None:
         adapter_and_config_faults(drill)
         shared_state_faults(drill)
         kills(drill)
+        generated_code(drill)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(drill.outcomes, "python scripts/reliability.py " + " ".join(sys.argv[1:])))
     print(args.out.read_text())
