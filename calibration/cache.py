@@ -55,6 +55,22 @@ def stats_key(model_id: str, tokens_sha256: str, source: str, samples: int, seq_
     return info
 
 
+def other_corpus_entries(root: Path, info: dict) -> list[Path]:
+    """Complete statistics under `root` for the same model, source and settings whose code
+    corpus differs from this run's: the same command read another standard library (another
+    Python release), so its statistics, and everything made from them, will differ."""
+    if "corpus_sha256" not in info:
+        return []
+    same = ("model", "source", "samples", "seq_len", "seed")
+    found = []
+    for key_file in sorted(Path(root).glob("*/key.json")):
+        other = json.loads(key_file.read_text())
+        if all(other.get(name) == info[name] for name in same) and \
+                other.get("corpus_sha256") not in (None, info["corpus_sha256"]):
+            found.append(key_file.parent)
+    return found
+
+
 class StatsCache:
     """One folder of per-layer input statistics (and loss sensitivities) for one key."""
 

@@ -29,7 +29,7 @@ from accelerate.hooks import remove_hook_from_module
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.cache import StatsCache, stats_key
+from calibration.cache import StatsCache, other_corpus_entries, stats_key
 from calibration.capture import iterate_layers
 from calibration.data import blocks_fingerprint, corpus_sha256, token_blocks
 from calibration.gradients import coefficient_gradients
@@ -80,6 +80,10 @@ def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Co
     if cache.complete:
         log.info("reusing calibration statistics %s", cache.path)
         return cache
+    for other in other_corpus_entries(cache_root, info):
+        log.warning("calibration statistics of the same model and settings in %s were made from another %s "
+                    "corpus (another Python's standard library): these are computed anew, and results will "
+                    "differ from the runs that used those", other, cal.source)
     # Another process with the same key writes the same partial folder: wait for it, then reuse
     # what it finished (or resume where it was killed) instead of writing over it.
     with cache.lock():

@@ -263,6 +263,22 @@ def test_summary_records_the_code_corpus_hash(tmp_path, corpus, model_dir):
     assert "corpus_sha256" not in key
 
 
+def test_statistics_of_another_code_corpus_are_named_in_a_warning(tmp_path, tiny_model, blocks, caplog):
+    from compressor.arch import get_spec
+    from compressor.config import CalibrationConfig, CompressConfig
+    from compressor.stages import calibrate
+
+    config = CompressConfig(calibration=CalibrationConfig(source="code", samples=len(blocks), seq_len=blocks.shape[1]))
+    first = calibrate(tiny_model, get_spec("llama"), blocks, config, tmp_path, "model-a", progress=False)
+    # The same command on another Python: other library text, so other token ids and another key.
+    key_file = first.path / "key.json"
+    key_file.write_text(json.dumps({**json.loads(key_file.read_text()), "corpus_sha256": "another-python",
+                                    "tokens_sha256": "other-tokens", "key": "other"}))
+    with caplog.at_level("WARNING"):
+        calibrate(tiny_model, get_spec("llama"), blocks[:, :-1], config, tmp_path, "model-a", progress=False)
+    assert f"{first.path} were made from another code corpus" in caplog.text
+
+
 # ---- 4. only numerical failures are "cannot be decomposed"; dtypes ---------------------------------
 
 def _config(on_failure: str) -> CompressConfig:
