@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from compressor.fetch import EXAMPLE_HUB_ID, EXAMPLE_LICENSE, GGUF_NAME
-from compressor.files import atomic_write
+from compressor.files import atomic_write, file_lock
 
 CARD_FILE = "README.md"
 EVALUATION_FILE = "evaluation.json"
@@ -23,6 +23,19 @@ TAGS = ("basis-compressor", "low-rank", "svd", "compressed")
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _front_matter_of(card: Path) -> dict:
+    """The YAML front matter of a model card, {} where there is none or it is not a mapping (a
+    README may open with a `---` rule): the card of an export never fails on its source's."""
+    text = card.read_text(errors="replace") if card.is_file() else ""
+    if not text.startswith("---\n") or text.count("---\n") < 2:
+        return {}
+    try:
+        front = yaml.safe_load(text.split("---\n")[1])
+    except yaml.YAMLError:
+        return {}
+    return front if isinstance(front, dict) else {}
 
 
 def _source_identity(source: str | None) -> dict:
@@ -34,10 +47,9 @@ def _source_identity(source: str | None) -> dict:
     if record.get("gguf") == GGUF_NAME:  # the example model, fetched before SOURCE.json said it
         record = {"hub_id": EXAMPLE_HUB_ID, "license": EXAMPLE_LICENSE, **record}
     identity = {key: record[key] for key in ("hub_id", "license") if record.get(key)}
-    card = Path(source) / CARD_FILE
-    if card.is_file() and card.read_text().startswith("---\n"):
-        front = yaml.safe_load(card.read_text().split("---\n")[1]) or {}
-        identity.setdefault("license", front.get("license"))
+    front = _front_matter_of(Path(source) / CARD_FILE)
+    if isinstance(front.get("license"), str):
+        identity.setdefault("license", front["license"])
     return {key: value for key, value in identity.items() if value}
 
 
@@ -88,7 +100,9 @@ def evaluation_lines(evaluation: dict) -> list[str]:
 def _what_was_done(folder: Path, config: dict, summary: dict) -> list[str]:
     settings = yaml.safe_load((folder / "compression.yaml").read_text()) if (folder / "compression.yaml").is_file() else {}
     totals = summary.get("summary", {})
-    lines = [f"Compressed from `{summary.get('source_model', 'an unrecorded source')}` by basis-compressor.", ""]
+    made = (f"Compressed from `{summary['source_model']}`" if "source_model" in summary
+            else "Made from a dense model (quantized or with an adapter merged)")
+    lines = [f"{made} by basis-compressor.", ""]
     if settings:
         lines.append(f"- method `{settings.get('method')}`, allocation `{settings.get('allocation')}`, score "
                      f"`{settings.get('score')}`, calibrated on `{settings.get('calibration', {}).get('source')}`")
@@ -129,18 +143,20 @@ def write_card(folder: Path) -> Path:
 
 def is_export(folder: Path) -> bool:
     """A folder this package wrote (its card is ours to rewrite), not a user's source model."""
-    return (Path(folder) / "compression_summary.json").is_file() or (Path(folder) / "compression.yaml").is_file()
+    return any((Path(folder) / name).is_file() for name in ("compression_summary.json", "compression.yaml",
+                                                             "merged_adapter_config.json", "quantization_summary.json"))
 
 
 def record_evaluation(folder: Path, payload: dict) -> None:
     """Add `compressor eval`'s results to the export's evaluation.json (per split, task by task:
     a later measurement replaces an earlier one of the same task) and rewrite its card."""
     folder = Path(folder)
-    evaluation = _read_json(folder / EVALUATION_FILE)
-    split = evaluation.setdefault(payload.get("split") or "test", {})
-    for section in ("perplexity", "benchmarks"):
-        if payload.get(section):
-            split.setdefault(section, {}).update(payload[section])
-    text = json.dumps(evaluation, indent=2)
-    atomic_write(folder / EVALUATION_FILE, lambda tmp: tmp.write_text(text))
-    write_card(folder)
+    with file_lock(folder.with_name(f".{folder.name}.evaluation.lock"), f"the evaluation record of {folder}"):
+        evaluation = _read_json(folder / EVALUATION_FILE)  # read under the lock: parallel evals add up
+        split = evaluation.setdefault(payload.get("split") or "test", {})
+        for section in ("perplexity", "benchmarks"):
+            if payload.get(section):
+                split.setdefault(section, {}).update(payload[section])
+        text = json.dumps(evaluation, indent=2)
+        atomic_write(folder / EVALUATION_FILE, lambda tmp: tmp.write_text(text))
+        write_card(folder)

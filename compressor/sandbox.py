@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 # Installed in the child before the program runs; the program arrives on stdin.
 _GUARD = r"""
-import builtins, os, socket, subprocess, sys
+import builtins, os, resource, socket, subprocess, sys
+# The process limit is set here, not before exec: under bubblewrap it would also bind bwrap,
+# whose namespace set-up counts every task of the real user and then fails.
+resource.setrlimit(resource.RLIMIT_NPROC, (int(sys.argv[1]), int(sys.argv[1])))
 program = sys.stdin.read()
 scratch = os.path.realpath(os.getcwd())
 
@@ -88,11 +91,14 @@ class Execution:
         return self.status == "passed"
 
 
-def _limit(memory_bytes: int, cpu_seconds: int, max_processes: int, file_bytes: int):
-    def apply() -> None:  # runs in the child between fork and exec
+class SandboxError(RuntimeError):
+    pass
+
+
+def _limit(memory_bytes: int, cpu_seconds: int, file_bytes: int):
+    def apply() -> None:  # runs in the child between fork and exec (the process limit: in _GUARD)
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     return apply
@@ -124,7 +130,8 @@ def os_sandbox_available() -> bool:
         return False
     scratch = tempfile.mkdtemp(prefix="basis-sandbox-probe-")
     try:
-        probe = subprocess.run([*_bwrap_command(scratch), "/bin/true"], capture_output=True, text=True, timeout=30)
+        probe = subprocess.run([*_bwrap_command(scratch), "/bin/true"], capture_output=True, text=True, timeout=30,
+                               preexec_fn=_limit(1 << 30, 30, 16 << 20))  # as the programs will run
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if probe.returncode != 0:
@@ -140,15 +147,19 @@ def run_program(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 << 
     env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0",
            "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    command = [sys.executable, "-I", "-c", _GUARD]
-    if os_sandbox_available():
+    command = [sys.executable, "-I", "-c", _GUARD, str(max_processes)]
+    wrapped = os_sandbox_available()
+    if wrapped:
         command = _bwrap_command(scratch) + command
     process = subprocess.Popen(command, cwd=scratch, env=env, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True,
-                               preexec_fn=_limit(memory_bytes, int(timeout_s) + 1, max_processes, file_bytes))
+                               start_new_session=True, preexec_fn=_limit(memory_bytes, int(timeout_s) + 1, file_bytes))
     try:
         _, stderr = process.communicate(program, timeout=timeout_s)
+        if wrapped and process.returncode != 0 and stderr.startswith("bwrap:"):
+            # The sandbox did not start: scoring that as a failed program would read as pass@1 0.
+            raise SandboxError(f"bubblewrap could not start the sandbox ({stderr.strip()[:300]}); fix its setup "
+                               "(user namespaces) or uninstall it to run with the Python-level guards.")
         status = "passed" if process.returncode == 0 else "failed"
         if process.returncode < 0:
             status, stderr = "killed", f"killed by signal {-process.returncode} (a resource limit)\n{stderr}"

@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from compressor.cli import main
+from helpers import save_tiny_model
 
 
 @pytest.fixture
@@ -27,22 +28,32 @@ def _train_args(model_dir, corpus, teacher, out, home):
             "--teacher", str(teacher), "--checkpoint-every", "0", "--quiet", "--home", str(home), "--out", str(out)]
 
 
-def test_two_processes_give_the_single_process_run(tmp_path, model_dir, corpus):
-    teacher = model_dir  # distilling from itself: a zero-ish KL, but the whole path runs
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(_train_args(model_dir, corpus, teacher, one, tmp_path / "home")) == 0
+def _launch(processes: int, argv: list[str], cwd) -> subprocess.CompletedProcess:
+    """The CLI in child processes with the same environment for both arms (one thread each, so
+    the floating-point sums run in the same order)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "compressor.cli", *_train_args(model_dir, corpus, teacher, two, tmp_path / "home")],
-                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    assert launched.stdout.count("saved:") == 1 and '"processes": 2' in launched.stdout  # one writer
+    command = [sys.executable, "-m", "compressor.cli", *argv] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+        "-m", "compressor.cli", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_two_processes_give_the_single_process_run(tmp_path, model_dir, corpus):
+    # A teacher that differs from the student, so every step has a real gradient to sum.
+    teacher = save_tiny_model(tmp_path / "teacher", seed=1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for processes, out in ((1, one), (2, two)):
+        launched = _launch(processes, _train_args(model_dir, corpus, teacher, out, tmp_path / "home"), tmp_path)
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        assert launched.stdout.count("saved:") == 1 and f'"processes": {processes}' in launched.stdout
     logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] for run in (one, two)]
-    assert [row["loss"] for row in logs[1]] == pytest.approx([row["loss"] for row in logs[0]], rel=1e-5, abs=1e-7)
+    assert logs[0][0]["kl"] > 0.01 and logs[0][0]["grad_norm"] > 1e-3  # not rounding noise
+    assert [row["loss"] for row in logs[1]] == pytest.approx([row["loss"] for row in logs[0]], rel=1e-4)
     weights = [load_file(run / "adapter_model.safetensors") for run in (one, two)]
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
-        assert weights[1][name].allclose(weights[0][name], rtol=1e-5, atol=1e-6), name
+        scale = float(weights[0][name].abs().max()) + 1e-12
+        assert float((weights[1][name] - weights[0][name]).abs().max()) <= 1e-3 * scale, name
 
 
 def test_processes_must_divide_the_micro_batches(tmp_path, model_dir, corpus, monkeypatch):
