@@ -188,20 +188,31 @@ def _atomic_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(new: Path, out_dir: Path) -> None:
+    """Rename the finished folder `new` to `out_dir`. An existing `out_dir` is moved aside
+    first and deleted last, so a kill in between leaves it (clean_stale puts it back), never
+    neither."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        new.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        new.rename(out_dir)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write` on a temporary sibling of `path`, then rename it into place."""
     path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # what killed writers left (a GGUF is 1 GB)
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            leftover.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)

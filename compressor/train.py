@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from calibration.data import blocks_fingerprint, token_blocks
 from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter, write_adapter
 from compressor.config import TrainConfig, config_to_dict, load_config, save_config
-from compressor.files import atomic_write, check_output
+from compressor.files import atomic_write, check_output, file_lock, folder_lock, replace_folder
 from compressor.load import load_any, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,15 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
     if config.grad_accum % state.num_processes:
         raise ValueError(f"--grad-accum ({config.grad_accum}) must be a multiple of the number of processes "
                          f"({state.num_processes}): each process runs an equal share of every step's micro-batches.")
+    with file_lock(folder_lock(out_dir), f"the adapter folder {out_dir}") if state.is_main_process \
+            else contextlib.nullcontext():  # a second run of the same --out waits, not deletes our work
+        return _train(model, adapters, blocks, config, out_dir, base_model, overwrite, resume, progress, teacher,
+                      state)
+
+
+def _train(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, config: TrainConfig, out_dir: Path,
+           base_model: dict, overwrite: bool, resume: bool, progress: bool, teacher: nn.Module | None,
+           state: PartialState) -> dict:
     work = _work_folder(out_dir, config, overwrite, resume) if state.is_main_process else partial_dir(out_dir)
     state.wait_for_everyone()  # the main process has prepared (or checked) the working folder
     params = list(adapters.trainable_state().values())
@@ -244,7 +253,5 @@ def train_adapter(model: nn.Module, adapters: AdapterSet, blocks: torch.Tensor, 
     write_adapter(adapters, work, base_model)  # the whole folder is renamed into place below
     summary["adapter_bytes"] = sum(path.stat().st_size for path in work.glob("adapter_*"))
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    work.rename(out_dir)
+    replace_folder(work, out_dir)
     return summary
