@@ -4,9 +4,13 @@ the recommendation sentence. Pure functions of the rows that compressor/report.p
 
 from __future__ import annotations
 
+import logging
+
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 BENCHMARKS = (("humaneval", "pass@1"), ("gsm8k", "strict"), ("gsm8k", "flexible"))
 BENCHMARK_NAMES = {"gsm8k": "GSM8K", "humaneval": "HumanEval"}
@@ -55,10 +59,13 @@ def dense_row(rows: list[dict]) -> dict | None:
     """The uncompressed model the others are compared with: one that is neither compressed nor
     quantized, preferring the one the compressed models were made from (their source fingerprint)."""
     candidates = [row for row in rows if not is_compressed(row)]
-    sources = {(row.get("reproduce") or {}).get("source_fingerprint") for row in rows}
+    sources = {(row.get("reproduce") or {}).get("source_fingerprint") for row in rows} - {None}
     for row in candidates:
         if row.get("fingerprint") in sources:
             return row
+    if candidates and sources:  # the source is not among the folders: compare with another, and say so
+        log.warning("the compressed models' source is not among the report's folders; comparing with %s",
+                    candidates[0]["name"])
     return candidates[0] if candidates else None
 
 
@@ -161,7 +168,8 @@ def recommendation(rows: list[dict], tolerance: float = TOLERANCE) -> str:
     compressed = [row for row in rows if row is not dense and quality.value(row) is not None]
     if not compressed:
         return f"Only the dense model has {quality.label}; there is nothing to choose between. {front_text}"
-    keepers = [row for row in compressed if keeps_quality(quality.value(row), quality.value(dense), quality, tolerance)]
+    keepers = [row for row in compressed if row["bytes_on_disk"] < dense["bytes_on_disk"]  # smaller, or why pick it
+               and keeps_quality(quality.value(row), quality.value(dense), quality, tolerance)]
     if keepers:
         best = min(keepers, key=lambda row: (row["bytes_on_disk"], -_signed(row, quality)))
         return (f"Smallest model within {tolerance:.0%} of dense on {quality.label}: {best['name']}, at "

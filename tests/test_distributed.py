@@ -66,3 +66,19 @@ def test_processes_must_divide_the_micro_batches(tmp_path, model_dir, corpus, mo
     args = _train_args(model_dir, corpus, model_dir, tmp_path / "out", tmp_path / "home")
     args[args.index("--grad-accum") + 1] = "3"
     assert main(args) == 2 and not (tmp_path / "out").exists()
+
+
+def test_dropout_or_a_named_gpu_with_several_processes_is_refused(tmp_path, model_dir, corpus, capsys, monkeypatch):
+    import accelerate
+
+    class TwoProcesses:  # what the launcher's state reports to each of 2 processes
+        num_processes, process_index, is_main_process = 2, 0, True
+
+        def __init__(self, cpu: bool = False):
+            pass
+
+    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    args = _train_args(model_dir, corpus, model_dir, tmp_path / "out", tmp_path / "home")
+    assert main([*args, "--dropout", "0.1"]) == 2 and "same dropout" in capsys.readouterr().err
+    assert main([*args, "--device", "cpu:0"]) == 2 and "its own GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -76,6 +76,16 @@ def add_parsers(sub) -> None:
     quantize_adapter.set_defaults(handler=cmd_quantize_adapter)
 
 
+def _check_processes(config: TrainConfig, device: str) -> None:
+    """What several processes cannot do as one process would."""
+    if config.adapter.dropout > 0:
+        raise ValueError("--dropout > 0 with several processes: every process would draw the same dropout "
+                         "masks, so the run would not equal one process; train with --dropout 0 or one process.")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device} with several processes: the launcher gives each process its own "
+                         "GPU; pass --device cuda (or cpu).")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Under `accelerate launch` every process runs this; the main one prints and writes."""
     import torch
@@ -89,8 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     device = check_device(args.device)
     state = PartialState(cpu=device.type == "cpu")  # the processes `torchrun` / `accelerate launch` started
-    if state.num_processes > 1 and device.type == "cuda":
-        device = state.device  # one GPU per process, as accelerate assigned them
+    if state.num_processes > 1:
+        _check_processes(config, args.device)
+        if device.type == "cuda":
+            device = state.device  # one GPU per process, as the launcher assigned them
     _, data = paths(args)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
