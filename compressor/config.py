@@ -198,7 +198,8 @@ def _has_type(value, hint) -> bool:
     if hint is str:
         return isinstance(value, str)
     if typing.get_origin(hint) is tuple or hint is tuple:
-        return isinstance(value, (list, tuple))
+        items = typing.get_args(hint)[:1]  # tuple[X, ...]: every element an X
+        return isinstance(value, (list, tuple)) and all(_has_type(item, items[0]) for item in value if items)
     return True  # anything else is checked by the section's validate()
 
 
@@ -208,8 +209,9 @@ def _type_name(hint) -> str:
         return " or ".join(_type_name(arg) for arg in args)
     if hint is type(None):
         return "null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        hint, "a list" if typing.get_origin(hint) is tuple or hint is tuple else str(hint))
+    if typing.get_origin(hint) is tuple or hint is tuple:
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(args[0] if args else None, "values")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
 def config_from_dict(data: dict, cls=None):

@@ -24,12 +24,18 @@ def _options(command: str) -> list:
             if action.option_strings and not set(action.option_strings) & SKIPPED]
 
 
+# Values of the flag's own type half of the time, so runs get past argparse to the checks
+# behind it (config validation, the commands themselves).
+TYPED = {int: ["0", "-1", "1", "2", "3", "8"], float: ["0", "-0.5", "0.3", "1", "1.5", "nan", "inf", "1e9"]}
+
+
 def _random_flags(rng: random.Random, command: str) -> list[str]:
     argv = []
     for action in rng.sample(_options(command), k=rng.randint(1, 3)):
         argv.append(action.option_strings[-1])
         if action.nargs != 0:
-            argv.append(rng.choice(VALUES))
+            typed = TYPED.get(action.type)
+            argv.append(rng.choice(typed if typed and rng.random() < 0.5 else VALUES))
     return argv
 
 

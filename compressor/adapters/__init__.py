@@ -2,8 +2,8 @@
 
     adapters = add_adapters(model, AdapterConfig(method="nola", rank=8, num_basis=1024))
     ... train adapters.parameters() ...
-    save_adapter(adapters, out_dir, base_model={...})   # adapter_config.json + adapter_model.safetensors
-    adapters = load_adapter(model, out_dir)             # on a freshly loaded base
+    save_adapter(adapters, out_dir, base_model=identity)   # adapter_config.json + adapter_model.safetensors
+    adapters = load_adapter(model, out_dir, identity)      # the same base: identity = {"fingerprint": ...}
     adapters.merge(model)                               # fold into the factors: [U | B] [V ; A]
     quantize_adapter(out_dir, small_dir, bits=4)        # stored in 4 bits; load_adapter decodes it
 
@@ -210,7 +210,7 @@ def read_adapter_config(adapter_dir: Path) -> tuple[AdapterConfig, dict]:
 def check_base(adapter_dir: Path, record: dict, base_model: dict | None) -> None:
     """The adapter must have been trained on this very model: both weight fingerprints known
     and equal. An unknown side is refused too (verify_base=False, --no-verify-base, skips it)."""
-    saved = record.get("base_model", {}).get("fingerprint")
+    saved = (record.get("base_model") or {}).get("fingerprint")
     given = (base_model or {}).get("fingerprint")
     if not saved or not given:
         side = "the adapter does not record" if not saved else "no fingerprint was given for"
@@ -219,7 +219,7 @@ def check_base(adapter_dir: Path, record: dict, base_model: dict | None) -> None
                            "--no-verify-base (verify_base=False) to skip the check.")
     if saved != given:
         raise AdapterError(f"Adapter {adapter_dir} was trained on a different base model "
-                           f"({record['base_model'].get('path', 'unknown path')}); load it on that model.")
+                           f"({record['base_model'].get('path') or 'unknown path'}); load it on that model.")
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path, base_model: dict | None = None,

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, FloatingPointError) as error:
+        logging.getLogger("compressor").debug("the error's traceback (-v shows it):", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as error:  # full or read-only disk, permissions

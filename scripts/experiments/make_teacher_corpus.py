@@ -4,7 +4,7 @@ LLM-QAT (Liu et al. 2023, arXiv 2305.17888) distils a compressed model on text i
 full-precision teacher generates: the student then learns the teacher's own distribution
 instead of a corpus the teacher only partly agrees with. Here each sample starts from the first
 line (the signature) of one function of --prompts, a JSONL file of {"text": ...} rows such as
-scripts/make_function_corpus.py writes (standard-library functions; nothing of HumanEval), and
+`--target functions` gives (standard-library functions; nothing of HumanEval), and
 the teacher continues it by sampling (temperature 1 and top-p 0.95 by default) until its end
 of text or --new-tokens tokens. Rows are {"text": signature + continuation}, for
 `--target FILE.jsonl`.
