@@ -264,3 +264,26 @@ def test_eval_json_dash_prints_only_json(tmp_path, model_dir, capsys):
     assert set(json.loads(captured.out)["perplexity"]) == {"code", "math", "general"}  # nothing else on stdout
     assert "| set | perplexity |" in captured.err  # the table went to stderr
     assert not (tmp_path / "-").exists()
+
+
+def test_recipes_validate():
+    from pathlib import Path
+
+    from compressor.config import CompressConfig, TrainConfig, load_config
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    assert load_config(recipes / "compress-code-20.yaml", CompressConfig).ratio == 0.2
+    assert load_config(recipes / "train-nola-distilled.yaml", TrainConfig).adapter.num_basis == 1600
+
+
+def test_python_api_runs_the_commands(tmp_path, corpus, model_dir):
+    from compressor import compress_model, evaluate
+
+    data = _data_dir(tmp_path)
+    summary = compress_model(model_dir, tmp_path / "out", target=corpus, ratio=0.3, samples=4, seq_len=32,
+                             allocation="uniform", align=1, home=tmp_path / "home")
+    assert abs(summary["summary"]["removed_fraction"] - 0.3) < 0.01
+    result = evaluate(tmp_path / "out", limit=2, sets="code", data_dir=data, home=tmp_path / "home")
+    assert result["perplexity"]["code"]["perplexity"] > 1
+    with pytest.raises(ValueError, match="ratio"):
+        compress_model(model_dir, tmp_path / "bad", target=corpus, ratio=1.5, home=tmp_path / "home")

@@ -67,22 +67,28 @@ def parse_tasks(text: str, allow_code_exec: bool) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from compressor.card import is_export, record_evaluation
-
     to_stdout = str(args.json) == "-"  # --json -: stdout carries the JSON and nothing else
     with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
-        payload = _measure(args)
+        payload = cmd_eval_payload(args)
     text = json.dumps(payload, indent=2)
     print(text)
     if args.json and not to_stdout:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text)
+    return 0
+
+
+def cmd_eval_payload(args: argparse.Namespace) -> dict:
+    """What `compressor eval` measures (tables printed), added to an export's model card."""
+    from compressor.card import is_export, record_evaluation
+
+    payload = _measure(args)
     if is_export(args.model) and not args.adapter:  # the card says what this very model measured
         try:
             record_evaluation(args.model, payload)
-        except OSError as error:  # a read-only export: the results above and in --json stand
+        except OSError as error:  # a read-only export: the results stand
             print(f"warning: could not add the results to {args.model}'s model card: {error}", file=sys.stderr)
-    return 0
+    return payload
 
 
 def _measure(args: argparse.Namespace) -> dict:
