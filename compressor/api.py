@@ -1,9 +1,9 @@
 """The Python API: the CLI's `compress`, `train` and `eval` as functions, with the same settings,
 defaults and checks (each call goes through the command's own parser and handler).
 
-    from compressor import compress_model, train_adapter_for, evaluate
+    from compressor import compress_model, evaluate_model, train_adapter_for
     summary = compress_model("models/dense", "runs/code-20", ratio=0.2, target="code")
-    evaluate("runs/code-20", tasks="perplexity", split="test", limit=32)["perplexity"]["code"]["perplexity"]
+    evaluate_model("runs/code-20", tasks="perplexity", split="test", limit=32)["perplexity"]["code"]["perplexity"]
 
 Keyword arguments are the commands' flags with underscores (`learn_steps=60` is
 `--learn-steps 60`; `sequential=True` is `--sequential`); `compressor COMMAND --help` lists them.
@@ -49,7 +49,7 @@ def train_adapter_for(model: str | Path, out: str | Path, **settings) -> dict:
     return json.loads((Path(out) / "train_summary.json").read_text())
 
 
-def evaluate(model: str | Path, **settings) -> dict:
+def evaluate_model(model: str | Path, **settings) -> dict:
     """`compressor eval --model MODEL ...`; returns what `--json` would hold (tables are printed)."""
     from compressor.cli.evaluate import cmd_eval_payload
 

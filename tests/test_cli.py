@@ -277,13 +277,13 @@ def test_recipes_validate():
 
 
 def test_python_api_runs_the_commands(tmp_path, corpus, model_dir):
-    from compressor import compress_model, evaluate
+    from compressor import compress_model, evaluate_model
 
     data = _data_dir(tmp_path)
     summary = compress_model(model_dir, tmp_path / "out", target=corpus, ratio=0.3, samples=4, seq_len=32,
                              allocation="uniform", align=1, home=tmp_path / "home")
     assert abs(summary["summary"]["removed_fraction"] - 0.3) < 0.01
-    result = evaluate(tmp_path / "out", limit=2, sets="code", data_dir=data, home=tmp_path / "home")
+    result = evaluate_model(tmp_path / "out", limit=2, sets="code", data_dir=data, home=tmp_path / "home")
     assert result["perplexity"]["code"]["perplexity"] > 1
     with pytest.raises(ValueError, match="ratio"):
         compress_model(model_dir, tmp_path / "bad", target=corpus, ratio=1.5, home=tmp_path / "home")

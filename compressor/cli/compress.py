@@ -246,11 +246,12 @@ def _reproduce_record(model_dir: Path, fingerprint: str | None, blocks, seed: in
 def cmd_compress(args: argparse.Namespace) -> int:
     from compressor.evaluate import peak_rss_bytes
     from compressor.export import save_compressed
-    from compressor.load import check_device, place_model
+    from compressor.load import check_device, place_model, read_model_type
     from compressor.pipeline import compress
 
     config = resolve_config(args, CompressConfig, FLAG_TO_CONFIG)
     check_output(args.out, args.overwrite)  # refuse before hours of work, not after
+    read_model_type(args.model)  # a missing or broken model folder, named
     export_dtype(config.export_dtype, args.model)  # a source dtype an export cannot keep, too
     device = check_device(args.device)
     if args.offload and (args.streaming or device.type == "cpu"):
