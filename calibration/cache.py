@@ -64,7 +64,12 @@ def other_corpus_entries(root: Path, info: dict) -> list[Path]:
     same = ("model", "source", "samples", "seq_len", "seed")
     found = []
     for key_file in sorted(Path(root).glob("*/key.json")):
-        other = json.loads(key_file.read_text())
+        if key_file.parent.name.startswith(".") or not (key_file.parent / "COMPLETE").exists():
+            continue  # another process's unfinished entry
+        try:
+            other = json.loads(key_file.read_text())
+        except ValueError:
+            continue
         if all(other.get(name) == info[name] for name in same) and \
                 other.get("corpus_sha256") not in (None, info["corpus_sha256"]):
             found.append(key_file.parent)

@@ -135,7 +135,8 @@ def write_card(folder: Path) -> Path:
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f'model = AutoModelForCausalLM.from_pretrained("{folder.name}")',
              f'# without the package: AutoModelForCausalLM.from_pretrained("{folder.name}", trust_remote_code=True)',
-             f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")', "```", ""]
+             f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")  # without the package: trust_remote_code=True too',
+             "```", ""]
     text = "\n".join(lines)
     atomic_write(folder / CARD_FILE, lambda tmp: tmp.write_text(text))
     return folder / CARD_FILE

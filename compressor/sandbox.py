@@ -41,6 +41,8 @@ import builtins, os, resource, socket, subprocess, sys
 # The process limit is set here, not before exec: under bubblewrap it would also bind bwrap,
 # whose namespace set-up counts every task of the real user and then fails.
 resource.setrlimit(resource.RLIMIT_NPROC, (int(sys.argv[1]), int(sys.argv[1])))
+sys.stderr.write("<sandbox started>\n")  # tells a program's own failure from a sandbox that never ran
+sys.stderr.flush()
 program = sys.stdin.read()
 scratch = os.path.realpath(os.getcwd())
 
@@ -89,6 +91,9 @@ class Execution:
     @property
     def passed(self) -> bool:
         return self.status == "passed"
+
+
+STARTED = "<sandbox started>\n"
 
 
 class SandboxError(RuntimeError):
@@ -156,7 +161,9 @@ def run_program(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 << 
                                start_new_session=True, preexec_fn=_limit(memory_bytes, int(timeout_s) + 1, file_bytes))
     try:
         _, stderr = process.communicate(program, timeout=timeout_s)
-        if wrapped and process.returncode != 0 and stderr.startswith("bwrap:"):
+        started = stderr.startswith(STARTED)
+        stderr = stderr[len(STARTED):] if started else stderr
+        if wrapped and not started and process.returncode > 0:
             # The sandbox did not start: scoring that as a failed program would read as pass@1 0.
             raise SandboxError(f"bubblewrap could not start the sandbox ({stderr.strip()[:300]}); fix its setup "
                                "(user namespaces) or uninstall it to run with the Python-level guards.")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from calibration.data import blocks_fingerprint, token_blocks
 from compressor.adapters import WEIGHTS_FILE, AdapterSet, save_adapter, write_adapter
 from compressor.config import TrainConfig, config_to_dict, load_config, save_config
-from compressor.files import atomic_write, check_output, file_lock, folder_lock, replace_folder
+from compressor.files import atomic_write, check_output, clean_stale, file_lock, folder_lock, replace_folder
 from compressor.load import load_any, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
 def _work_folder(out_dir: Path, config: TrainConfig, overwrite: bool, resume: bool) -> Path:
     """The run's working folder (renamed to out_dir at the end), with its config; an unfinished
     run there is resumed, replaced (overwrite) or refused."""
+    clean_stale(out_dir)  # a run killed mid-swap: its old output goes back in place
     check_output(out_dir, overwrite)
     work = partial_dir(out_dir)
     if work.exists() and not resume:

@@ -108,6 +108,10 @@ def test_recommendation_names_the_smallest_model_that_keeps_the_quality(rows):
                            "HumanEval pass@1 0.94x dense (0.470 vs 0.500), 1.10x the speed.")
     assert "front on HumanEval pass@1 (the target's benchmark, target code): c20, c10, dense." in text
     assert "Beaten on both size and quality by another model: c20-bad." in text
+    # A model that keeps the quality but is no smaller than dense (a float32 export of a bf16
+    # source, say) is no answer to "which smaller model".
+    text = recommendation([row for row in rows if row["name"] != "c10"] + [_row("big", 1200, 0.50, 3.0)])
+    assert text.startswith("No compressed model keeps HumanEval pass@1 within 10% of dense")
 
 
 def test_recommendation_says_plainly_when_no_compressed_model_keeps_the_quality(rows):
