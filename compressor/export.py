@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from compressor import modeling_basis_llama
+import compressor.modeling_basis_llama as modeling_basis_llama
 from compressor.card import write_card
 from compressor.config import CompressConfig, save_config
 from compressor.files import atomic_folder

@@ -38,7 +38,7 @@ from transformers import AutoConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from calibration.capture import LayerInputs, capture_first_layer_inputs, collect_layer
-from compressor import modeling_basis_llama
+import compressor.modeling_basis_llama as modeling_basis_llama
 from compressor.allocate import Shape, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers, get_spec, linear_modules
 from compressor.card import write_card
