@@ -20,7 +20,7 @@ from calibration.stats import InputStats, OutputStats
 from compressor.allocate import Shape
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
-from compressor.decompose import (Factorization, check_finite, decompose, kept_output_error,
+from compressor.decompose import (Factorization, all_finite, check_finite, decompose, kept_output_error,
                                   whitened_bases_from_outputs)
 from compressor.modeling_basis_llama import LowRankLinear, replace_module
 
@@ -73,17 +73,11 @@ def decompose_linear(weight: torch.Tensor, stats: InputStats | OutputStats, conf
                                solver=config.solver)
     except torch.linalg.LinAlgError as error:  # not RuntimeError: OutOfMemoryError is one too
         raise DecompositionError(f"{full_name} cannot be decomposed ({config.method}): {error}.", str(error)) from None
-    bad = [part for part in ("sigma", "u", "w") if not finite(getattr(factor, part))]
+    bad = [part for part in ("sigma", "u", "w") if not all_finite(getattr(factor, part))]
     if bad:
         reason = f"the solver returned NaN/Inf in {', '.join(bad)}"
         raise DecompositionError(f"{full_name} cannot be decomposed ({config.method}): {reason}.", reason)
     return factor, gram
-
-
-def finite(tensor: torch.Tensor) -> bool:
-    # One float64 sum is NaN/Inf exactly when an element is (see decompose.check_finite): far
-    # cheaper than isfinite().all() on every matrix's bases.
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
 
 
 @torch.no_grad()
