@@ -6,21 +6,17 @@ pass@1 by running the tests in the sandbox). Offline, from the fetched data.
   exemplars are user / assistant turns. Completions stop at the next "Question:".
 - HumanEval prompts are completed as plain text (a completion task, no chat template);
   generated code runs only with allow_code_exec.
-- Results (metrics, 95% Wilson intervals, every completion) are cached under
-  HOME/results/KEY.json, KEY = hash of (model fingerprint, task, settings).
 
-Own scorer rather than lm-eval: lm-eval's gsm8k fetches its few-shot split from the hub and
-its HumanEval scorer needs `evaluate.load("code_eval")`, neither of which works offline here.
+This is the "own" engine; the default engine is lm-eval (compressor/harness.py), which runs
+the same prompts and scorers through lm-evaluation-harness. Caching and the choice of engine
+are in compressor/benchmarks.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,6 +37,12 @@ DEFAULT_NEW_TOKENS = {"gsm8k": 256, "humaneval": 384}
 
 class CodeExecutionRefused(ValueError):
     pass
+
+
+def refuse_code_execution(allowed: bool) -> None:
+    if not allowed:
+        raise CodeExecutionRefused("HumanEval runs the code the model writes. It runs in a limited "
+                                   "subprocess, but only when you opt in: pass --allow-code-exec.")
 
 
 @dataclass
@@ -169,7 +171,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, data_dir: Path, limit: int | Non
         gold = gold_answer(row["answer"])
         items.append({"id": line, "completion": completion, "gold": str(gold),
                       "strict": strict_answer(completion) == gold, "flexible": flexible_answer(completion) == gold})
-    return _result("gsm8k", items, ("strict", "flexible"), limit,
+    return result_of("gsm8k", items, ("strict", "flexible"), limit,
                    {"shots": shots, "exemplars": EXEMPLARS_VERSION, "max_new_tokens": max_new_tokens,
                     "chat_template": bool(tokenizer.chat_template), "split": split}, start)
 
@@ -177,9 +179,7 @@ def evaluate_gsm8k(model: nn.Module, tokenizer, data_dir: Path, limit: int | Non
 def evaluate_humaneval(model: nn.Module, tokenizer, data_dir: Path, limit: int | None = None,
                        allow_code_exec: bool = False, max_new_tokens: int = DEFAULT_NEW_TOKENS["humaneval"], batch_size: int = 8,
                        timeout_s: float = 10.0, progress: bool = True, split: str = "test") -> TaskResult:
-    if not allow_code_exec:
-        raise CodeExecutionRefused("HumanEval runs the code the model writes. It runs in a limited "
-                                   "subprocess, but only when you opt in: pass --allow-code-exec.")
+    refuse_code_execution(allow_code_exec)
     start = time.perf_counter()
     problems = split_items(read_jsonl(data_dir / "humaneval.jsonl"), split, "humaneval")[:limit]
     completions = generate(model, tokenizer, [problem["prompt"] for problem in problems], max_new_tokens,
@@ -189,69 +189,15 @@ def evaluate_humaneval(model: nn.Module, tokenizer, data_dir: Path, limit: int |
         execution = run_program(humaneval_program(problem, completion), timeout_s=timeout_s)
         items.append({"id": problem["task_id"], "completion": completion, "pass@1": execution.passed,
                       "status": execution.status})
-    return _result("humaneval", items, ("pass@1",), limit,
+    return result_of("humaneval", items, ("pass@1",), limit,
                    {"max_new_tokens": max_new_tokens, "timeout_s": timeout_s, "sampling": "greedy",
                     "split": split}, start)
 
 
-def _result(task: str, items: list[dict], metrics: tuple[str, ...], limit: int | None, settings: dict,
+def result_of(task: str, items: list[dict], metrics: tuple[str, ...], limit: int | None, settings: dict,
             start: float) -> TaskResult:
     n = len(items)
     values = {name: sum(item[name] for item in items) for name in metrics}
     return TaskResult(task, {name: count / n if n else 0.0 for name, count in values.items()},
                       {name: wilson_interval(count, n) for name, count in values.items()}, n, limit,
                       settings, time.perf_counter() - start, items)
-
-
-def cached_json(results_dir: Path, fields: dict, compute) -> tuple[dict, bool]:
-    """The stored JSON result for `fields` (model, task, settings), or compute() stored for
-    next time. Returns the result and whether it came from the cache."""
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = Path(results_dir) / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())["result"], True
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"fields": fields, "result": result}, indent=1, default=str))
-    tmp.replace(path)
-    return json.loads(path.read_text())["result"], False  # the same types either way
-
-
-def cached_task(results_dir: Path, model_id: str, task: str, settings: dict, compute) -> tuple[TaskResult, bool]:
-    """A benchmark's TaskResult for (model, task, settings), from the cache when it ran before."""
-    data, from_cache = cached_json(results_dir, {"model": model_id, "task": task, **settings},
-                                   lambda: compute().to_dict())
-    data["intervals"] = {name: tuple(bounds) for name, bounds in data["intervals"].items()}
-    return TaskResult(**data), from_cache
-
-
-def new_token_limit(task: str, max_new_tokens: int | None) -> int:
-    """The generation length a benchmark runs with: the one asked for, else the task's default."""
-    return max_new_tokens or DEFAULT_NEW_TOKENS[task]
-
-
-def run_benchmark(task: str, model: nn.Module, tokenizer, data_dir: Path, results_dir: Path, model_id: str,
-                  limit: int | None, shots: int = 4, max_new_tokens: int | None = None, batch_size: int = 8,
-                  allow_code_exec: bool = False, use_cache: bool = True,
-                  progress: bool = True, split: str = "test") -> tuple[TaskResult, bool]:
-    """One benchmark, cached under the settings that change its result (eval and report share
-    the cache). Returns the result and whether it came from the cache."""
-    max_new_tokens = new_token_limit(task, max_new_tokens)
-    files = {"gsm8k": "gsm8k_test.jsonl", "humaneval": "humaneval.jsonl"}
-    if task in files and limit and limit >= len(split_items(read_jsonl(data_dir / files[task]), split, task)):
-        limit = None  # the whole split, however it was asked for: one cache entry
-    if task == "gsm8k":
-        settings = {"limit": limit, "shots": shots, "exemplars": EXEMPLARS_VERSION, "max_new_tokens": max_new_tokens,
-                    "split": split}
-        compute = partial(evaluate_gsm8k, model, tokenizer, data_dir, limit, shots, max_new_tokens,
-                          batch_size, progress, split)
-    elif task == "humaneval":
-        settings = {"limit": limit, "max_new_tokens": max_new_tokens, "split": split}
-        compute = partial(evaluate_humaneval, model, tokenizer, data_dir, limit, allow_code_exec,
-                          max_new_tokens, batch_size, progress=progress, split=split)
-    else:
-        raise ValueError(f"Unknown benchmark {task!r}; choose from {', '.join(TASKS)}.")
-    if not use_cache:
-        return compute(), False
-    return cached_task(results_dir, model_id, task, settings, compute)

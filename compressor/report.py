@@ -24,7 +24,8 @@ import torch
 from calibration.cache import model_fingerprint
 from compressor.arch import decoder_layers, get_spec, linear_modules
 from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
-from compressor.generation import TASKS, cached_json, new_token_limit, run_benchmark
+from compressor.benchmarks import cached_json, new_token_limit, run_benchmark
+from compressor.generation import TASKS
 from compressor.load import load_any, load_tokenizer, source_dtype
 from compressor.modeling_basis_llama import LowRankLinear, QuantizedLinear
 from compressor.report_compare import BENCHMARK_NAMES, dense_row, pareto_front, quality_measure, recommendation
@@ -41,6 +42,7 @@ class ReportSettings:
     shots: int = 4  # gsm8k exemplars
     max_new_tokens: int | None = None  # benchmarks' generation length (None: each task's default)
     split: str = "test"  # of every evaluation set (compressor/splits.py): reports quote test
+    engine: str = "lm-eval"  # of the benchmarks (compressor/benchmarks.py)
 
 
 @torch.no_grad()
@@ -84,7 +86,7 @@ def measure_model(folder: Path, data_dir: Path, home: Path, settings: ReportSett
             result, _ = run_benchmark(task, model, tokenizer, data_dir, results, model_id, settings.limit,
                                       settings.shots, settings.max_new_tokens, settings.batch_size,
                                       allow_code_exec=settings.allow_code_exec, progress=progress,
-                                      split=settings.split)
+                                      split=settings.split, engine=settings.engine)
             row[task] = {"metrics": result.metrics, "intervals": result.intervals, "n": result.n,
                          "split": settings.split}
     summary = folder / "compression_summary.json"

@@ -2,7 +2,8 @@
 the dense model's next-token distributions (KL), or a mix of both.
 
 The run works in a hidden sibling folder `.NAME.partial` and renames it to NAME when done:
-    adapter_config.json, adapter_model.safetensors   the trained adapter
+    adapter_config.json, compressor_adapter.json,
+    adapter_model.safetensors                         the trained adapter (PEFT's layout)
     train_config.yaml, train_log.jsonl, train_summary.json
     checkpoints/step-NNNNNN/                          adapter + trainer_state.pt every N steps
 A crashed or killed run leaves only the partial folder; `resume=True` continues it from its

@@ -97,7 +97,7 @@ def test_nola_regenerates_the_same_bases_without_touching_the_global_rng(tmp_pat
 
     save_adapter(adapters, tmp_path / "nola")
     names = {p.name for p in (tmp_path / "nola").iterdir()}
-    assert names == {"adapter_config.json", "adapter_model.safetensors"}  # seed + coefficients only
+    assert names == {"adapter_config.json", "compressor_adapter.json", "adapter_model.safetensors"}  # seed + coefficients
     loaded = load_adapter(fresh, tmp_path / "nola", verify_base=False)  # an in-memory model: no fingerprint
     name = "model.layers.2.mlp.down_proj"
     with torch.no_grad():
@@ -127,7 +127,7 @@ def test_an_unverifiable_base_or_an_unknown_key_is_refused(tmp_path, compressed)
         with pytest.raises(AdapterError, match="--no-verify-base"):
             load_adapter(base, folder, base_model=identity)
     load_adapter(base, tmp_path / "bare", verify_base=False).remove(base)  # the user's explicit choice
-    config = tmp_path / "lora" / "adapter_config.json"
+    config = tmp_path / "lora" / "compressor_adapter.json"
     config.write_text(config.read_text().replace('"rank"', '"rnak"'))
     with pytest.raises(AdapterError, match=r"unknown key\(s\) \['rnak'\]"):
         load_adapter(base, tmp_path / "lora", base_model={"fingerprint": "one"})
@@ -138,3 +138,54 @@ def test_bad_adapter_settings_are_named():
         add_adapters(torch.nn.Module(), AdapterConfig(method="dora"))
     with pytest.raises(AdapterError, match="valid: self_attn.q_proj"):
         add_adapters(torch.nn.Module(), AdapterConfig(target_modules=("attn.qkv",)))
+
+
+def test_a_lora_adapter_loads_with_peft_and_gives_our_logits(tmp_path, tiny_model, blocks):
+    """On a dense base, PEFT reads the LoRA adapter as it is saved (its config, its keys) and
+    gives the logits of this package's loader."""
+    peft = pytest.importorskip("peft")
+    base = copy.deepcopy(tiny_model)
+    adapters = add_adapters(tiny_model, AdapterConfig(method="lora", rank=4, alpha=8, dropout=0.1))
+    _randomize(adapters)
+    save_adapter(adapters, tmp_path / "lora", base_model={"fingerprint": "dense", "path": "/models/dense"})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    reloaded = copy.deepcopy(base)
+    load_adapter(reloaded, tmp_path / "lora", base_model={"fingerprint": "dense"})
+    reloaded.eval()
+    with torch.no_grad():
+        expected = reloaded(blocks).logits
+        assert not torch.allclose(expected, base(blocks).logits, atol=1e-4)  # the update matters
+        assert torch.allclose(theirs(blocks).logits, expected, atol=1e-5)
+    assert theirs.peft_config["default"].base_model_name_or_path == "/models/dense"
+
+
+def test_what_peft_cannot_load_says_so(tmp_path, compressed):
+    import json
+
+    for method in ("nola", "tied-lora"):
+        adapters = add_adapters(copy.deepcopy(compressed), AdapterConfig(method=method, rank=2, num_basis=8))
+        save_adapter(adapters, tmp_path / method)
+        config = json.loads((tmp_path / method / "adapter_config.json").read_text())
+        assert config["library"] == "basis-compressor" and "PEFT cannot load" in config["note"]
+
+
+def test_adapters_of_format_1_still_load(tmp_path, compressed, blocks):
+    """Before the PEFT layout: the record in adapter_config.json, tensors under this package's names."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from compressor.adapters.peft_format import own_key
+
+    fresh = copy.deepcopy(compressed)
+    adapters = add_adapters(compressed, AdapterConfig(method="lora", rank=2))
+    _randomize(adapters)
+    folder = save_adapter(adapters, tmp_path / "v1")
+    record = json.loads((folder / "compressor_adapter.json").read_text()) | {"version": 1}
+    (folder / "compressor_adapter.json").unlink()
+    (folder / "adapter_config.json").write_text(json.dumps(record))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({own_key(key): value for key, value in tensors.items()}, folder / "adapter_model.safetensors")
+    load_adapter(fresh, folder, verify_base=False)
+    with torch.no_grad():
+        assert torch.allclose(fresh(blocks).logits, compressed(blocks).logits, atol=1e-6)

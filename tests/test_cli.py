@@ -112,7 +112,7 @@ def test_compress_train_merge_eval(tmp_path, corpus, model_dir, capsys):
     assert main(["train", "--model", str(out), "--adapter", "nola", "--target", str(corpus), "--steps", "3",
                  "--batch-size", "2", "--seq-len", "32", "--rank", "2", "--num-basis", "16",
                  "--out", str(adapter), *common]) == 0
-    record = json.loads((adapter / "adapter_config.json").read_text())
+    record = json.loads((adapter / "compressor_adapter.json").read_text())
     assert record["method"] == "nola" and record["trainable_parameters"] == 2 * 16 * 21
     assert record["base_model"]["fingerprint"]
     # The saved config is enough to rebuild the blocks trained on (scripts/experiments/bench_adapter_fit.py relies on it).

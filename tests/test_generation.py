@@ -50,15 +50,21 @@ def test_benchmarks_run_record_their_limit_and_are_cached(tmp_path, model_dir, d
     assert again["benchmarks"]["gsm8k"]["metrics"] == result["benchmarks"]["gsm8k"]["metrics"]
 
 
-def test_scoring_counts_right_answers(tmp_path, model_dir, data, monkeypatch):
+@pytest.mark.parametrize("engine", ["own", "lm-eval"])
+def test_scoring_counts_right_answers(tmp_path, model_dir, data, monkeypatch, engine):
     """A model that writes the reference answers scores 1; the plumbing, not the tiny model, is tested."""
     def perfect(model, tokenizer, prompts, max_new_tokens, stops, *args, **kwargs):
         if "Question:" in prompts[0]:
             return [f" {row['answer']}" for row in GSM8K[:len(prompts)]]
         return [problem["canonical_solution"] for problem in HUMANEVAL[:len(prompts)]]
 
+    def perfect_harness(self, requests, disable_tqdm=False):  # lm-eval's HFLM.generate_until
+        return [f" {request.doc['answer']}" if "question" in request.doc else request.doc["canonical_solution"]
+                for request in requests]
+
     monkeypatch.setattr(compressor.generation, "generate", perfect)
-    code, result = _eval(model_dir, data, tmp_path, "--no-cache")
+    monkeypatch.setattr("lm_eval.models.huggingface.HFLM.generate_until", perfect_harness)
+    code, result = _eval(model_dir, data, tmp_path, "--no-cache", "--engine", engine)
     assert code == 0
     assert result["benchmarks"]["gsm8k"]["metrics"] == {"strict": 1.0, "flexible": 1.0}
     assert result["benchmarks"]["humaneval"]["metrics"] == {"pass@1": 1.0}

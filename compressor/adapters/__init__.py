@@ -2,7 +2,7 @@
 
     adapters = add_adapters(model, AdapterConfig(method="nola", rank=8, num_basis=1024))
     ... train adapters.parameters() ...
-    save_adapter(adapters, out_dir, base_model=identity)   # adapter_config.json + adapter_model.safetensors
+    save_adapter(adapters, out_dir, base_model=identity)   # PEFT's layout (adapters/peft_format.py)
     adapters = load_adapter(model, out_dir, identity)      # the same base: identity = {"fingerprint": ...}
     adapters.merge(model)                               # fold into the factors: [U | B] [V ; A]
     quantize_adapter(out_dir, small_dir, bits=4)        # stored in 4 bits; load_adapter decodes it
@@ -24,12 +24,15 @@ from torch import nn
 
 from compressor.adapters import lora, nola, tied_lora
 from compressor.adapters.base import ADAPTER_FORMAT_VERSION, AdaptedLinear, AdapterConfig, PerForwardCache
+from compressor.adapters.peft_format import from_peft, peft_config, to_peft
 from compressor.arch import ArchSpec, decoder_layers, get_spec
 from compressor.modeling_basis_llama import QuantizedLinear, replace_module
 from compressor.quantize import dequantize_tensors, quantize_tensors
 
 METHODS = {"lora": lora, "nola": nola, "tied-lora": tied_lora}
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
+RECORD_FILE = "compressor_adapter.json"  # this package's record (format 2; format 1 kept it in CONFIG_FILE)
+READABLE_VERSIONS = (1, ADAPTER_FORMAT_VERSION)
 
 __all__ = ["AdapterConfig", "AdapterError", "AdapterSet", "METHODS", "add_adapters", "load_adapter",
            "quantize_adapter", "save_adapter", "validate_config", "write_adapter"]
@@ -40,9 +43,9 @@ class AdapterError(ValueError):
 
 
 def validate_config(config: AdapterConfig, spec: ArchSpec) -> AdapterConfig:
-    if config.version != ADAPTER_FORMAT_VERSION:
+    if config.version not in READABLE_VERSIONS:
         raise AdapterError(f"Adapter format version {config.version} is not supported "
-                           f"(expected {ADAPTER_FORMAT_VERSION}).")
+                           f"(this package reads {', '.join(map(str, READABLE_VERSIONS))}).")
     if config.method not in METHODS:
         raise AdapterError(f"Unknown adapter method {config.method!r}; choose one of {', '.join(METHODS)}.")
     if config.rank < 1 or config.num_basis < 1:
@@ -136,8 +139,9 @@ class AdapterSet(nn.Module):
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The stored tensors under this package's names (PEFT's prefix and suffix removed)."""
     try:
-        return load_file(path)
+        return from_peft(load_file(path))
     except (OSError, SafetensorError) as error:  # missing, truncated or corrupt file
         raise AdapterError(f"Cannot read adapter weights {path}: {error}") from None
 
@@ -165,14 +169,22 @@ def add_adapters(model: nn.Module, config: AdapterConfig, spec: ArchSpec | None 
 
 
 def write_adapter(adapters: AdapterSet, folder: Path, base_model: dict | None = None) -> None:
-    """adapter_config.json (config, shapes, base model identity) + adapter_model.safetensors,
-    into an existing folder."""
-    record = {**asdict(adapters.config), "target_shapes": adapters.target_shapes(),
+    """The adapter in PEFT's layout (adapter_config.json, adapter_model.safetensors) with this
+    package's record (config, shapes, base model identity), into an existing folder."""
+    record = {**asdict(adapters.config), "version": ADAPTER_FORMAT_VERSION, "target_shapes": adapters.target_shapes(),
               "trainable_parameters": adapters.num_trainable(), "base_model": base_model or {}}
     record["target_modules"] = list(adapters.config.target_modules)
     tensors = {key: param.detach().cpu().contiguous() for key, param in adapters.trainable_state().items()}
-    save_file(tensors, Path(folder) / WEIGHTS_FILE, metadata={"format": "pt", "method": adapters.config.method})
-    (Path(folder) / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+    save_file(to_peft(tensors), Path(folder) / WEIGHTS_FILE, metadata={"format": "pt", "method": adapters.config.method})
+    write_configs(Path(folder), record)
+
+
+def write_configs(folder: Path, record: dict) -> None:
+    """compressor_adapter.json (the record) and PEFT's adapter_config.json derived from it."""
+    config = AdapterConfig(**{key: value for key, value in record.items() if key in {f.name for f in fields(AdapterConfig)}})
+    peft = peft_config(config, (record.get("base_model") or {}).get("path"), bool(record.get("quantization")))
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2))
+    (folder / CONFIG_FILE).write_text(json.dumps(peft, indent=2))
 
 
 def save_adapter(adapters: AdapterSet, out_dir: Path, base_model: dict | None = None,
@@ -190,13 +202,20 @@ RECORD_KEYS = {"target_shapes", "trainable_parameters", "base_model", "quantizat
 
 
 def read_adapter_config(adapter_dir: Path) -> tuple[AdapterConfig, dict]:
-    path = Path(adapter_dir) / CONFIG_FILE
+    """The adapter's settings and record: from compressor_adapter.json, or from adapter_config.json
+    for adapters written before the PEFT layout (format 1)."""
+    path = Path(adapter_dir) / RECORD_FILE
     if not path.is_file():
-        raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_FILE} is missing.")
+        path = Path(adapter_dir) / CONFIG_FILE
+        if not path.is_file():
+            raise AdapterError(f"{adapter_dir} is not an adapter folder: {RECORD_FILE} and {CONFIG_FILE} are missing.")
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise AdapterError(f"{path} is not valid JSON: {error}") from None
+    if path.name == CONFIG_FILE and "peft_type" in record:
+        raise AdapterError(f"{adapter_dir} holds a PEFT adapter that this package did not write ({RECORD_FILE} "
+                           "is missing); load it with peft.PeftModel.from_pretrained.")
     names = {f.name for f in fields(AdapterConfig)}
     unknown = sorted(set(record) - names - RECORD_KEYS)
     if unknown:  # a newer format, or a hand edit: guessing would load something else than was saved
@@ -259,9 +278,10 @@ def quantize_adapter(adapter_dir: Path, out_dir: Path, bits: int, group_size: in
     tensors = read_weights(adapter_dir / WEIGHTS_FILE)
     stored, quantization = quantize_tensors(tensors, bits, group_size, symmetric)
     record["quantization"] = quantization
+    record["version"] = ADAPTER_FORMAT_VERSION  # written in this version's layout, whatever it was read from
     with atomic_folder(out_dir, overwrite) as tmp:
         save_file(stored, tmp / WEIGHTS_FILE, metadata={"format": "pt", "method": record.get("method", "")})
-        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+        write_configs(tmp, record)
     sizes = {"bytes_before": (adapter_dir / WEIGHTS_FILE).stat().st_size,
              "bytes_after": (Path(out_dir) / WEIGHTS_FILE).stat().st_size}
     return {key: value for key, value in quantization.items() if key != "shapes"} | sizes

@@ -18,7 +18,7 @@ from torch import nn
 
 from compressor.modeling_basis_llama import LowRankLinear
 
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # 2: PEFT's layout (adapters/peft_format.py); 1 is still read
 ALL_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 

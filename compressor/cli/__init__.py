@@ -1,5 +1,5 @@
 """Command line: `compressor fetch-example | calibrate | compress | quantize | train | merge |
-quantize-adapter | eval | report`. Each group of subcommands lives in its own module and
+quantize-adapter | eval | report | tasks-path`. Each group of subcommands lives in its own module and
 registers its parsers and handlers here."""
 
 from __future__ import annotations

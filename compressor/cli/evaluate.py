@@ -1,4 +1,5 @@
-"""Subcommands that measure: eval (one model) and report (several, side by side)."""
+"""Subcommands that measure: eval (one model), report (several, side by side) and tasks-path
+(where lm-eval finds this package's tasks)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import sys
 from pathlib import Path
 
 from compressor.cli.common import add_common, add_verify_base, paths, show_defaults, with_adapter
+from compressor.lm_eval_tasks import TASKS_DIR
+
+ENGINES = ("lm-eval", "own")  # compressor.benchmarks.ENGINES, without importing torch for --help
 
 
 def add_parsers(sub) -> None:
@@ -30,6 +34,9 @@ def add_parsers(sub) -> None:
                           help="gsm8k: few-shot worked exemplars (ASDiv problems), 0 to 4")
     evaluate.add_argument("--max-new-tokens", type=int, help="benchmarks: generation length "
                                                               "(default gsm8k 256, humaneval 384)")
+    evaluate.add_argument("--engine", default="lm-eval", choices=ENGINES,
+                          help="benchmarks: lm-eval (lm-evaluation-harness on the tasks of compressor/lm_eval_tasks) or own "
+                               "(the same prompts and scorers without lm-eval)")
     evaluate.add_argument("--no-cache", action="store_true", help="recompute benchmark results")
     evaluate.add_argument("--max-length", type=int, default=512)
     evaluate.add_argument("--batch-size", type=int, default=8)
@@ -49,9 +56,17 @@ def add_parsers(sub) -> None:
     report.add_argument("--shots", type=int, default=4, help="gsm8k: few-shot worked exemplars, 0 to 4")
     report.add_argument("--max-new-tokens", type=int, help="benchmarks: generation length "
                                                             "(default gsm8k 256, humaneval 384)")
+    report.add_argument("--engine", default="lm-eval", choices=ENGINES,
+                        help="benchmarks: lm-eval (lm-evaluation-harness on the tasks of compressor/lm_eval_tasks) or own "
+                             "(the same prompts and scorers without lm-eval)")
     report.add_argument("--batch-size", type=int, default=8)
     show_defaults(report)
     report.set_defaults(handler=cmd_report)
+
+    tasks_path = sub.add_parser("tasks-path", help="print the folder of this package's lm-eval tasks "
+                                                   "(for lm_eval --include_path)")
+    add_common(tasks_path)
+    tasks_path.set_defaults(handler=lambda args: print(TASKS_DIR) or 0)
 
 
 def parse_tasks(text: str, allow_code_exec: bool) -> list[str]:
@@ -121,7 +136,7 @@ def _measure(args: argparse.Namespace) -> dict:
 def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[str]) -> dict:
     """GSM8K / HumanEval results, from the cache when this model, task and settings ran before."""
     from calibration.cache import model_fingerprint
-    from compressor.generation import run_benchmark
+    from compressor.benchmarks import run_benchmark
 
     model_id = model_fingerprint(args.model)
     if args.adapter:
@@ -131,7 +146,7 @@ def _run_benchmarks(args, model, tokenizer, data: Path, home: Path, tasks: list[
         result, from_cache = run_benchmark(task, model, tokenizer, data, home / "results", model_id,
                                            args.limit or None, args.shots, args.max_new_tokens, args.batch_size,
                                            allow_code_exec=args.allow_code_exec, use_cache=not args.no_cache,
-                                           progress=not args.quiet, split=args.split)
+                                           progress=not args.quiet, split=args.split, engine=args.engine)
         summary[task] = {key: value for key, value in result.to_dict().items() if key != "items"}
         summary[task]["from_cache"] = from_cache
         print(f"{task}: " + ", ".join(f"{name} {value:.3f} (95% CI {low:.3f}-{high:.3f})"
@@ -148,7 +163,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     tasks = tuple(parse_tasks(args.tasks, args.allow_code_exec))
     home, data = paths(args)
     settings = ReportSettings(tasks, args.limit or None, args.allow_code_exec, args.batch_size, args.shots,
-                              args.max_new_tokens, args.split)
+                              args.max_new_tokens, args.split, args.engine)
     rows = [measure_model(folder, data, home, settings, progress=not args.quiet) for folder in args.models]
     write_report(rows, settings, environment(data), args.out)
     print(recommendation(rows))  # the report's answer, also on the console

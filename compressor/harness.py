@@ -1,0 +1,80 @@
+"""lm-evaluation-harness as the engine of the generation benchmarks: the tasks of
+compressor/lm_eval_tasks/ (the fetched files, the fixed dev / test splits, the project's
+scorers and sandbox) run in process on the model object, through lm-eval's HFLM, so adapters,
+devices and compressed models work as they load.
+
+It writes the same prompts as the own engine (compressor/generation.py; a test checks the
+answers agree on a tiny model): GSM8K's worked exemplars as user / assistant turns where the
+tokenizer has a chat template, HumanEval prompts completed as plain text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from torch import nn
+
+from compressor.answers import gold_answer
+from compressor.generation import TaskResult, refuse_code_execution, result_of
+
+TASK_NAMES = {"gsm8k": "basis_gsm8k", "humaneval": "basis_humaneval"}
+METRICS = {"gsm8k": ("strict", "flexible"), "humaneval": ("pass@1",)}
+
+
+def engine_version() -> str:
+    from importlib.metadata import version
+
+    return f"lm-eval {version('lm_eval')}"
+
+
+def build_task(task: str, split: str, data_dir: Path):
+    """The registered task over `data_dir`, evaluated on `split` (dev, test or all)."""
+    from lm_eval.tasks import TaskManager
+
+    from compressor.lm_eval_tasks import TASKS_DIR
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                          metadata={"data_dir": str(data_dir)})
+    name = TASK_NAMES[task]
+    built = manager.load(name)["tasks"][name]
+    built.config.test_split = split  # read on each access of the documents
+    return built
+
+
+def run_task(task: str, model: nn.Module, tokenizer, data_dir: Path, limit: int | None, split: str,
+             shots: int = 4, max_new_tokens: int = 256, batch_size: int = 8, allow_code_exec: bool = False,
+             progress: bool = True) -> TaskResult:
+    """One benchmark through lm-eval: metrics, Wilson intervals and every completion."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    if task == "humaneval":
+        refuse_code_execution(allow_code_exec)
+    start = time.perf_counter()
+    if not progress:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    chat = task == "gsm8k" and bool(tokenizer.chat_template)
+    output = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+        tasks=[build_task(task, split, data_dir)], limit=limit,
+        num_fewshot=shots if task == "gsm8k" else None, gen_kwargs={"max_gen_toks": max_new_tokens},
+        apply_chat_template=chat, fewshot_as_multiturn=chat, confirm_run_unsafe_code=allow_code_exec,
+        log_samples=True, bootstrap_iters=0, verbosity="ERROR" if not progress else "WARNING")
+    samples = sorted(output["samples"][TASK_NAMES[task]], key=lambda sample: sample["doc_id"])
+    items = [_item(task, sample) for sample in samples]
+    settings = {"max_new_tokens": max_new_tokens, "split": split, "engine": engine_version()}
+    if task == "gsm8k":
+        settings |= {"shots": shots, "chat_template": chat}
+    else:
+        settings |= {"sampling": "greedy"}
+    return result_of(task, items, METRICS[task], limit, settings, start)
+
+
+def _item(task: str, sample: dict) -> dict:
+    doc, completion = sample["doc"], sample["filtered_resps"][0]
+    if task == "humaneval":
+        return {"id": doc["task_id"], "completion": completion, "pass@1": bool(sample["pass@1"])}
+    return {"id": doc["id"], "completion": completion, "gold": str(gold_answer(doc["answer"])),
+            "strict": bool(sample["strict"]), "flexible": bool(sample["flexible"])}

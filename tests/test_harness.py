@@ -1,0 +1,130 @@
+"""lm-eval as the benchmark engine: the shipped tasks give the own engine's prompts and answers,
+and the `lm_eval` command runs them on an export."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from compressor.answers import GSM8K_STOPS, HUMANEVAL_STOPS
+from compressor.benchmarks import run_benchmark
+from compressor.generation import DEFAULT_NEW_TOKENS, gsm8k_exemplars, gsm8k_prompt
+from compressor.harness import build_task
+from compressor.lm_eval_tasks import TASKS_DIR
+from helpers import save_tiny_model
+from test_generation import ASDIV, GSM8K, HUMANEVAL
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+        "{% if not (loop.last and m['role'] == 'assistant') %}<|end|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture
+def data(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, rows in (("humaneval", HUMANEVAL), ("gsm8k_test", GSM8K), ("asdiv", ASDIV)):
+        (folder / f"{name}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    (folder / "boolq.jsonl").write_text("\n".join(json.dumps({"passage": f"Passage {i} about rivers."})
+                                                  for i in range(60)))
+    return folder
+
+
+def test_tasks_stop_and_stop_where_the_own_engine_does():
+    for name, stops in (("gsm8k", GSM8K_STOPS), ("humaneval", HUMANEVAL_STOPS)):
+        config = yaml.safe_load((TASKS_DIR / f"{name}.yaml").read_text().replace("!function", ""))
+        assert tuple(config["generation_kwargs"]["until"]) == stops
+        assert config["generation_kwargs"]["max_gen_toks"] == DEFAULT_NEW_TOKENS[name]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_gsm8k_prompts_are_the_own_engines(data, tokenizer, chat):
+    tokenizer.chat_template = CHAT if chat else None
+    task = build_task("gsm8k", "all", data)
+    render = (lambda history, add_generation_prompt=True: tokenizer.apply_chat_template(
+        history, tokenize=False, add_generation_prompt=add_generation_prompt,
+        continue_final_message=not add_generation_prompt)) if chat else None
+    for doc in task.eval_docs:
+        context = task.fewshot_context(doc, 4, apply_chat_template=chat, fewshot_as_multiturn=chat,
+                                       chat_template=render, gen_prefix=task.doc_to_prefix(doc))
+        assert context == gsm8k_prompt(doc["question"], list(gsm8k_exemplars(4)), tokenizer)
+
+
+def test_splits_are_the_projects(data):
+    assert [doc["task_id"] for doc in build_task("humaneval", "dev", data).eval_docs] == ["HumanEval/0"]
+    assert [doc["id"] for doc in build_task("gsm8k", "test", data).eval_docs] == [1, 2]
+
+
+def test_both_engines_write_the_same_answers(tmp_path, data):
+    """Greedy on a tiny random model (one prompt per batch, so padding cannot differ): the same
+    completions and scores, token for token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = save_tiny_model(tmp_path / "model", max_position_embeddings=2048)  # GSM8K's 4 shots fit
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    for task in ("gsm8k", "humaneval"):
+        own, harness = (run_benchmark(task, model, tokenizer, data, tmp_path / "results", "tiny", None,
+                                      max_new_tokens=16, batch_size=1, allow_code_exec=True, use_cache=False,
+                                      progress=False, split="all", engine=engine)[0]
+                        for engine in ("own", "lm-eval"))
+        assert [item["completion"] for item in harness.items] == [item["completion"] for item in own.items]
+        assert harness.metrics == own.metrics and harness.n == own.n == 3
+        assert [item["id"] for item in harness.items] == [item["id"] for item in own.items]
+        assert harness.settings["engine"].startswith("lm-eval")
+
+
+def test_lm_eval_command_runs_the_tasks_on_an_export(tmp_path, data, model_dir, corpus):
+    from compressor.cli import main
+
+    export = tmp_path / "export"
+    assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--samples", "4", "--seq-len", "32",
+                 "--ratio", "0.3", "--allocation", "uniform", "--align", "1", "--out", str(export),
+                 "--home", str(tmp_path / "home"), "--quiet"]) == 0
+    out = tmp_path / "lm-eval"
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+               f"pretrained={export},trust_remote_code=True", "--include_path", str(TASKS_DIR),
+               "--tasks", "basis_humaneval,basis_ppl_code", "--limit", "2", "--gen_kwargs", "max_gen_toks=8",
+               "--metadata", json.dumps({"data_dir": str(data)}), "--confirm_run_unsafe_code",
+               "--output_path", str(out), "--device", "cpu"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    assert results["basis_humaneval"]["pass@1,none"] == 0.0
+    assert results["basis_ppl_code"]["word_perplexity,none"] > 1
+
+
+def test_the_cli_offers_the_engines_and_the_tasks_folder(capsys):
+    from compressor import benchmarks
+    from compressor.cli import evaluate, main
+
+    assert evaluate.ENGINES == benchmarks.ENGINES
+    assert main(["tasks-path"]) == 0 and capsys.readouterr().out.strip() == str(TASKS_DIR)
+
+
+def test_lm_eval_perplexity_differs_from_ours_only_by_its_prefix_token(tmp_path, data):
+    """lm-eval's rolling log-likelihood conditions a document on a prefix token (BOS, else EOS)
+    and so also scores its first token; `compressor eval` scores tokens 2..n of the document
+    alone. Scoring prefix + document our way gives lm-eval's number: nothing else differs."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor.evaluate import eval_texts, perplexity
+
+    folder = save_tiny_model(tmp_path / "model", max_position_embeddings=2048)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data)})
+    output = simple_evaluate(model=harness, tasks=["basis_ppl_code"], task_manager=manager, log_samples=True,
+                             bootstrap_iters=0)
+    samples = sorted(output["samples"]["basis_ppl_code"], key=lambda sample: sample["doc_id"])
+    texts = eval_texts("code", data, "test")
+    assert len(samples) == len(texts) == 2
+    prefix = tokenizer.convert_ids_to_tokens(harness.prefix_token_id)
+    for sample, text in zip(samples, texts):
+        alone, prefixed = (perplexity(model, tokenizer, [document], progress=False) for document in (text, prefix + text))
+        assert prefixed.tokens == alone.tokens + 1
+        assert sample["filtered_resps"][0] == pytest.approx(-prefixed.nll * prefixed.tokens, rel=1e-5)
