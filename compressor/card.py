@@ -16,6 +16,8 @@ import yaml
 from compressor.fetch import EXAMPLE_HUB_ID, EXAMPLE_LICENSE, GGUF_NAME
 from compressor.files import atomic_write, file_lock
 
+TOKENIZER_FOLDER = "tokenizer"  # a compact export's tokenizer, loadable without remote code (export.write_model)
+
 CARD_FILE = "README.md"
 EVALUATION_FILE = "evaluation.json"
 TAGS = ("basis-compressor", "low-rank", "svd", "compressed")
@@ -135,11 +137,18 @@ def write_card(folder: Path) -> Path:
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f'model = AutoModelForCausalLM.from_pretrained("{folder.name}")',
              f'# without the package: AutoModelForCausalLM.from_pretrained("{folder.name}", trust_remote_code=True)',
-             f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")  # without the package: trust_remote_code=True too',
+             *_tokenizer_lines(folder),
              "```", ""]
     text = "\n".join(lines)
     atomic_write(folder / CARD_FILE, lambda tmp: tmp.write_text(text))
     return folder / CARD_FILE
+
+
+def _tokenizer_lines(folder: Path) -> list[str]:
+    if (folder / TOKENIZER_FOLDER).is_dir():
+        return [f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}/{TOKENIZER_FOLDER}")  # no remote code needed',
+                f'# the same tokenizer as AutoTokenizer.from_pretrained("{folder.name}", trust_remote_code=True)']
+    return [f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")']
 
 
 def is_export(folder: Path) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 import compressor.modeling_basis_llama as modeling_basis_llama
-from compressor.card import write_card
+from compressor.card import TOKENIZER_FOLDER, write_card
 from compressor.config import CompressConfig, save_config
 from compressor.files import atomic_folder
 from compressor.modeling_basis_llama import (
@@ -99,9 +99,13 @@ def write_model(model: nn.Module, tokenizer, folder: Path, compression: dict, de
     if dtype is not None:
         exported.to(dtype)  # a cast model is saved: save_pretrained records the dtype it sees
     exported.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     if compact and not dense:
         shutil.copyfile(modeling_basis_llama.__file__, Path(folder) / "modeling_basis_llama.py")
-    tokenizer.save_pretrained(folder)
+        # transformers' AutoTokenizer reads the folder's config.json first, and basis_llama's
+        # asks to run the bundled code; a copy beside it without a config loads with no remote
+        # code, for tools that load the tokenizer on their own (serving, evaluation, chat UIs).
+        tokenizer.save_pretrained(Path(folder) / TOKENIZER_FOLDER)
 
 
 def _carried_compression(model: nn.Module) -> dict:

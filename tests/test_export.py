@@ -66,8 +66,10 @@ def test_bundled_code_loads_without_the_package(tmp_path, tiny_model, tokenizer,
     torch.save(blocks, tmp_path / "blocks.pt")
     script = (
         "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        f"t = AutoTokenizer.from_pretrained({str(out / 'tokenizer')!r})  # no remote code asked for\n"
+        f"assert t('def f(x):')['input_ids'] == {tokenizer('def f(x):')['input_ids']!r}\n"
         "assert 'compressor' not in sys.modules, 'the package was imported'\n"
         f"torch.save(m(torch.load({str(tmp_path / 'blocks.pt')!r})).logits.detach(), {str(tmp_path / 'logits.pt')!r})\n"
     )
