@@ -7,7 +7,8 @@ Sources (all read from the data folder `compressor fetch-example` fills, or a lo
   math       ASDiv word problems with answers (evaluation uses GSM8K: disjoint)
   general    Wikipedia passages of BoolQ, the calibration half of a fixed hash split
   mix        equal thirds of the three above
-  PATH       any local .jsonl (a "text" field, or the first string field) or .txt file
+  PATH       a local .jsonl, .json, .csv or .parquet file (read by `datasets`: its "text"
+             column, or its first column of strings), or a .txt file (one document)
 """
 
 from __future__ import annotations
@@ -121,25 +122,42 @@ def write_text_rows(path: Path, texts: list[str]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(rows, encoding="utf-8"))
 
 
+# Local files read through Hugging Face `datasets` (its loaders and its cache), by suffix; a
+# .txt file is one document, not one per line as datasets' text loader would make it.
+DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
 def file_texts(path: Path) -> list[str]:
+    """The documents of a local file: its "text" column (else its first column of strings) for
+    the formats of DATASET_FORMATS, the whole file for .txt."""
     if path.is_dir():
-        raise CalibrationDataError(f"Calibration source {path} is a folder; pass a .jsonl or .txt file.")
+        raise CalibrationDataError(f"Calibration source {path} is a folder; pass a file "
+                                   f"({', '.join((*DATASET_FORMATS, '.txt'))}).")
     if not path.is_file():
         raise CalibrationDataError(f"Calibration file {path} does not exist.")
-    if path.suffix == ".jsonl":
-        texts = []
-        for row in read_jsonl(path):
-            text = row.get("text") if isinstance(row, dict) else None
-            if text is None and isinstance(row, dict):
-                text = next((value for value in row.values() if isinstance(value, str)), None)
-            if text:
-                texts.append(text)
-        return texts
+    if path.suffix in DATASET_FORMATS:
+        return _dataset_texts(path) if path.stat().st_size else []
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise CalibrationDataError(f"Calibration file {path} is not UTF-8 text: {error}") from None
     return [text] if text.strip() else []  # empty: refused by the caller, which names the file
+
+
+def _dataset_texts(path: Path) -> list[str]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(DATASET_FORMATS[path.suffix], data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps parse errors in several types of its own and of pyarrow
+        raise CalibrationDataError(f"Cannot read {path} as {DATASET_FORMATS[path.suffix]}: "
+                                   f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    strings = [name for name, feature in rows.features.items() if getattr(feature, "dtype", None) in ("string", "large_string")]
+    column = "text" if "text" in strings else next(iter(strings), None)
+    if column is None:
+        raise CalibrationDataError(f"{path} has no column of text (columns: {', '.join(rows.column_names) or 'none'}); "
+                                   'give the documents a "text" column.')
+    return [text for text in rows[column] if text]
 
 
 def source_texts(source: str, data_dir: Path) -> list[str]:
@@ -154,11 +172,11 @@ def source_texts(source: str, data_dir: Path) -> list[str]:
     if source == "mix":
         raise ValueError("mix is assembled by token_blocks")
     path = Path(source)
-    if path.suffix in (".jsonl", ".txt"):
+    if path.suffix in (*DATASET_FORMATS, ".txt"):
         return file_texts(path)
     raise CalibrationDataError(
         f"Unknown calibration source {source!r}: use one of {', '.join(SOURCES)} or a path to a "
-        ".jsonl / .txt file."
+        f"{' / '.join((*DATASET_FORMATS, '.txt'))} file."
     )
 
 

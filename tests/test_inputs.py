@@ -39,7 +39,7 @@ def test_calibration_file_empty_or_missing_or_not_utf8(tmp_path, tokenizer):
     with pytest.raises(CalibrationDataError, match="Unknown calibration source"):
         token_blocks("poetry", tokenizer, 1, 8, 0, tmp_path)
     (tmp_path / "folder.txt").mkdir()
-    with pytest.raises(CalibrationDataError, match="is a folder; pass a .jsonl or .txt file"):
+    with pytest.raises(CalibrationDataError, match="is a folder; pass a file"):
         token_blocks(str(tmp_path / "folder.txt"), tokenizer, 1, 8, 0, tmp_path)
 
 
@@ -65,6 +65,24 @@ def test_text_rows_written_read_back_whole(tmp_path):
     write_text_rows(path, texts)
     assert file_texts(path) == texts
     assert sorted(p.name for p in path.parent.iterdir()) == ["rows.jsonl"]  # no partial file left
+
+
+def test_tables_read_through_datasets_give_their_text_column(tmp_path):
+    import datasets
+
+    rows = {"id": [1, 2, 3], "title": ["a", "b", "c"], "text": ["first doc", "", "third doc"]}
+    datasets.Dataset.from_dict(rows).to_parquet(tmp_path / "docs.parquet")
+    datasets.Dataset.from_dict(rows).to_csv(tmp_path / "docs.csv")
+    for name in ("docs.parquet", "docs.csv"):
+        assert file_texts(tmp_path / name) == ["first doc", "third doc"]  # empty documents dropped
+    (tmp_path / "plain.jsonl").write_text('{"n": 1, "body": "only strings here"}\n')
+    assert file_texts(tmp_path / "plain.jsonl") == ["only strings here"]  # the first column of strings
+    datasets.Dataset.from_dict({"n": [1, 2]}).to_parquet(tmp_path / "numbers.parquet")
+    with pytest.raises(CalibrationDataError, match='no column of text.*"text" column'):
+        file_texts(tmp_path / "numbers.parquet")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(CalibrationDataError, match="Cannot read .*broken.jsonl as json"):
+        file_texts(tmp_path / "broken.jsonl")
 
 
 def test_functions_source_is_documented_functions_each_on_its_own(tmp_path, tokenizer):
