@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from calibration.stats import InputStats
+from calibration.stats import InputStats, OutputStats
 from compressor.files import atomic_write, file_lock
 
 STATS_VERSION = 1
@@ -43,12 +43,16 @@ def model_fingerprint(model_dir: Path, pattern: str | None = None) -> str:
 
 
 def stats_key(model_id: str, tokens_sha256: str, source: str, samples: int, seq_len: int, seed: int,
-              corpus_sha256: str | None = None) -> dict:
+              corpus_sha256: str | None = None, outputs: frozenset[str] = frozenset()) -> dict:
     """The key's fields and the key. corpus_sha256 (the standard library the code sources read)
     is recorded in key.json but not hashed into the key: the token ids are, so statistics of
-    another corpus already have another key, and the keys of existing caches stay valid."""
+    another corpus already have another key, and the keys of existing caches stay valid.
+    outputs: the linears whose output Gram matrix is recorded instead of their input's (a key
+    field only when there are any, so the keys of input-only statistics stay as they were)."""
     info = {"stats_version": STATS_VERSION, "model": model_id, "tokens_sha256": tokens_sha256,
             "source": source, "samples": samples, "seq_len": seq_len, "seed": seed}
+    if outputs:
+        info["outputs"] = sorted(outputs)
     info["key"] = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:24]
     if corpus_sha256 is not None:
         info["corpus_sha256"] = corpus_sha256
@@ -61,7 +65,7 @@ def other_corpus_entries(root: Path, info: dict) -> list[Path]:
     Python release), so its statistics, and everything made from them, will differ."""
     if "corpus_sha256" not in info:
         return []
-    same = ("model", "source", "samples", "seq_len", "seed")
+    same = ("model", "source", "samples", "seq_len", "seed", "outputs")
     found = []
     for key_file in sorted(Path(root).glob("*/key.json")):
         if key_file.parent.name.startswith(".") or not (key_file.parent / "COMPLETE").exists():
@@ -110,7 +114,7 @@ class StatsCache:
         return next_layer, [tensors[f"batch_{index}"] for index in range(len(tensors))]
 
     def write_layers(self, layer_stats, start: int = 0) -> None:
-        """Consume (index, {group: InputStats}, next hidden states) triples from layer `start`
+        """Consume (index, {group: InputStats | OutputStats}, next hidden states) triples from layer `start`
         on (earlier layers are already in the partial folder) and store them; rename when all done.
         Call it holding `lock()`."""
         if start == 0:
@@ -120,8 +124,13 @@ class StatsCache:
         for index, stats, hidden in layer_stats:
             tensors, counts = {}, {}
             for group, item in stats.items():
-                tensors[f"{group}.gram"] = item.gram
-                tensors[f"{group}.abs_sum"] = item.abs_sum
+                if isinstance(item, OutputStats):
+                    tensors[f"{group}.output_gram"] = item.gram
+                    tensors[f"{group}.input_square_sum"] = item.input_square_sum
+                    counts[f"{group}.in_features"] = str(item.in_features)
+                else:
+                    tensors[f"{group}.gram"] = item.gram
+                    tensors[f"{group}.abs_sum"] = item.abs_sum
                 counts[group] = str(item.count)
             save_file(tensors, self.partial / f"layer_{index:03d}.safetensors", metadata=counts)
             # One file holds the states and the layer they enter: a kill cannot split them.
@@ -135,13 +144,21 @@ class StatsCache:
         shutil.rmtree(self.path, ignore_errors=True)
         self.partial.rename(self.path)
 
-    def load_layer(self, index: int) -> dict[str, InputStats]:
+    def load_layer(self, index: int) -> dict[str, InputStats | OutputStats]:
         path = self.path / f"layer_{index:03d}.safetensors"
         tensors = load_file(path)
         with safe_open(path, "pt") as handle:
             counts = handle.metadata()
-        return {group: InputStats(tensors[f"{group}.gram"], tensors[f"{group}.abs_sum"], int(count))
-                for group, count in counts.items()}
+        stats = {}
+        for group, count in counts.items():
+            if group.endswith(".in_features"):
+                continue
+            if f"{group}.output_gram" in tensors:
+                stats[group] = OutputStats(tensors[f"{group}.output_gram"], tensors[f"{group}.input_square_sum"],
+                                           int(counts[f"{group}.in_features"]), int(count))
+            else:
+                stats[group] = InputStats(tensors[f"{group}.gram"], tensors[f"{group}.abs_sum"], int(count))
+        return stats
 
     def load_json(self, name: str):
         path = self.path / f"{name}.json"

@@ -108,13 +108,14 @@ def collect_layer(layer: nn.Module, spec: ArchSpec, inputs: LayerInputs,
 
 def iterate_layers(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, batch_size: int,
                    progress: bool = True, start: int = 0, hidden: list[torch.Tensor] | None = None,
-                   device: torch.device | None = None,
-                   ) -> Iterator[tuple[int, dict[str, InputStats], list[torch.Tensor]]]:
+                   device: torch.device | None = None, outputs: frozenset[str] = frozenset(),
+                   ) -> Iterator[tuple[int, dict[str, InputStats | OutputStats], list[torch.Tensor]]]:
     """Yield (layer index, statistics of its input groups, the hidden states it outputs, per
     batch), one layer at a time. start / hidden: resume an interrupted run at layer `start`,
     with the hidden states that enter it (the other layer arguments are captured again).
     device: run each layer there in turn, the activations staying there (the model in host
-    memory); None: where the model is."""
+    memory); None: where the model is. outputs: linears whose output statistics are recorded
+    instead (see collect_layer)."""
     inputs = capture_first_layer_inputs(model, spec, blocks, batch_size)
     if start:
         if hidden is None or [h.shape for h in hidden] != [h.shape for h in inputs.hidden]:
@@ -128,7 +129,7 @@ def iterate_layers(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, batch
                       disable=not progress):
         try:
             with on_device(layers[index], device):
-                stats, inputs = collect_layer(layers[index], spec, inputs)
+                stats, inputs = collect_layer(layers[index], spec, inputs, outputs)
         except FloatingPointError as error:
             raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights "
                                      "(embeddings, norms) and its dtype.") from None

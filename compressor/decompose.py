@@ -271,10 +271,13 @@ def output_error(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
     return float(num / den)
 
 
-def kept_output_error(weight: torch.Tensor, factor: Factorization, rank: int, gram: torch.Tensor) -> float:
+def kept_output_error(weight: torch.Tensor, factor: Factorization, rank: int, gram: torch.Tensor | None) -> float:
     """Relative output error of keeping the first `rank` bases. For whiten it is the dropped
-    singular energy (exact, in the damped whitened space) and costs nothing; the others are
-    measured against the Gram matrix (an (out, in, in) product: 50 s for a 7B MLP matrix)."""
+    singular energy (exact, in the damped whitened space) and costs nothing (gram may be None);
+    the others are measured against the Gram matrix (an (out, in, in) product: 50 s for a 7B
+    MLP matrix)."""
     if factor.method == "whiten":
         return factor.truncation_error(rank)
+    if gram is None:
+        raise ValueError(f"the output error of {factor.method} bases needs the input Gram matrix")
     return output_error(weight, *factor.factors(rank), gram)

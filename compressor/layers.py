@@ -50,6 +50,17 @@ def group_of(spec: ArchSpec) -> dict[str, str]:
     return {name: group[0] for group in spec.input_groups for name in group}
 
 
+def output_gram_linears(layer: torch.nn.Module, spec: ArchSpec, config: CompressConfig) -> frozenset[str]:
+    """The linears of a layer whose output Gram matrix is recorded instead of their input's:
+    under whitening with the eigen solver, a linear alone in its input group with out < in
+    (LLaMA's down_proj) needs only W G W^T, which costs out^2 per token instead of in^2."""
+    if (config.method, config.solver) != ("whiten", "eigh"):
+        return frozenset()
+    alone = [group[0] for group in spec.input_groups if len(group) == 1]
+    return frozenset(name for name in alone
+                     if layer.get_submodule(name).out_features < layer.get_submodule(name).in_features)
+
+
 def decompose_linear(weight: torch.Tensor, stats: InputStats | OutputStats, config: CompressConfig,
                      full_name: str) -> tuple[Factorization, torch.Tensor | None]:
     """One linear's bases by the config's method and solver, with the mean Gram matrix of its
@@ -124,7 +135,7 @@ def sequential_cut(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, ranks
     inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size)
     reports, layer_stats = [], {}
     for index, layer in enumerate(tqdm(decoder_layers(model, spec), desc="sequential", disable=not progress)):
-        stats, _ = collect_layer(layer, spec, inputs)
+        stats, _ = collect_layer(layer, spec, inputs, output_gram_linears(layer, spec, config))
         reports += cut_layer(layer, spec, index, stats, ranks, config)
         inputs = run_layer(layer, inputs)  # what the compressed layer passes on
         if keep_stats:

@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.cache import StatsCache
+from calibration.stats import InputStats
 from compressor.allocate import Shape, global_ranks, measured_costs, pruning_targets
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig, LearnConfig
@@ -264,10 +265,11 @@ def learn_selection(model: nn.Module, factors: dict[str, Factorization], shapes:
 
 @torch.no_grad()
 def fold(module: BasisLinear, factor: Factorization, rank: int | None,
-         gram: torch.Tensor) -> tuple[nn.Module, float]:
+         gram: torch.Tensor | None) -> tuple[nn.Module, float]:
     """The exported module of one trained BasisLinear, its learned coefficients folded in: an
     nn.Linear U diag(c) W where the matrix stays dense, else a LowRankLinear of its `rank`
-    most important bases; and its relative output error against the dense original."""
+    most important bases; and its relative output error against the dense original (gram
+    None: whitened bases, whose error is that of the coefficients, |sigma - c|^2 / |sigma|^2)."""
     original = (module.u * module.sigma) @ module.w
     if rank is None:
         up, down = factor.u * factor.sigma, factor.w
@@ -285,6 +287,9 @@ def fold(module: BasisLinear, factor: Factorization, rank: int | None,
         target = new.up
     if module.bias is not None:
         target.bias.copy_(module.bias)
+    if gram is None:
+        sigma = module.sigma.double()
+        return new, float((sigma - module.coefficients().double()).square().sum() / sigma.square().sum().clamp_min(1e-30))
     return new, output_error(original, up, down, gram)
 
 
@@ -301,8 +306,9 @@ def fold_all(model: nn.Module, spec: ArchSpec, cache: StatsCache, factors: dict[
             if full_name not in factors:
                 continue  # could not be decomposed: stays dense
             shape, rank = shapes[full_name], ranks[full_name]
+            group = stats[groups[name]]
             new, error = fold(layer.get_submodule(name), factors[full_name], rank,
-                              stats[groups[name]].mean_gram().float())
+                              group.mean_gram().float() if isinstance(group, InputStats) else None)
             replace_module(layer, name, new)
             reports.append(LayerReport(full_name, shape.out_features, shape.in_features, rank,
                                        factors[full_name].full_rank, shape.dense, shape.stored(rank), error))

@@ -34,12 +34,14 @@ from calibration.capture import iterate_layers
 from calibration.data import blocks_fingerprint, corpus_sha256, token_blocks
 from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
+from calibration.stats import InputStats
 from compressor.allocate import (Shape, basis_energy, given_ranks, global_ranks, hull_ranks, measured_costs,
                                  uniform_ranks)
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
 from compressor.decompose import Factorization, kept_output_error
-from compressor.layers import DecompositionError, LayerReport, decompose_linear, group_of, low_rank_linear
+from compressor.layers import (DecompositionError, LayerReport, decompose_linear, group_of, low_rank_linear,
+                              output_gram_linears)
 from compressor.load import read_rank_map
 from compressor.modeling_basis_llama import replace_module
 from compressor.scoring import reorder, taylor_scores
@@ -72,10 +74,12 @@ def calibration_blocks(tokenizer, config: CompressConfig, data_dir: Path) -> tor
 
 def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: CompressConfig,
               cache_root: Path, model_id: str, progress: bool = True, device: torch.device | None = None) -> StatsCache:
-    """Input statistics of every decoder layer, from the cache when the key matches."""
+    """Input statistics of every decoder layer (output statistics for the linears of
+    layers.output_gram_linears), from the cache when the key matches."""
     cal = config.calibration
+    outputs = output_gram_linears(decoder_layers(model, spec)[0], spec, config)
     info = stats_key(model_id, blocks_fingerprint(blocks), cal.source, cal.samples, cal.seq_len, cal.seed,
-                     corpus_sha256(cal.source))
+                     corpus_sha256(cal.source), outputs)
     cache = StatsCache(cache_root, info)
     if cache.complete:
         log.info("reusing calibration statistics %s", cache.path)
@@ -93,7 +97,8 @@ def calibrate(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Co
         start, hidden = cache.resume_point()
         if start:
             log.info("resuming an interrupted calibration at layer %d (%s)", start, cache.partial)
-        cache.write_layers(iterate_layers(model, spec, blocks, cal.batch_size, progress, start, hidden, device), start)
+        cache.write_layers(iterate_layers(model, spec, blocks, cal.batch_size, progress, start, hidden, device,
+                                          outputs), start)
     return cache
 
 
@@ -201,7 +206,9 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
             # shape), more than a GPU that holds the model has left.
             bases.factors[full_name] = factor.to("cpu")
             bases.shapes[full_name] = Shape(*weight.shape)
-            bases.energy[full_name] = basis_energy(factor.sigma, factor.w, gram).cpu()
+            # Without an input Gram matrix (output statistics: whitened bases) it is sigma^2.
+            bases.energy[full_name] = (factor.sigma.double().pow(2) if gram is None
+                                       else basis_energy(factor.sigma, factor.w, gram)).cpu()
     return bases
 
 
@@ -249,7 +256,8 @@ def apply_ranks(model: nn.Module, spec: ArchSpec, bases: Bases, ranks: dict[str,
             if rank is not None:
                 up, down = bases.factors[full_name].factors(rank)
                 if measure:
-                    gram = stats[groups[name]].mean_gram().float()
+                    group = stats[groups[name]]  # output statistics have no input Gram matrix: whiten needs none
+                    gram = group.mean_gram().float() if isinstance(group, InputStats) else None
                     weight = dense.weight.float() if device is None else dense.weight.to(device, torch.float32)
                     report.output_error = kept_output_error(weight, bases.factors[full_name], rank, gram)
                 if costs is not None:

@@ -47,7 +47,7 @@ from compressor.evaluate import peak_rss_bytes, rss_bytes
 from compressor.export import basis_config
 from compressor.files import atomic_folder
 from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
-from compressor.layers import LayerReport, cut_layer
+from compressor.layers import LayerReport, cut_layer, output_gram_linears
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +169,6 @@ def check_streamable(config: CompressConfig) -> None:
     if config.on_failure != "stop":
         raise ConfigError("Streaming fixes every rank before the first layer, so a linear left dense after a "
                           "failure would miss the budget; use --on-failure stop, or compress without --streaming.")
-
-
-def output_gram_linears(layer: torch.nn.Module, spec: ArchSpec, config: CompressConfig) -> frozenset[str]:
-    """The linears of a layer whose output Gram matrix is recorded instead of their input's:
-    under whitening with the eigen solver, a linear alone in its input group with out < in
-    (LLaMA's down_proj) needs only W G W^T, which costs out^2 per token instead of in^2."""
-    if (config.method, config.solver) != ("whiten", "eigh"):
-        return frozenset()
-    alone = [group[0] for group in spec.input_groups if len(group) == 1]
-    return frozenset(name for name in alone
-                     if layer.get_submodule(name).out_features < layer.get_submodule(name).in_features)
 
 
 def _rest_tensors(model: LlamaForCausalLM, spec: ArchSpec, checkpoint: LazyCheckpoint,

@@ -53,3 +53,32 @@ def test_output_statistics_give_w_g_wt_without_the_bias(tiny_model, blocks):
     assert abs(item.input_mean_square() - float(gram.diagonal().mean())) < 1e-5 * float(gram.diagonal().mean())
     assert type(from_outputs["mlp.gate_proj"]).__name__ == "InputStats"  # the others unchanged
     assert not down._forward_hooks and not down._forward_pre_hooks
+
+
+def test_in_memory_eigh_keeps_down_projs_output_statistics_and_the_svd_result(tmp_path, tiny_model, blocks):
+    """Whiten with the eigen solver records down_proj's output Gram matrix (out^2 per token, not
+    in^2) in the cached statistics, and compresses as the float64 SVD on input statistics does:
+    the same ranks, the same logits up to float32 rounding."""
+    import copy
+
+    from calibration.stats import OutputStats
+    from compressor.config import CalibrationConfig, CompressConfig
+    from compressor.pipeline import compress
+
+    results, models = {}, {}
+    for solver in ("svd", "eigh"):
+        models[solver] = copy.deepcopy(tiny_model)
+        config = CompressConfig(ratio=0.3, solver=solver, align=1, calibration=CalibrationConfig(
+            samples=len(blocks), seq_len=blocks.shape[1], batch_size=4, sensitivity_samples=2))
+        results[solver] = compress(models[solver], get_spec("llama"), blocks, config, tmp_path / solver, "tiny",
+                                   progress=False)
+    (entry,) = [path for path in (tmp_path / "eigh").iterdir() if (path / "COMPLETE").exists()]
+    from calibration.cache import StatsCache
+
+    stats = StatsCache(tmp_path / "eigh", {"key": entry.name}).load_layer(1)
+    assert isinstance(stats["mlp.down_proj"], OutputStats) and not isinstance(stats["mlp.gate_proj"], OutputStats)
+    assert results["svd"].ranks == results["eigh"].ranks
+    errors = [[report.output_error for report in result.layers] for result in results.values()]
+    assert all(abs(a - b) < 1e-3 for a, b in zip(*errors))
+    with torch.no_grad():
+        assert torch.allclose(models["eigh"](blocks).logits, models["svd"](blocks).logits, atol=1e-3)

@@ -101,7 +101,7 @@ def test_math_source_without_data_says_how_to_fetch(tmp_path, tokenizer):
         token_blocks("math", tokenizer, 1, 8, 0, tmp_path)
 
 
-def test_stats_cache_key_changes_with_inputs_and_is_reused(tmp_path, tiny_model, blocks):
+def test_stats_cache_key_changes_with_inputs_and_is_reused(tmp_path, tiny_model, blocks, monkeypatch):
     base = stats_key("model-a", blocks_fingerprint(blocks), "code", 8, 32, 0)
     variants = [stats_key("model-b", blocks_fingerprint(blocks), "code", 8, 32, 0),
                 stats_key("model-a", blocks_fingerprint(blocks[:4]), "code", 4, 32, 0),
@@ -113,7 +113,8 @@ def test_stats_cache_key_changes_with_inputs_and_is_reused(tmp_path, tiny_model,
     assert cache.complete
     first = cache.load_layer(1)["mlp.down_proj"].gram
     # A second run finds the statistics and does not run the model.
-    again = calibrate(None, get_spec("llama"), blocks, config, tmp_path, "model-a", progress=False)
+    monkeypatch.setattr("compressor.stages.iterate_layers", lambda *args, **kwargs: pytest.fail("recalibrated"))
+    again = calibrate(tiny_model, get_spec("llama"), blocks, config, tmp_path, "model-a", progress=False)
     assert torch.equal(again.load_layer(1)["mlp.down_proj"].gram, first)
     assert not list(tmp_path.glob(".*tmp*"))
 

@@ -148,11 +148,13 @@ def test_a_lock_left_by_a_dead_pid_is_taken_over(tmp_path, corpus, model_dir, ca
 def test_a_calibration_lock_left_by_a_dead_pid_is_taken_over(tmp_path, tiny_model, blocks, caplog):
     from calibration.cache import StatsCache, stats_key
     from calibration.data import blocks_fingerprint
+    from compressor.layers import output_gram_linears
     from compressor.stages import calibrate
 
     config = CompressConfig(calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4))
     root = tmp_path / "stats"
-    info = stats_key("model-a", blocks_fingerprint(blocks), config.calibration.source, 8, 32, 0)
+    outputs = output_gram_linears(tiny_model.model.layers[0], get_spec("llama"), config)
+    info = stats_key("model-a", blocks_fingerprint(blocks), config.calibration.source, 8, 32, 0, outputs=outputs)
     cache = StatsCache(root, info)
     lock = root.with_name(f".stats.{info['key']}.lock")
     pid = _write_dead_lock(lock)

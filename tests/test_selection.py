@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -95,8 +96,9 @@ def test_schedule_and_event_steps():
     assert event_steps(LearnConfig(steps=10, prune_events=3, prune_start=0.8, prune_end=1.0)) == [8, 9, 10]
 
 
-def test_learned_compression_meets_the_budget(tiny_model, blocks, tmp_path):
-    config = _learned_config()
+@pytest.mark.parametrize("solver", ["svd", "eigh"])  # eigh: down_proj's output statistics
+def test_learned_compression_meets_the_budget(tiny_model, blocks, tmp_path, solver):
+    config = replace(_learned_config(), solver=solver)
     learn_blocks = torch.randint(3, 96, (8, 32), generator=torch.Generator().manual_seed(2))
     result = compress(tiny_model, get_spec("llama"), blocks, config, tmp_path / "stats", "tiny", progress=False,
                       learn_blocks=learn_blocks)
@@ -105,6 +107,7 @@ def test_learned_compression_meets_the_budget(tiny_model, blocks, tmp_path):
     assert len(record["trace"]) == 4 and sum("pruned_to" in row for row in record["trace"]) == 2
     assert not any(isinstance(module, BasisLinear) for module in tiny_model.modules())
     assert all(f"{name}.learned" in result.scores for name in result.ranks)
+    assert all(0 <= layer.output_error < 1 for layer in result.layers)
 
 
 def test_cli_learned_run_meets_the_budget_and_removes_its_checkpoints(tmp_path, corpus, model_dir):

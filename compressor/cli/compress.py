@@ -66,8 +66,9 @@ def _add_compress(compress: argparse.ArgumentParser) -> None:
     compress.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
     compress.add_argument("--ratio", type=float, help="fraction of decoder-linear parameters to remove")
     compress.add_argument("--method", help="svd | asvd | whiten")
-    compress.add_argument("--solver", help="svd (float64, exact; default) | eigh (float32 eigen-decomposition, "
-                                           "5-15x faster, same bases to float32 accuracy)")
+    compress.add_argument("--solver", help="eigh (default: float32 eigen-decomposition, 5-15x faster, the same "
+                                           "bases to float32 accuracy; whiten records down_proj's output Gram "
+                                           "matrix instead of its input's) | svd (float64, exact)")
     compress.add_argument("--allocation", help="uniform | global | auto (the one of the two with the lower "
                                                "calibration loss)")
     compress.add_argument("--global-solver", help="global allocation: greedy (default; aligned chunks, cheapest per "
