@@ -74,7 +74,7 @@ def other_corpus_entries(root: Path, info: dict) -> list[Path]:
             other = json.loads(key_file.read_text())
         except ValueError:
             continue
-        if all(other.get(name) == info[name] for name in same) and \
+        if all(other.get(name) == info.get(name) for name in same) and \
                 other.get("corpus_sha256") not in (None, info["corpus_sha256"]):
             found.append(key_file.parent)
     return found

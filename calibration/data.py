@@ -146,10 +146,12 @@ def file_texts(path: Path) -> list[str]:
 
 def _dataset_texts(path: Path) -> list[str]:
     import datasets
+    from pyarrow import ArrowInvalid
 
     try:
         rows = datasets.load_dataset(DATASET_FORMATS[path.suffix], data_files=str(path), split="train")
-    except Exception as error:  # datasets wraps parse errors in several types of its own and of pyarrow
+    except (datasets.exceptions.DatasetGenerationError, ArrowInvalid, ValueError) as error:  # not OSError: a full
+        # disk or a permission on the datasets cache is no fault of the file
         raise CalibrationDataError(f"Cannot read {path} as {DATASET_FORMATS[path.suffix]}: "
                                    f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     strings = [name for name, feature in rows.features.items() if getattr(feature, "dtype", None) in ("string", "large_string")]

@@ -2,8 +2,8 @@
 
 Linears that read the same tensor (q/k/v; gate/up) share one `InputStats`, recorded by a hook
 on the first linear of the group. A linear much narrower at its output than at its input can
-record `OutputStats` instead, when the decomposition needs only W G W^T (streaming under
-whitening with the eigen solver). Hooks are tracked and removed by `recording`, never by
+record `OutputStats` instead, when the decomposition needs only W G W^T (whitening with the
+eigen solver, in memory and streaming: compressor.layers.output_gram_linears). Hooks are tracked and removed by `recording`, never by
 clearing a module's hook dicts.
 """
 

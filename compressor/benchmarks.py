@@ -78,9 +78,12 @@ def run_benchmark(task: str, model: nn.Module, tokenizer, data_dir: Path, result
         compute = partial(own[task], model, tokenizer, data_dir, limit, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, progress=progress, split=split)
     else:
-        from compressor.harness import run_task
+        from compressor.harness import engine_version, run_task
+        from compressor.lm_eval_tasks import TASKS_VERSION
 
-        settings["engine"] = "lm-eval"  # own-engine entries keep the keys they were cached under
+        # Own-engine entries keep the keys they were cached under; lm-eval's name the harness's
+        # release and the tasks' version, so an upgrade or a changed task is measured anew.
+        settings["engine"] = f"{engine_version()}, tasks {TASKS_VERSION}"
         compute = partial(run_task, task, model, tokenizer, data_dir, limit, split, shots=shots,
                           max_new_tokens=max_new_tokens, batch_size=batch_size,
                           allow_code_exec=allow_code_exec, progress=progress)

@@ -148,7 +148,7 @@ def _tokenizer_lines(folder: Path) -> list[str]:
     if (folder / TOKENIZER_FOLDER).is_dir():
         return [f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}/{TOKENIZER_FOLDER}")  # no remote code needed',
                 f'# the same tokenizer as AutoTokenizer.from_pretrained("{folder.name}", trust_remote_code=True)']
-    return [f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")']
+    return [f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")  # without the package: trust_remote_code=True too']
 
 
 def is_export(folder: Path) -> bool:

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class CalibrationConfig:
-    source: str = "code"  # code | functions | math | general | mix | path to .jsonl/.txt
+    source: str = "code"  # code | functions | math | general | mix | a .jsonl/.json/.csv/.parquet/.txt file
     samples: int = 64
     seq_len: int = 512
     seed: int = 0
@@ -249,7 +249,7 @@ class TrainConfig:
     """Recovery training of an adapter on target data (compressor train)."""
 
     version: int = CONFIG_VERSION
-    target: str = "code"  # code | functions | math | general | mix | path to .jsonl/.txt
+    target: str = "code"  # code | functions | math | general | mix | a .jsonl/.json/.csv/.parquet/.txt file
     steps: int = 200
     batch_size: int = 4
     grad_accum: int = 1

@@ -206,7 +206,9 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
             # shape), more than a GPU that holds the model has left.
             bases.factors[full_name] = factor.to("cpu")
             bases.shapes[full_name] = Shape(*weight.shape)
-            # Without an input Gram matrix (output statistics: whitened bases) it is sigma^2.
+            # Without an input Gram matrix (output statistics: whitened bases) it is sigma^2, the
+            # energy in the damped whitened space; with one, w G w^T uses the undamped G (the
+            # two differ by the damping, 1e-4 of the mean diagonal).
             bases.energy[full_name] = (factor.sigma.double().pow(2) if gram is None
                                        else basis_energy(factor.sigma, factor.w, gram)).cpu()
     return bases

@@ -41,7 +41,7 @@ from calibration.capture import LayerInputs, capture_first_layer_inputs, collect
 import compressor.modeling_basis_llama as modeling_basis_llama
 from compressor.allocate import Shape, summarize, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers, get_spec, linear_modules
-from compressor.card import write_card
+from compressor.card import TOKENIZER_FOLDER, write_card
 from compressor.config import CompressConfig, ConfigError, save_config
 from compressor.evaluate import peak_rss_bytes, rss_bytes
 from compressor.export import basis_config
@@ -203,6 +203,7 @@ def _write_export(folder: Path, model: LlamaForCausalLM, spec: ArchSpec, checkpo
     shutil.copyfile(modeling_basis_llama.__file__, folder / "modeling_basis_llama.py")
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        tokenizer.save_pretrained(folder / TOKENIZER_FOLDER)  # loads without remote code (export.write_model)
 
 
 def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressConfig, out_dir: Path,

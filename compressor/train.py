@@ -116,6 +116,8 @@ def _check_same_config(path: Path, config: TrainConfig) -> None:
     if not path.exists():
         return
     saved, now = config_to_dict(load_config(path, TrainConfig)), config_to_dict(config)
+    for settings in (saved, now):  # the adapter's file format is not a training setting
+        settings.get("adapter", {}).pop("version", None)
     changed = sorted(key for key in now if saved.get(key) != now[key])
     if changed:
         raise ValueError(f"Cannot resume {path.parent}: settings {changed} differ from the ones it "

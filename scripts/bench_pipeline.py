@@ -61,10 +61,10 @@ def sweep(args: argparse.Namespace, model, spec, cache, blocks, base: CompressCo
     """Every method x score x allocation x ratio of the flags, one factorization per method."""
     for method in args.methods:
         bases, decompose_s = timed(factorize, model, spec, cache,
-                                   CompressConfig(method=method, calibration=base.calibration), False)
+                                   CompressConfig(method=method, solver="svd", calibration=base.calibration), False)
         for score in args.scores:
             for allocation in args.allocations:
-                config = CompressConfig(method=method, allocation=allocation, score=score,
+                config = CompressConfig(method=method, solver="svd", allocation=allocation, score=score,
                                         calibration=base.calibration)
                 # A score may reorder bases: each (score, allocation) starts from the factorization.
                 scored = Bases(dict(bases.factors), bases.shapes, dict(bases.energy))
@@ -89,7 +89,9 @@ def main() -> None:
     dd = data_dir(args.home)
     tokenizer = load_tokenizer(args.model)
     model, spec = load_model(args.model)
-    base = CompressConfig(calibration=CalibrationConfig(source=args.target, samples=args.samples))
+    # solver svd: input statistics of every linear, which every method of the sweep can use
+    # (whiten with the eigh solver records down_proj's output statistics instead).
+    base = CompressConfig(solver="svd", calibration=CalibrationConfig(source=args.target, samples=args.samples))
     blocks = calibration_blocks(tokenizer, base, dd)
     cache, results["calibration_s"] = timed(
         calibrate, model, spec, blocks, base, args.home / "stats", model_fingerprint(args.model))

@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--skip-svd", action="store_true", help="leave out the svd32 floor and the in-memory svd run")
     parser.add_argument("--main-command", action="store_true",
                         help="time the README's main compress (default settings) against its floor")
+    parser.add_argument("--export", type=Path, help="--main-command: keep its export here (default: discarded)")
     args = parser.parse_args()
     home = default_home()
     model_dir = args.model or example_model_dir(home)
@@ -130,11 +131,12 @@ def bench_main_command(model_dir: Path, home: Path, args: argparse.Namespace) ->
     floor = sum(rows.values())
     del model
     with tempfile.TemporaryDirectory(prefix="bench-main-") as scratch:
+        export = args.export or Path(scratch) / "out"
         command = [sys.executable, "-m", "compressor.cli", "compress", "--model", str(model_dir), "--target",
-                   args.target, "--ratio", "0.2", "--method", "whiten", "--out", f"{scratch}/out",
+                   args.target, "--ratio", "0.2", "--method", "whiten", "--out", str(export),
                    "--home", f"{scratch}/home", "--data-dir", str(data_dir(home)), "--quiet"]
         seconds, _ = timed(lambda: subprocess.run(command, check=True))
-        summary = json.loads((Path(scratch) / "out" / "compression_summary.json").read_text())
+        summary = json.loads((export / "compression_summary.json").read_text())
     run = "compressor compress (README's main command)"
     results = {"command": "python " + " ".join(sys.argv), "model": str(model_dir),
                "tokens": int(blocks.numel()), "threads": torch.get_num_threads(), "torch": torch.__version__,

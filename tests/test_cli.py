@@ -78,7 +78,9 @@ def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
     assert summary["reproduce"]["tokens_sha256"] and len(summary["per_layer"]) == 3
     assert yaml.safe_load((tmp_path / "out" / "compression.yaml").read_text())["solver"] == "eigh"
     assert main(["eval", "--model", str(tmp_path / "out"), "--limit", "2", *common]) == 0
-    assert "| q_proj |" in (tmp_path / "out" / "README.md").read_text()  # streaming exports have a card too
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| q_proj |" in card and "out/tokenizer" in card  # streaming exports have a card, and tokenizer/, too
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
     # Global allocation needs the whole model: refused with what to do, before any work.
     assert main([*args[:-6], "--allocation", "global", "--streaming", *common,
                  "--out", str(tmp_path / "global")]) == 2

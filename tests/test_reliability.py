@@ -279,6 +279,12 @@ def test_statistics_of_another_code_corpus_are_named_in_a_warning(tmp_path, tiny
     with caplog.at_level("WARNING"):
         calibrate(tiny_model, get_spec("llama"), blocks[:, :-1], config, tmp_path, "model-a", progress=False)
     assert f"{first.path} were made from another code corpus" in caplog.text
+    # Input-only statistics beside output-Gram ones (another solver) are another kind, not a corpus clash.
+    svd = CompressConfig(solver="svd", calibration=config.calibration)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert calibrate(tiny_model, get_spec("llama"), blocks, svd, tmp_path, "model-a", progress=False).complete
+    assert "another code corpus" not in caplog.text
 
 
 # ---- 4. only numerical failures are "cannot be decomposed"; dtypes ---------------------------------

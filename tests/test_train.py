@@ -145,3 +145,15 @@ def test_overwrite_discards_an_unfinished_run(tmp_path, compressed):
                             overwrite=True, progress=False)
     assert summary["resumed_from_step"] == 0
     assert not partial_dir(tmp_path / "run").exists() and (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_a_run_started_with_format_1_adapters_resumes_but_other_settings_refuse(tmp_path):
+    from dataclasses import replace
+
+    from compressor.config import save_config
+
+    config = TrainConfig(steps=4)
+    save_config(replace(config, adapter=replace(config.adapter, version=1)), tmp_path / "train_config.yaml")
+    train_module._check_same_config(tmp_path / "train_config.yaml", config)  # only the file format differs
+    with pytest.raises(ValueError, match=r"settings \['steps'\] differ"):
+        train_module._check_same_config(tmp_path / "train_config.yaml", replace(config, steps=5))

@@ -6,8 +6,9 @@ trains on a dense base loads with `peft.PeftModel.from_pretrained(base, ADAPTER)
                              .lora_B.weight (out, r); the update is (lora_alpha / r) B A in both
   compressor_adapter.json    this package's record: method, seeds, shapes, base-model identity
 
-NOLA and Tied-LoRA, which PEFT does not have, and quantized adapters use the same layout; their
-adapter_config.json names the method and says that this package loads them. PEFT wraps only its
+NOLA and Tied-LoRA, which PEFT does not have, use the same layout; quantized adapters the same
+files, with their codes under this package's tensor names. Their adapter_config.json names the
+method and says that this package loads them. PEFT wraps only its
 own layer types, so on a compressed base (whose linears are LowRankLinear) an adapter loads
 with this package (`compressor eval --adapter`, `load_adapter`) or is merged into the factors
 (`compressor merge`).

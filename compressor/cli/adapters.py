@@ -30,7 +30,8 @@ def add_parsers(sub) -> None:
     train.add_argument("--model", type=Path, required=True, help="compressed (or dense) model folder")
     train.add_argument("--config", type=Path, help="YAML training config (flags override it)")
     train.add_argument("--adapter", help="lora | nola | tied-lora")
-    train.add_argument("--target", help="training data: code | functions | math | general | mix | PATH.jsonl/.txt")
+    train.add_argument("--target", help="training data: code | functions | math | general | mix | a "
+                                        ".jsonl/.json/.csv/.parquet (text column) or .txt file")
     train.add_argument("--steps", type=int)
     train.add_argument("--out", type=Path, required=True, help="adapter output folder")
     train.add_argument("--rank", type=int)

@@ -131,7 +131,8 @@ def _add_run_options(compress: argparse.ArgumentParser) -> None:
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="local Hugging Face model folder")
     parser.add_argument("--config", type=Path, help="YAML compression config (flags override it)")
-    parser.add_argument("--target", help="calibration data: code | functions | math | general | mix | PATH.jsonl/.txt")
+    parser.add_argument("--target", help="calibration data: code | functions | math | general | mix | a "
+                                         ".jsonl/.json/.csv/.parquet (text column) or .txt file")
     parser.add_argument("--samples", type=int, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
     parser.add_argument("--seed", type=int)

@@ -11,3 +11,4 @@ basis_ppl_math, basis_ppl_general (test split). `compressor eval` runs the same 
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent
+TASKS_VERSION = 1  # part of the benchmark cache key: raise it when a task's prompts or scoring change
