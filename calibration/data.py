@@ -150,10 +150,12 @@ def _dataset_texts(path: Path) -> list[str]:
 
     try:
         rows = datasets.load_dataset(DATASET_FORMATS[path.suffix], data_files=str(path), split="train")
-    except (datasets.exceptions.DatasetGenerationError, ArrowInvalid, ValueError) as error:  # not OSError: a full
-        # disk or a permission on the datasets cache is no fault of the file
-        raise CalibrationDataError(f"Cannot read {path} as {DATASET_FORMATS[path.suffix]}: "
-                                   f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    except (datasets.exceptions.DatasetGenerationError, ArrowInvalid, ValueError) as error:
+        cause = error.__cause__ or error  # datasets wraps whatever failed while it built the table
+        if isinstance(cause, OSError) and not isinstance(cause, ValueError):
+            raise cause from None  # a full disk or a permission on the datasets cache: no fault of the file
+        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise CalibrationDataError(f"Cannot read {path} as {DATASET_FORMATS[path.suffix]}: {reason}") from None
     strings = [name for name, feature in rows.features.items() if getattr(feature, "dtype", None) in ("string", "large_string")]
     column = "text" if "text" in strings else next(iter(strings), None)
     if column is None:

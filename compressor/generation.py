@@ -112,13 +112,17 @@ def gsm8k_prompt(question: str, exemplars: list[tuple[str, str]], tokenizer) -> 
 
 class StopOnStrings(StoppingCriteria):
     """Per sequence: done once its generated text holds a stop sequence. (transformers'
-    stop_strings needs a tokenizer whose vocabulary it can map back to strings.)"""
+    stop_strings needs a tokenizer whose vocabulary it can map back to strings.)
+    skip_special_tokens=False also stops at a stop string that is a special token (lm-eval's
+    rule); the own engine skips them, as it always has."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int):
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int, skip_special_tokens: bool = True):
         self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
+        self.skip_special_tokens = skip_special_tokens
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:],
+                                            skip_special_tokens=self.skip_special_tokens)
         return torch.tensor([any(stop in text for stop in self.stops) for text in texts],
                             device=input_ids.device)
 

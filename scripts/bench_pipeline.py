@@ -1,8 +1,8 @@
 """Benchmark the pipeline on the example model: methods x scores x allocations x ratios.
 
 Runs in one process so that every method's factorization (the expensive step) is computed
-once and shared by its allocations and ratios, exactly as `compressor compress` would compute
-it. Calibration statistics, sensitivities and gradients are collected once and cached. Every
+once and shared by its allocations and ratios, as `compressor compress --solver svd` would
+compute it (the svd solver: input statistics every method can use). Calibration statistics, sensitivities and gradients are collected once and cached. Every
 compressed model is exported with `save_compressed` (bytes on disk are measured on that
 folder) and evaluated in memory (the export round trip is exact: see tests/test_export.py).
 Writes RESULTS.json and README.md (a table) into --out.
@@ -80,7 +80,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "RESULTS.json"
     results = {"command": "python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]),
-               "settings": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+               "settings": {**{k: str(v) for k, v in vars(args).items()}, "solver": "svd"}, "runs": {}}
 
     def save() -> None:
         results_path.write_text(json.dumps(results, indent=2))

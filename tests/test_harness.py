@@ -128,3 +128,30 @@ def test_lm_eval_perplexity_differs_from_ours_only_by_its_prefix_token(tmp_path,
         alone, prefixed = (perplexity(model, tokenizer, [document], progress=False) for document in (text, prefix + text))
         assert prefixed.tokens == alone.tokens + 1
         assert sample["filtered_resps"][0] == pytest.approx(-prefixed.nll * prefixed.tokens, rel=1e-5)
+
+
+def test_per_sequence_stops_end_batches_sooner_with_lm_evals_completions(tmp_path):
+    """In a batch whose sequences meet different stop strings, lm-eval's stock rule generates on;
+    the engine's stops each sequence at its first one. Cut at the first stop, the texts agree."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor.answers import truncate
+    from compressor.harness import harness_model
+
+    folder = save_tiny_model(tmp_path / "model", max_position_embeddings=2048)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["def f(x):", "x = 1\n", "for i in", "class A:\n    pass"], return_tensors="pt",
+                      padding=True, padding_side="left")
+    stops = ["d", "e", "f", "g"]
+    texts = {}
+    for name, harness in (("stock", HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)),
+                          ("engine", harness_model(model, tokenizer, 4))):
+        output = harness._model_generate(batch["input_ids"], batch["input_ids"].shape[1] + 48, list(stops),
+                                         attention_mask=batch["attention_mask"], do_sample=False)
+        texts[name] = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [truncate(text, tuple(stops)) for text in texts["engine"]] == \
+        [truncate(text, tuple(stops)) for text in texts["stock"]]
+    # A sequence that met its stop is done (padding after it) while stock lm-eval generates on.
+    assert any(len(ours) < len(theirs) for ours, theirs in zip(texts["engine"], texts["stock"]))
+    assert all(len(ours) <= len(theirs) for ours, theirs in zip(texts["engine"], texts["stock"]))
