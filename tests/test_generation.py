@@ -20,13 +20,17 @@ ASDIV = [{"passage": f"Ann has {i} pens.", "question": "How many pens does Ann h
          for i in range(1, 6)]
 
 
-@pytest.fixture
-def data(tmp_path):
-    folder = tmp_path / "data"
+def write_eval_data(folder):
+    """The tiny HumanEval, GSM8K and ASDiv files above, as `fetch-example` names them."""
     folder.mkdir()
     for name, rows in (("humaneval", HUMANEVAL), ("gsm8k_test", GSM8K), ("asdiv", ASDIV)):
         (folder / f"{name}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     return folder
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_eval_data(tmp_path / "data")
 
 
 def _eval(model_dir, data, tmp_path, *extra):

@@ -14,7 +14,7 @@ from compressor.generation import DEFAULT_NEW_TOKENS, gsm8k_exemplars, gsm8k_pro
 from compressor.harness import build_task
 from compressor.lm_eval_tasks import TASKS_DIR
 from helpers import save_tiny_model
-from test_generation import ASDIV, GSM8K, HUMANEVAL
+from test_generation import write_eval_data
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
         "{% if not (loop.last and m['role'] == 'assistant') %}<|end|>{% endif %}{% endfor %}"
@@ -23,10 +23,7 @@ CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
 
 @pytest.fixture
 def data(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for name, rows in (("humaneval", HUMANEVAL), ("gsm8k_test", GSM8K), ("asdiv", ASDIV)):
-        (folder / f"{name}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    folder = write_eval_data(tmp_path / "data")
     (folder / "boolq.jsonl").write_text("\n".join(json.dumps({"passage": f"Passage {i} about rivers."})
                                                   for i in range(60)))
     return folder
