@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from calibration.capture import capture_first_layer_inputs, collect_layer, run_layer
 from calibration.stats import InputStats, OutputStats
-from compressor.allocate import Shape
+from compressor.allocate import Shape, basis_energy
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
 from compressor.decompose import (Factorization, all_finite, check_finite, decompose, kept_output_error,
@@ -89,6 +89,14 @@ def decompose_linear(weight: torch.Tensor, stats: InputStats | OutputStats, conf
         reason = f"the solver returned NaN/Inf in {', '.join(bad)}"
         raise DecompositionError(f"{full_name} cannot be decomposed ({config.method}): {reason}.", reason)
     return factor, gram
+
+
+def output_energies(factor: Factorization, gram: torch.Tensor | None) -> torch.Tensor:
+    """Each basis's output energy, on the host. Without an input Gram matrix (output
+    statistics: whitened bases) it is sigma^2, the energy in the damped whitened space; with
+    one, w G w^T uses the undamped G (the two differ by the damping, 1e-4 of the mean diagonal)."""
+    energy = factor.sigma.double().pow(2) if gram is None else basis_energy(factor.sigma, factor.w, gram)
+    return energy.cpu()
 
 
 @torch.no_grad()

@@ -76,7 +76,7 @@ def learn_and_apply(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks:
     sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress)
     work = Path(learn_root) / learn_key(model_id, blocks_fingerprint(learn_blocks), config)
     factors, ranks, record = learn_selection(model, bases.factors, bases.shapes, bases.energy,
-                                             probe_ranks(bases, config), sensitivity, learn_blocks, config,
+                                             probe_ranks(bases.shapes, config), sensitivity, learn_blocks, config,
                                              work, progress)
     reports = fold_all(model, spec, cache, factors, bases.shapes, ranks)
     record["work"] = str(work)  # the checkpoints, removed once the export is written

@@ -35,13 +35,12 @@ from calibration.data import blocks_fingerprint, corpus_sha256, token_blocks
 from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
 from calibration.stats import InputStats
-from compressor.allocate import (Shape, basis_energy, given_ranks, global_ranks, hull_ranks, measured_costs,
-                                 uniform_ranks)
+from compressor.allocate import Shape, given_ranks, global_ranks, hull_ranks, measured_costs, uniform_ranks
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
 from compressor.decompose import Factorization, kept_output_error
 from compressor.layers import (DecompositionError, LayerReport, decompose_linear, group_of, low_rank_linear,
-                              output_gram_linears)
+                              output_energies, output_gram_linears)
 from compressor.load import read_rank_map
 from compressor.modeling_basis_llama import replace_module
 from compressor.scoring import reorder, taylor_scores
@@ -108,8 +107,9 @@ def _bases_key(config: CompressConfig) -> str:
     return f"_damp{config.damping:g}_alpha{config.asvd_alpha:g}{solver}"
 
 
-def probe_ranks(bases: Bases, config: CompressConfig) -> dict[str, int | None]:
-    return uniform_ranks(bases.shapes, config.probe_ratio, config.align, tolerance=0.05)
+def probe_ranks(shapes: dict[str, Shape], config: CompressConfig) -> dict[str, int | None]:
+    """The rank each linear's sensitivity is measured at."""
+    return uniform_ranks(shapes, config.probe_ratio, config.align, tolerance=0.05)
 
 
 def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
@@ -121,7 +121,7 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
     cached = cache.load_json(key)
     if cached is not None:
         return cached
-    ranks = probe_ranks(bases, config)
+    ranks = probe_ranks(bases.shapes, config)
     compute = device if device is not None else model_device(model)
 
     def truncated(name: str) -> torch.Tensor | None:
@@ -169,7 +169,7 @@ def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: tor
         if config.allocation == "uniform" or config.ranks_from:  # no costs needed to allocate
             return None
         sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress, device)
-        return measured_costs(bases.energy, probe_ranks(bases, config), sensitivity, config.cost_exponent)
+        return measured_costs(bases.energy, probe_ranks(bases.shapes, config), sensitivity, config.cost_exponent)
     grads = gradients(model, cache, blocks, bases, config, progress, device)
     costs = {}
     for name, factor in bases.factors.items():
@@ -206,11 +206,7 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
             # shape), more than a GPU that holds the model has left.
             bases.factors[full_name] = factor.to("cpu")
             bases.shapes[full_name] = Shape(*weight.shape)
-            # Without an input Gram matrix (output statistics: whitened bases) it is sigma^2, the
-            # energy in the damped whitened space; with one, w G w^T uses the undamped G (the
-            # two differ by the damping, 1e-4 of the mean diagonal).
-            bases.energy[full_name] = (factor.sigma.double().pow(2) if gram is None
-                                       else basis_energy(factor.sigma, factor.w, gram)).cpu()
+            bases.energy[full_name] = output_energies(factor, gram)
     return bases
 
 
@@ -231,9 +227,14 @@ def allocate(bases: Bases, config: CompressConfig,
         raise ValueError("allocation auto is resolved to uniform or global first (select_allocation)")
     if costs is None:
         raise ValueError("global allocation needs per-basis costs (score_bases)")
+    return global_allocation(bases.shapes, costs, config)
+
+
+def global_allocation(shapes: dict[str, Shape], costs: dict[str, torch.Tensor],
+                      config: CompressConfig) -> dict[str, int | None]:
+    """The ranks that meet the budget at the least summed cost (the config's solver)."""
     solve = hull_ranks if config.global_solver == "hull" else global_ranks
-    return solve(bases.shapes, costs, config.ratio, config.align, config.tolerance,
-                 max_kept=config.max_kept_fraction)
+    return solve(shapes, costs, config.ratio, config.align, config.tolerance, max_kept=config.max_kept_fraction)
 
 
 @torch.no_grad()

@@ -14,9 +14,10 @@
 
 Peak memory is one layer (in float32) with its statistics and the calibration activations,
 whatever the number of layers. With device="cuda" the layer, its statistics and its
-decomposition live on the GPU; the host holds the embeddings and reads the shards. Only `uniform` allocation streams: a global allocation must see
-every layer's bases before it can cut the first. The result equals the in-memory pipeline's
-with uniform allocation (tested).
+decomposition live on the GPU; the host holds the embeddings and reads the shards. A global
+allocation must see every layer's bases before it cuts the first: it is measured in a pass
+over the layers before this one (streaming_global.py). The result equals the in-memory
+pipeline's, uniform or global (tested).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +50,7 @@ from compressor.export import basis_config
 from compressor.files import atomic_folder
 from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
 from compressor.layers import LayerReport, cut_layer, output_gram_linears
+from compressor.streaming_global import streamed_global_ranks
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +155,12 @@ class LayerTiming:
 
 def check_streamable(config: CompressConfig) -> None:
     config.validate()
-    if config.allocation != "uniform":
-        raise ConfigError("Streaming compresses with --allocation uniform: a global allocation must see every "
-                          "layer's bases before it cuts the first, which needs the whole model.")
+    if config.allocation == "auto":
+        raise ConfigError("Streaming allocates --allocation uniform or global; auto compares two whole "
+                          "compressed models, so compress without --streaming to use it.")
     if config.score != "energy":
-        raise ConfigError("Streaming scores bases by energy only (taylor needs the whole model's gradients).")
+        raise ConfigError("Streaming scores bases by energy only (taylor and learned need gradients through the "
+                          "whole model); compress without --streaming to use them.")
     if config.quant.scheme != "none":
         raise ConfigError("Streaming writes float factors; quantize its output afterwards with "
                           "`compressor quantize`, or compress without --streaming.")
@@ -208,12 +212,13 @@ def _write_export(folder: Path, model: LlamaForCausalLM, spec: ArchSpec, checkpo
 
 def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressConfig, out_dir: Path,
                        tokenizer=None, overwrite: bool = False, progress: bool = True,
-                       on_layer: Callable[[int, LlamaForCausalLM], None] | None = None,
+                       on_layer: Callable[[str, int, LlamaForCausalLM], None] | None = None,
                        record: dict | None = None, device: torch.device | str = "cpu") -> dict:
-    """Compress the checkpoint in `model_dir` layer by layer into `out_dir` (uniform ranks).
+    """Compress the checkpoint in `model_dir` layer by layer into `out_dir` (uniform or global ranks).
 
     blocks: (samples, seq_len) calibration token ids. tokenizer: saved with the export when
-    given. on_layer(index, model) is called after each layer is written and freed. record:
+    given. on_layer(pass, index, model) is called after each layer is done and freed, in the
+    "allocation" pass (global only) and the "cut" pass (where the layer is written). record:
     added to the summary (e.g. the command line).
     Returns the run summary (also written as compression_summary.json).
     """
@@ -229,18 +234,19 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
     spec = get_spec("llama")
     shapes = {name: Shape(module.out_features, module.in_features)
               for name, module in linear_modules(model, spec).items()}
-    ranks = uniform_ranks(shapes, config.ratio, config.align, config.tolerance, config.max_kept_fraction)
     params_before = sum(p.numel() for p in model.parameters())
     layers = decoder_layers(model, spec)
     weight_map, reports, timings = {}, [], []
     with atomic_folder(out_dir, overwrite) as tmp:
+        ranks, allocation_pass = _ranks(model, source, spec, checkpoint, blocks.to(device), shapes, config, device,
+                                        progress, on_layer)
         inputs = capture_first_layer_inputs(model, spec, blocks.to(device), config.calibration.batch_size)
         rss_before_layers = rss_bytes()  # embeddings and the first layer's inputs
         for index in tqdm(range(len(layers)), desc="streaming compress", disable=not progress):
             inputs = _stream_layer(model, source, spec, checkpoint, index, inputs, ranks, config,
                                    tmp, dtype, device, weight_map, reports, timings)
             if on_layer is not None:
-                on_layer(index, model)
+                on_layer("cut", index, model)
         _write_export(tmp, model, spec, checkpoint, config, dtype, weight_map, model_dir, tokenizer)
         save_config(config, tmp / "compression.yaml")
         totals = summarize(shapes, ranks) | {
@@ -251,9 +257,27 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
                    "layers": [asdict(report) for report in reports], "per_layer": [asdict(t) for t in timings],
                    "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
                    "rss_before_layers_bytes": rss_before_layers, **(record or {})}
+        if allocation_pass:
+            summary["timings_s"]["allocation_pass"] = allocation_pass["seconds"]
+            summary["allocation_pass"] = allocation_pass
         (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         write_card(tmp)
     return summary
+
+
+def _ranks(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint,
+           blocks: torch.Tensor, shapes: dict[str, Shape], config: CompressConfig, device: torch.device,
+           progress: bool, on_layer: Callable | None) -> tuple[dict[str, int | None], dict]:
+    """Uniform ranks, or global ones from a first pass over the layers (streaming_global)."""
+    if config.allocation == "uniform":
+        return uniform_ranks(shapes, config.ratio, config.align, config.tolerance, config.max_kept_fraction), {}
+    head = model.get_output_embeddings()
+    if head.weight.is_meta:  # untied: not read by the skeleton
+        weight = checkpoint.read(["lm_head.weight"], torch.float32)["lm_head.weight"].to(device)
+        head = partial(torch.nn.functional.linear, weight=weight)
+    return streamed_global_ranks(model, spec, partial(materialize_layer, model, source, checkpoint, device=device),
+                                 head, blocks, shapes, config, progress,
+                                 on_layer=None if on_layer is None else partial(on_layer, "allocation"))
 
 
 def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint, index: int,

@@ -11,8 +11,9 @@ The run itself is `compressor.streaming.compress_streaming`, the code behind
 `compressor compress --streaming`. After each layer the peak resident memory since the
 previous layer (VmHWM, reset through /proc/self/clear_refs) is recorded, so the table shows
 whether memory grows with depth (layer 0's peak includes reading the embeddings and LM head).
-With --device cuda, each layer's peak GPU memory too. Writes RESULTS.json and README.md to
---report.
+With --allocation global, the pass that measures the allocation (streaming_global.py) is
+recorded the same way, layer by layer, before the cutting pass. With --device cuda, each
+layer's peak GPU memory too. Writes RESULTS.json and README.md to --report.
 
     python scripts/bench_streaming.py --make runs/llama2-7b-shaped
     python scripts/bench_streaming.py --model runs/llama2-7b-shaped --out runs/llama2-7b-20 \
@@ -110,6 +111,12 @@ def write_report(results: dict, report_dir: Path) -> None:
         lines.append(f"| {row['index']} | {row['read_s']:.1f} | {row['calibration_s']:.1f} | "
                      f"{row['decomposition_s']:.1f} | {row['write_s']:.1f} | {row['peak_rss_bytes'] / gib:.2f} | "
                      f"{row['rss_after_bytes'] / gib:.2f} | {row['device_peak_bytes'] / gib:.2f} |")
+    if results["allocation_pass"]:
+        lines += ["", "The allocation pass (global), before the cut: read, calibration, decomposition and the "
+                  "sensitivity probes of each layer.", "",
+                  "| layer | seconds | peak RSS GiB | RSS after GiB |", "|---:|---:|---:|---:|"]
+        lines += [f"| {row['index']} | {row['seconds']:.1f} | {row['peak_rss_bytes'] / gib:.2f} | "
+                  f"{row['rss_after_bytes'] / gib:.2f} |" for row in results["allocation_pass"]]
     (report_dir / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -122,6 +129,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="compressed output folder")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--solver", default="eigh")
+    parser.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -133,39 +141,42 @@ def main() -> None:
         return
     if not (args.model and args.out):
         parser.error("give --make DIR, or --model and --out")
-    config = CompressConfig(ratio=args.ratio, method="whiten", solver=args.solver, allocation="uniform",
+    config = CompressConfig(ratio=args.ratio, method="whiten", solver=args.solver, allocation=args.allocation,
                             calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len,
                                                           batch_size=args.batch_size))
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     blocks = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
-    peaks = []
+    peaks = {"allocation": [], "cut": []}
     peak_since_reset()
 
-    def on_layer(index: int, model) -> None:
-        peaks.append(peak_since_reset())
-        print(f"layer {index}: peak {peaks[-1] / 2**30:.2f} GiB, now {rss_bytes() / 2**30:.2f} GiB "
+    def on_layer(stage: str, index: int, model) -> None:
+        peaks[stage].append(peak_since_reset())
+        print(f"{stage} layer {index}: peak {peaks[stage][-1] / 2**30:.2f} GiB, now {rss_bytes() / 2**30:.2f} GiB "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
     start = time.perf_counter()
     summary = compress_streaming(args.model, blocks, config, args.out, progress=False, on_layer=on_layer,
                                  record={"command": sys.argv}, device=args.device)
-    peaks[-1] = max(peaks[-1], peak_since_reset())  # the last layer's peak and the final writes
+    peaks["cut"][-1] = max(peaks["cut"][-1], peak_since_reset())  # the last layer's peak and the final writes
     checkpoint_bytes = sum(p.stat().st_size for p in args.model.glob("*.safetensors"))
     results = {
         "command": "python " + " ".join(sys.argv), "layers": len(summary["per_layer"]),
         "checkpoint_gib": checkpoint_bytes / 2**30,
         "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}"
                    + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
-        "settings": f"device {args.device}, whiten, solver {args.solver}, uniform ratio {args.ratio}, {args.samples} x {args.seq_len} "
+        "settings": f"device {args.device}, whiten, solver {args.solver}, {args.allocation} ratio {args.ratio}, "
+                    f"{args.samples} x {args.seq_len} "
                     f"calibration tokens (random ids), batch {args.batch_size}",
         "removed_fraction": summary["summary"]["removed_fraction"],
         "params_before": summary["summary"]["model_params_before"],
         "params_after": summary["summary"]["model_params_after"],
         # ru_maxrss is reset with VmHWM by clear_refs: the run's peak is the largest per-layer one.
-        "peak_rss_bytes": max(peaks), "total_seconds": summary["total_seconds"],
+        "peak_rss_bytes": max(peaks["cut"] + peaks["allocation"]), "total_seconds": summary["total_seconds"],
         "timings_s": summary["timings_s"],
         "rss_before_layers_bytes": summary["rss_before_layers_bytes"],
-        "per_layer": [row | {"peak_rss_bytes": peak} for row, peak in zip(summary["per_layer"], peaks)],
+        "per_layer": [row | {"peak_rss_bytes": peak} for row, peak in zip(summary["per_layer"], peaks["cut"])],
+        "allocation_pass": [row | {"peak_rss_bytes": peak} for row, peak in
+                            zip(summary.get("allocation_pass", {}).get("per_layer", []), peaks["allocation"])],
     }
     write_report(results, args.report)
     print(f"wrote {args.report}")

@@ -81,10 +81,12 @@ def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| q_proj |" in card and "out/tokenizer" in card  # streaming exports have a card, and tokenizer/, too
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
-    # Global allocation needs the whole model: refused with what to do, before any work.
-    assert main([*args[:-6], "--allocation", "global", "--streaming", *common,
-                 "--out", str(tmp_path / "global")]) == 2
-    assert "uniform" in capsys.readouterr().err and not (tmp_path / "global").exists()
+    # Global allocation streams (a pass measures it first); auto compares whole models: refused
+    # with what to do, before any work.
+    assert main([*args[:-6], "--allocation", "global", "--streaming", *common, "--out", str(tmp_path / "global")]) == 0
+    assert "allocation_pass" in json.loads((tmp_path / "global" / "compression_summary.json").read_text())["timings_s"]
+    assert main([*args[:-6], "--allocation", "auto", "--streaming", *common, "--out", str(tmp_path / "auto")]) == 2
+    assert "without --streaming" in capsys.readouterr().err and not (tmp_path / "auto").exists()
     # A device torch cannot use is refused before any work, streaming or not.
     assert main([*args, "--device", "meta", "--out", str(tmp_path / "gpu")]) == 2
     assert "only cpu and cuda" in capsys.readouterr().err and not (tmp_path / "gpu").exists()

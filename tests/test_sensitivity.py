@@ -2,8 +2,9 @@ import copy
 
 import torch
 
-from calibration.sensitivity import truncation_sensitivity
-from compressor.arch import get_spec
+from calibration.capture import capture_first_layer_inputs
+from calibration.sensitivity import ProbeFront, truncation_sensitivity
+from compressor.arch import decoder_layers, get_spec
 from compressor.config import CalibrationConfig, CompressConfig
 from compressor.pipeline import compress
 from compressor.stages import language_model_loss
@@ -38,6 +39,28 @@ def test_measured_sensitivity_equals_a_direct_forward(tiny_model, blocks):
     expected = float((reference.exp() * (reference - changed)).sum(-1).mean())
     assert measured[name] > 0
     assert abs(measured[name] - expected) < 1e-5 * max(1.0, expected)
+
+
+def test_probes_run_layer_by_layer_measure_what_each_probe_run_alone_does(tiny_model, blocks):
+    """ProbeFront (a streamed checkpoint's layers, each read once) gives truncation_sensitivity's
+    numbers: the same layers on the same inputs, in another order."""
+    spec = get_spec("llama")
+    generator = torch.Generator().manual_seed(0)
+    weights = {}
+    for name, module in tiny_model.named_modules():
+        if name.endswith(("q_proj", "o_proj", "down_proj")):
+            weights[name] = module.weight.detach() * (1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
+    alone = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False)
+
+    front = ProbeFront(capture_first_layer_inputs(tiny_model, spec, blocks[:2], 2))
+    for index, layer in enumerate(decoder_layers(tiny_model, spec)):
+        front.advance(layer, {full_name: (tiny_model.get_submodule(full_name), weight)
+                              for full_name, weight in weights.items() if f".{index}." in full_name})
+    together = front.sensitivities(tiny_model.model.norm, tiny_model.lm_head)
+    assert together.keys() == alone.keys() == weights.keys()
+    assert all(value > 0 for value in alone.values())
+    for name, value in alone.items():
+        assert abs(together[name] - value) <= 1e-6 * value, name
 
 
 def test_auto_allocation_keeps_the_candidate_with_the_lower_calibration_loss(tiny_model, blocks):

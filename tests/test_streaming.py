@@ -2,18 +2,18 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from compressor.arch import decoder_layers, get_spec
 from compressor.config import CalibrationConfig, CompressConfig, ConfigError
 from compressor.load import ModelFolderError, load_model
 from compressor.pipeline import compress
 from compressor.streaming import compress_streaming
-from helpers import VOCAB, make_tokenizer
+from helpers import VOCAB, make_tokenizer, tiny_llama_config
 
 
-def _config(method="whiten", solver="svd", **overrides) -> CompressConfig:
-    return CompressConfig(ratio=0.3, method=method, solver=solver, allocation="uniform", tolerance=0.02,
+def _config(method="whiten", solver="svd", allocation="uniform", **overrides) -> CompressConfig:
+    return CompressConfig(ratio=0.3, method=method, solver=solver, allocation=allocation, tolerance=0.02,
                           calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4), **overrides)
 
 
@@ -31,7 +31,7 @@ def test_streaming_equals_the_in_memory_pipeline(tmp_path, tiny_model, tokenizer
 
     alive = []
     summary = compress_streaming(source, blocks, _config(method, solver), tmp_path / "streamed", tokenizer,
-                                 progress=False, on_layer=lambda index, model: alive.append(_materialized_layers(model)))
+                                 progress=False, on_layer=lambda stage, index, model: alive.append(_materialized_layers(model)))
     assert alive == [[], [], []]  # each layer was freed before the next was read
 
     model, spec = load_model(source)
@@ -74,8 +74,31 @@ def test_streaming_a_qwen2_checkpoint(tmp_path, blocks):
         torch.testing.assert_close(streamed(blocks).logits, model(blocks).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_streaming_global_allocation_equals_the_in_memory_pipeline(tmp_path, tokenizer, blocks, tied):
+    """The allocation pass measures what in-memory global allocation does (energies, the
+    sensitivities of every linear at its probe rank), so the ranks and the model are the same;
+    an untied LM head is read from the checkpoint for it."""
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=tied)).eval()
+    source.save_pretrained(tmp_path / "dense")
+    config = _config(solver="eigh", allocation="global")
+    alive = []
+    summary = compress_streaming(tmp_path / "dense", blocks, config, tmp_path / "streamed", tokenizer, progress=False,
+                                 on_layer=lambda stage, index, model: alive.append((stage, _materialized_layers(model))))
+    assert alive == [(stage, []) for stage in ["allocation"] * 3 + ["cut"] * 3]  # one layer in memory at a time
+    assert len(summary["allocation_pass"]["sensitivity"]) == 21 and summary["timings_s"]["allocation_pass"] > 0
+    model, spec = load_model(tmp_path / "dense")
+    result = compress(model, spec, blocks, config, progress=False)
+    ranks = {layer["name"]: layer["rank"] for layer in summary["layers"]}
+    assert ranks == result.ranks and len(set(ranks.values())) > 2  # global: not one rank per shape
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(blocks).logits, model(blocks).logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("overrides,message", [
-    ({"allocation": "global"}, "uniform"),
+    ({"allocation": "auto"}, "without --streaming"),
     ({"score": "taylor"}, "energy"),
     ({"dense_export": True}, "dense"),
     ({"on_failure": "dense"}, "on-failure stop"),

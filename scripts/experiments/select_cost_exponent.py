@@ -103,7 +103,7 @@ def main() -> None:
         started = time.perf_counter()
         sensitivity = sensitivities(model, spec, cache, blocks, bases, config, progress=False)
         print(f"probe {probe:g}: sensitivities in {time.perf_counter() - started:.0f} s (0 if cached)", flush=True)
-        probes = probe_ranks(bases, config)
+        probes = probe_ranks(bases.shapes, config)
         for exponent in (e for e in args.exponents if e != 0):
             costs = measured_costs(bases.energy, probes, sensitivity, exponent)
             score({"allocation": "global", "probe_ratio": probe, "cost_exponent": exponent},

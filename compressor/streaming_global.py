@@ -1,0 +1,88 @@
+"""Global allocation for a streamed checkpoint: the pass before the cut.
+
+In memory, global allocation ranks every basis of every matrix on one scale from the bases'
+energies and each linear's measured sensitivity (stages.score_bases). Streaming holds one
+layer at a time, so it measures both in a first pass over the layers, then cuts in a second
+(streaming.py) to the ranks they give:
+
+    for each layer (read, then freed):
+        statistics, bases          each basis's energy kept (one vector per linear)
+        sensitivity probes         the layer's linears, each truncated to its probe rank, start
+                                   a probe; the earlier probes run through it (ProbeFront)
+    KL of every probe at the LM head -> costs -> global ranks, as in memory
+
+The cutting pass computes the statistics and bases again rather than keeping them (a 7B
+layer's Gram matrices are 1.4 GB): twice the calibration and decomposition, for memory that
+does not grow with depth beyond the probes' hidden states (ProbeFront).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM
+
+from calibration.capture import capture_first_layer_inputs, collect_layer
+from calibration.sensitivity import ProbeFront
+from compressor.allocate import Shape, measured_costs
+from compressor.arch import ArchSpec, decoder_layers
+from compressor.config import CompressConfig
+from compressor.evaluate import rss_bytes
+from compressor.layers import decompose_linear, group_of, output_energies, output_gram_linears
+from compressor.stages import global_allocation, probe_ranks
+
+
+def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: Callable[[int], nn.Module],
+                          head: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor,
+                          shapes: dict[str, Shape], config: CompressConfig, progress: bool = True,
+                          on_layer: Callable[[int, nn.Module], None] | None = None) -> tuple[dict[str, int | None], dict]:
+    """The global ranks of the in-memory pipeline (score energy), from one pass over the
+    layers of a streamed checkpoint: `model` is its skeleton, read_layer(index) fills in a
+    layer (the pass frees it), head(final hidden states) gives logits. Returns the ranks and a
+    record of the pass (time and resident memory per layer, the sensitivities). on_layer(index,
+    model) is called after each layer is freed."""
+    start = time.perf_counter()
+    probes = probe_ranks(shapes, config)
+    n = config.calibration.sensitivity_samples
+    inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size)
+    front = ProbeFront(capture_first_layer_inputs(model, spec, blocks[:n], n))
+    energy: dict[str, torch.Tensor] = {}
+    per_layer = []
+    for index in tqdm(range(len(decoder_layers(model, spec))), desc="global allocation pass", disable=not progress):
+        clock = time.perf_counter()
+        layer = read_layer(index)
+        try:
+            stats, inputs = collect_layer(layer, spec, inputs, output_gram_linears(layer, spec, config))
+        except FloatingPointError as error:
+            raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
+        front.advance(layer, _truncated(layer, spec, index, stats, probes, energy, config))
+        del stats
+        layer.to("meta")
+        per_layer.append({"index": index, "seconds": time.perf_counter() - clock, "rss_after_bytes": rss_bytes()})
+        if on_layer is not None:
+            on_layer(index, model)
+    sensitivity = front.sensitivities(model.get_submodule(spec.norm_path), head)
+    del front
+    ranks = global_allocation(shapes, measured_costs(energy, probes, sensitivity, config.cost_exponent), config)
+    return ranks, {"seconds": time.perf_counter() - start, "per_layer": per_layer, "sensitivity": sensitivity}
+
+
+def _truncated(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict, probes: dict[str, int | None],
+               energy: dict[str, torch.Tensor], config: CompressConfig) -> dict:
+    """Decompose the layer's linears (their energies go into `energy`); the probe weights."""
+    groups = group_of(spec)
+    truncated = {}
+    for name in spec.linear_names:
+        full_name = spec.full_name(index, name)
+        module = layer.get_submodule(name)
+        factor, gram = decompose_linear(module.weight.detach(), stats[groups[name]], config, full_name)
+        energy[full_name] = output_energies(factor, gram)
+        if probes[full_name] is not None:
+            up, down = factor.factors(probes[full_name])
+            truncated[full_name] = (module, up @ down)
+    return truncated
+
