@@ -109,7 +109,7 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         with timed(timings, "calibration"):
             cache = calibrate(model, spec, blocks, config, root, model_id or "in-memory", progress, offload_to)
         with timed(timings, "decomposition"):
-            bases = factorize(model, spec, cache, config, progress, offload_to)
+            bases = factorize(model, spec, cache, config, progress, offload_to, store=Path(scratch) / "bases")
         if config.score == "learned":
             with timed(timings, "learned_selection"):
                 ranks, reports, extras, scores = learn_and_apply(

@@ -21,6 +21,7 @@ import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Iterator
 
 import torch
@@ -39,6 +40,7 @@ from compressor.allocate import Shape, given_ranks, global_ranks, hull_ranks, me
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
 from compressor.decompose import Factorization, kept_output_error
+from compressor.factor_store import FactorStore
 from compressor.layers import (DecompositionError, LayerReport, decompose_linear, group_of, low_rank_linear,
                               output_energies, output_gram_linears)
 from compressor.load import read_rank_map
@@ -53,7 +55,7 @@ log = logging.getLogger(__name__)
 class Bases:
     """Factorizations of every decoder linear, keyed by full module name."""
 
-    factors: dict[str, Factorization]
+    factors: MutableMapping[str, Factorization]  # a dict, or a FactorStore (on disk, by layer)
     shapes: dict[str, Shape]
     energy: dict[str, torch.Tensor] = field(default_factory=dict)  # output energy per basis
     # Linears that could not be decomposed and stay dense (on_failure: dense) -> the error.
@@ -181,13 +183,17 @@ def score_bases(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: tor
 
 
 def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: CompressConfig,
-              progress: bool = True, device: torch.device | None = None) -> Bases:
-    """Decompose every decoder linear into its bases, with each basis's output energy."""
+              progress: bool = True, device: torch.device | None = None,
+              store: Path | None = None) -> Bases:
+    """Decompose every decoder linear into its bases, with each basis's output energy.
+    store: keep the bases in files there, one layer in memory at a time (FactorStore);
+    None: all in memory."""
     groups = group_of(spec)
-    bases = Bases({}, {})
+    bases = Bases({} if store is None else FactorStore(store), {})
     layers = decoder_layers(model, spec)
     for index in tqdm(range(len(layers)), desc=f"decompose ({config.method})", disable=not progress):
         stats = cache.load_layer(index)
+        factors = {}
         for name in spec.linear_names:
             full_name = spec.full_name(index, name)
             weight = layers[index].get_submodule(name).weight.detach()
@@ -202,11 +208,15 @@ def factorize(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: Compr
                 log.warning("%s cannot be decomposed (%s); it stays dense", full_name, error.reason)
                 bases.failed[full_name] = error.reason
                 continue
-            # In host memory: all matrices' bases together are 1.7x the float32 model (7B
-            # shape), more than a GPU that holds the model has left.
-            bases.factors[full_name] = factor.to("cpu")
+            # In host memory (or on disk): all matrices' bases together are 1.7x the float32
+            # model (7B shape), more than a GPU that holds the model has left.
+            factors[full_name] = factor.to("cpu")
             bases.shapes[full_name] = Shape(*weight.shape)
             bases.energy[full_name] = output_energies(factor, gram)
+        if isinstance(bases.factors, FactorStore):
+            bases.factors.write_layer(index, factors)
+        else:
+            bases.factors.update(factors)
     return bases
 
 
