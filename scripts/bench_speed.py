@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -135,16 +136,51 @@ def bench_main_command(model_dir: Path, home: Path, args: argparse.Namespace) ->
         command = [sys.executable, "-m", "compressor.cli", "compress", "--model", str(model_dir), "--target",
                    args.target, "--ratio", "0.2", "--method", "whiten", "--out", str(export),
                    "--home", f"{scratch}/home", "--data-dir", str(data_dir(home)), "--quiet"]
-        seconds, _ = timed(lambda: subprocess.run(command, check=True))
+        seconds, rss = timed(lambda: run_sampling_rss(command))
         summary = json.loads((export / "compression_summary.json").read_text())
+        # compress() ends where the export starts writing: its first file's time.
+        compress_end = min(path.stat().st_mtime for path in export.rglob("*") if path.is_file())
     run = "compressor compress (README's main command)"
     results = {"command": "python " + " ".join(sys.argv), "model": str(model_dir),
                "tokens": int(blocks.numel()), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "floor_parts_s": rows, "floors_s": {"eigh floor": floor}, "runs_s": {run: seconds},
                "stages_s": {run: summary["timings_s"]}, "ratios": {run: {"eigh floor": seconds / floor}},
-               "peak_rss_bytes": summary["peak_rss_bytes"], "total_seconds_in_command": summary["total_seconds"]}
+               "peak_rss_bytes": summary["peak_rss_bytes"], "total_seconds_in_command": summary["total_seconds"],
+               "model_bytes": sum(path.stat().st_size for path in model_dir.glob("*.safetensors")),
+               "rss_by_stage_bytes": rss_by_stage(rss, summary["timings_s"], compress_end - summary["total_seconds"])}
     write_report(results, args.out)
     print(json.dumps(results["ratios"], indent=2))
+
+
+def run_sampling_rss(command: list[str], every_s: float = 0.5) -> list[tuple[float, int]]:
+    """Run `command`; its resident memory every `every_s` seconds, as (unix time, bytes)."""
+    samples = []
+    child = subprocess.Popen(command)
+    statm = Path(f"/proc/{child.pid}/statm")
+    while child.poll() is None:
+        try:
+            samples.append((time.time(), int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass  # the child ended between poll and read
+        time.sleep(every_s)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command)
+    return samples
+
+
+def rss_by_stage(samples: list[tuple[float, int]], stages_s: dict[str, float], compress_start: float) -> dict[str, int]:
+    """The largest sample in each stage: "startup" (interpreter, imports, model and data
+    loading), then compress()'s stages in the order of the summary's timings from
+    `compress_start` (unix time), then "export"."""
+    bounds, clock = [("startup", compress_start)], compress_start
+    for stage, seconds in stages_s.items():
+        clock += seconds
+        bounds.append((stage, clock))
+    peaks: dict[str, int] = {}
+    for at, rss in samples:
+        stage = next((name for name, end in bounds if at <= end), "export")
+        peaks[stage] = max(peaks.get(stage, 0), rss)
+    return peaks
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -165,6 +201,13 @@ def write_report(results: dict, out: Path) -> None:
     if "peak_rss_bytes" in results:
         lines += ["", f"Inside the command (from model loading to the written export): "
                       f"{results['total_seconds_in_command']:.1f} s; peak RSS {results['peak_rss_bytes'] / 2**30:.2f} GiB."]
+    if "rss_by_stage_bytes" in results:
+        model = results["model_bytes"]
+        lines += ["", f"The model's safetensors: {model / 2**30:.2f} GiB. Peak RSS per stage (0.5 s samples; "
+                  "startup: the process's start, imports, model and data loading):", "",
+                  "| stage | GiB | x model |", "|---|---:|---:|"]
+        lines += [f"| {stage} | {peak / 2**30:.2f} | {peak / model:.2f} |"
+                  for stage, peak in results["rss_by_stage_bytes"].items()]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
