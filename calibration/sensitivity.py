@@ -45,6 +45,12 @@ def _kl(reference: torch.Tensor, log_probs: torch.Tensor, full_name: str) -> flo
     return float(kl)
 
 
+def autocast_to(dtype: torch.dtype, device: torch.device) -> torch.autocast:
+    """Matrix products in `dtype` (float32: a no-op). The cast cache is off: it would keep
+    serving a linear's original weight after swapped_weight replaced it."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
+
+
 @contextmanager
 def swapped_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
     original = module.weight.data
@@ -59,20 +65,25 @@ def swapped_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
 def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
                            truncated_weight: Callable[[str], torch.Tensor | None],
                            n_positions: int = 128, progress: bool = True,
-                           device: torch.device | None = None) -> dict[str, float]:
+                           device: torch.device | None = None,
+                           dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """KL(dense || only m truncated) per linear m, keyed by full module name.
 
     truncated_weight(name) gives the weight to try for that linear, or None to skip it.
     device: run each layer there in turn (the model in host memory); None: where the model is.
+    dtype: the matrix products' (autocast), the dense reference's too.
     """
     layers = decoder_layers(model, spec)
     positions = probe_positions(blocks.shape[1], n_positions)
-    layer_inputs = [capture_first_layer_inputs(model, spec, blocks, len(blocks)).to(device)]
-    for layer in layers:
-        with on_device(layer, device):
-            layer_inputs.append(run_layer(layer, layer_inputs[-1]))
-    with on_device(model.get_submodule(spec.norm_path), device), on_device(model.get_output_embeddings(), device):
-        return _measure(model, spec, layers, layer_inputs, positions, truncated_weight, progress, device)
+    compute = device if device is not None else next(model.parameters()).device
+    with autocast_to(dtype, compute):
+        layer_inputs = [capture_first_layer_inputs(model, spec, blocks, len(blocks)).to(device)]
+        for layer in layers:
+            with on_device(layer, device):
+                layer_inputs.append(run_layer(layer, layer_inputs[-1]))
+        with (on_device(model.get_submodule(spec.norm_path), device),
+              on_device(model.get_output_embeddings(), device)):
+            return _measure(model, spec, layers, layer_inputs, positions, truncated_weight, progress, device)
 
 
 def _measure(model: nn.Module, spec: ArchSpec, layers, layer_inputs: list[LayerInputs], positions: torch.Tensor,
@@ -106,25 +117,28 @@ class ProbeFront:
     3.5 GiB for 7B's 224.
     """
 
-    def __init__(self, first_inputs: LayerInputs, n_positions: int = 128):
+    def __init__(self, first_inputs: LayerInputs, n_positions: int = 128, dtype: torch.dtype = torch.float32):
         self.dense = first_inputs
         self.probes: dict[str, LayerInputs] = {}
         self.positions = probe_positions(first_inputs.hidden[0].shape[1], n_positions)
+        self.autocast = autocast_to(dtype, first_inputs.hidden[0].device)
 
     @torch.no_grad()
     def advance(self, layer: nn.Module, truncated: dict[str, tuple[nn.Module, torch.Tensor]]) -> None:
         """Run the probes so far through `layer` (dense), and start one per entry of `truncated`
         (full name -> (the layer's linear, the weight to try))."""
-        for full_name, inputs in self.probes.items():
-            self.probes[full_name] = run_layer(layer, inputs)
-        for full_name, (module, weight) in truncated.items():
-            with swapped_weight(module, weight):
-                self.probes[full_name] = run_layer(layer, self.dense)
-        self.dense = run_layer(layer, self.dense)
+        with self.autocast:
+            for full_name, inputs in self.probes.items():
+                self.probes[full_name] = run_layer(layer, inputs)
+            for full_name, (module, weight) in truncated.items():
+                with swapped_weight(module, weight):
+                    self.probes[full_name] = run_layer(layer, self.dense)
+            self.dense = run_layer(layer, self.dense)
 
     @torch.no_grad()
     def sensitivities(self, norm: nn.Module, head: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
         """KL(dense || probe) per probe, after the last layer."""
-        reference = _log_probs(norm, head, self.dense, self.positions)
-        return {full_name: _kl(reference, _log_probs(norm, head, inputs, self.positions), full_name)
-                for full_name, inputs in self.probes.items()}
+        with self.autocast:
+            reference = _log_probs(norm, head, self.dense, self.positions)
+            return {full_name: _kl(reference, _log_probs(norm, head, inputs, self.positions), full_name)
+                    for full_name, inputs in self.probes.items()}

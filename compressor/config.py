@@ -34,6 +34,7 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 8
     sensitivity_samples: int = 2  # sequences for the measured-sensitivity pass (global, energy)
+    sensitivity_dtype: str = "float32"  # float32 | bfloat16: the pass's matmuls (autocast)
     gradient_samples: int = 8  # sequences whose loss gradients give the taylor scores
     selection_samples: int = 4  # quant auto, allocation auto: sequences whose loss ranks the candidates
 
@@ -147,6 +148,8 @@ class CompressConfig:
         if min(counts) < 1 or cal.seq_len < 2:
             raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples, "
                               "gradient_samples and selection_samples must be positive.")
+        if cal.sensitivity_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"calibration.sensitivity_dtype must be float32 or bfloat16; got {cal.sensitivity_dtype!r}.")
         used = {"sensitivity_samples": self.score in ("energy", "learned") and self.allocation != "uniform",
                 "gradient_samples": self.score == "taylor",
                 "selection_samples": self.quant.scheme == "auto" or self.allocation == "auto"}

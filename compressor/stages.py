@@ -118,8 +118,10 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
                   bases: Bases, config: CompressConfig, progress: bool = True,
                   device: torch.device | None = None) -> dict[str, float]:
     """Measured KL of truncating each linear alone to its probe rank (cached per method)."""
-    n = config.calibration.sensitivity_samples
-    key = f"sensitivity_{config.method}_probe{config.probe_ratio:g}_align{config.align}_n{n}{_bases_key(config)}"
+    n, dtype = config.calibration.sensitivity_samples, config.calibration.sensitivity_dtype
+    precision = "" if dtype == "float32" else f"_{dtype}"  # float32: keys as before the option
+    key = (f"sensitivity_{config.method}_probe{config.probe_ratio:g}_align{config.align}_n{n}"
+           f"{_bases_key(config)}{precision}")
     cached = cache.load_json(key)
     if cached is not None:
         return cached
@@ -132,7 +134,8 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
         up, down = bases.factors[name].factors(ranks[name])
         return up.to(compute) @ down.to(compute)
 
-    measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress, device=device)
+    measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress, device=device,
+                                      dtype=getattr(torch, dtype))
     cache.save_json(key, measured)
     return measured
 

@@ -49,7 +49,8 @@ def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: C
     probes = probe_ranks(shapes, config)
     n = config.calibration.sensitivity_samples
     inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size)
-    front = ProbeFront(capture_first_layer_inputs(model, spec, blocks[:n], n))
+    front = ProbeFront(capture_first_layer_inputs(model, spec, blocks[:n], n),
+                       dtype=getattr(torch, config.calibration.sensitivity_dtype))
     energy: dict[str, torch.Tensor] = {}
     per_layer = []
     for index in tqdm(range(len(decoder_layers(model, spec))), desc="global allocation pass", disable=not progress):

@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from calibration.capture import capture_first_layer_inputs
@@ -41,18 +42,35 @@ def test_measured_sensitivity_equals_a_direct_forward(tiny_model, blocks):
     assert abs(measured[name] - expected) < 1e-5 * max(1.0, expected)
 
 
-def test_probes_run_layer_by_layer_measure_what_each_probe_run_alone_does(tiny_model, blocks):
+def _perturbed_weights(model) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {name: module.weight.detach() * (1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
+            for name, module in model.named_modules() if name.endswith(("q_proj", "o_proj", "down_proj"))}
+
+
+def test_bfloat16_sensitivities_measure_the_swapped_weights(tiny_model, blocks):
+    """Under bfloat16 autocast the probes still see their truncated weights (autocast's cast
+    cache would serve the original ones: every KL 0), and measure about what float32 does."""
+    spec = get_spec("llama")
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(30)  # peaked outputs: KLs far above bfloat16's rounding
+    weights = {name: weight for name, weight in _perturbed_weights(tiny_model).items() if "q_proj" not in name}
+    exact = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False)
+    fast = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False, dtype=torch.bfloat16)
+    assert fast.keys() == exact.keys()
+    for name, value in exact.items():
+        assert value > 1e-3 and abs(fast[name] - value) <= 0.1 * value, (name, value, fast[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probes_run_layer_by_layer_measure_what_each_probe_run_alone_does(tiny_model, blocks, dtype):
     """ProbeFront (a streamed checkpoint's layers, each read once) gives truncation_sensitivity's
     numbers: the same layers on the same inputs, in another order."""
     spec = get_spec("llama")
-    generator = torch.Generator().manual_seed(0)
-    weights = {}
-    for name, module in tiny_model.named_modules():
-        if name.endswith(("q_proj", "o_proj", "down_proj")):
-            weights[name] = module.weight.detach() * (1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
-    alone = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False)
+    weights = _perturbed_weights(tiny_model)
+    alone = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False, dtype=dtype)
 
-    front = ProbeFront(capture_first_layer_inputs(tiny_model, spec, blocks[:2], 2))
+    front = ProbeFront(capture_first_layer_inputs(tiny_model, spec, blocks[:2], 2), dtype=dtype)
     for index, layer in enumerate(decoder_layers(tiny_model, spec)):
         front.advance(layer, {full_name: (tiny_model.get_submodule(full_name), weight)
                               for full_name, weight in weights.items() if f".{index}." in full_name})

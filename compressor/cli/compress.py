@@ -23,6 +23,7 @@ FLAG_TO_CONFIG = {
     "seq_len": ("calibration", "seq_len"), "seed": ("calibration", "seed"),
     "batch_size": ("calibration", "batch_size"),
     "sensitivity_samples": ("calibration", "sensitivity_samples"),
+    "sensitivity_dtype": ("calibration", "sensitivity_dtype"),
     "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
     "symmetric": ("quant", "symmetric"), "bits_per_weight": ("quant", "bits_per_weight"),
     "export_dtype": (None, "export_dtype"), "on_failure": (None, "on_failure"),
@@ -101,6 +102,9 @@ def _add_scores(compress: argparse.ArgumentParser) -> None:
 def _add_run_options(compress: argparse.ArgumentParser) -> None:
     """Statistics, failures, the export's form, where it runs."""
     compress.add_argument("--sensitivity-samples", type=int, help="sequences for the sensitivity pass")
+    compress.add_argument("--sensitivity-dtype", choices=["float32", "bfloat16"],
+                          help="the sensitivity pass's matrix products (bfloat16: autocast, faster where the CPU "
+                               "or GPU has bfloat16 units)")
     compress.add_argument("--gradient-samples", type=int, help="sequences for the taylor gradients")
     compress.add_argument("--ranks-from", help="an earlier export's folder: keep its ranks (its allocation and "
                                                "ratio; --allocation and --ratio are not used), with this "
