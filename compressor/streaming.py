@@ -2,6 +2,8 @@
 
     model   = skeleton(...)                  the model on the meta device; only embeddings,
                                              final norm and LM head are read
+    ranks   = uniform, or global             global: measured in a first pass over the
+                                             layers (streaming_global.py)
     inputs  = first layer's inputs           one forward that stops at decoder layer 0
     for each layer:
         materialize_layer(...)               its tensors read from the safetensors files
@@ -9,14 +11,13 @@
                                              solver, down_proj's output Gram matrix instead: see
                                              output_gram_linears); its (dense) outputs feed the
                                              next layer, as in the in-memory pipeline
-        decompose + cut to uniform ranks     LowRankLinear in place of its linears
+        decompose + cut to the ranks         LowRankLinear in place of its linears
         write its shard, back to meta        nothing of it stays in memory
 
 Peak memory is one layer (in float32) with its statistics and the calibration activations,
-whatever the number of layers. With device="cuda" the layer, its statistics and its
-decomposition live on the GPU; the host holds the embeddings and reads the shards. A global
-allocation must see every layer's bases before it cuts the first: it is measured in a pass
-over the layers before this one (streaming_global.py). The result equals the in-memory
+whatever the number of layers; the global pass adds the sensitivity probes' hidden states
+(ProbeFront). With device="cuda" the layer, its statistics and its decomposition live on the
+GPU; the host holds the embeddings and reads the shards. The result equals the in-memory
 pipeline's, uniform or global (tested).
 """
 
