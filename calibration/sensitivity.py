@@ -96,7 +96,8 @@ def _measure(model: nn.Module, spec: ArchSpec, layers, layer_inputs: list[LayerI
     jobs = [(index, name) for index in range(len(layers)) for name in spec.linear_names]
     for index, name in tqdm(jobs, desc="sensitivity", disable=not progress):
         full_name = spec.full_name(index, name)
-        weight = truncated_weight(full_name)
+        with torch.autocast(reference.device.type, enabled=False):  # the weight in full precision, as streamed
+            weight = truncated_weight(full_name)
         if weight is None:
             continue
         with swapped_weight(layers[index].get_submodule(name), weight):

@@ -40,8 +40,8 @@ class FactorStore(MutableMapping):
         for name, factor in factors.items():
             self.file_of[name], self.method_of[name] = path, factor.method
             self.held.pop(name, None)
-        if self._open_path == path:
-            self._open_path = None
+        if self._open_path == path:  # rewritten: what was read from it is stale
+            self._open_path, self._open_tensors = None, {}
 
     def __getitem__(self, name: str) -> Factorization:
         if name in self.held:
@@ -60,6 +60,7 @@ class FactorStore(MutableMapping):
             raise KeyError(name)
         self.held.pop(name, None)
         self.file_of.pop(name, None)
+        self.method_of.pop(name, None)
 
     def __contains__(self, name: object) -> bool:
         return name in self.held or name in self.file_of

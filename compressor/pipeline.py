@@ -5,9 +5,11 @@ and the `auto` candidate choice (candidates.py), timed, summarised.
 
 from __future__ import annotations
 
+import errno
+import shutil
 import tempfile
-from contextlib import contextmanager
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +51,19 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[stage] = time.perf_counter() - start
+
+
+def bases_bytes(model: nn.Module, spec: ArchSpec) -> int:
+    """What factorize's store holds: u (out, k), sigma (k) and w (k, in) in float32 per linear."""
+    return sum(4 * min(module.out_features, module.in_features) * (module.out_features + module.in_features + 1)
+               for module in linear_modules(model, spec).values())
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{what} need {needed / 1e9:.1f} GB on disk and {folder.parent} has "
+                                    f"{free / 1e9:.1f} GB free; free space, or give --home on a larger disk", folder)
 
 
 def check_inputs(model: nn.Module, spec: ArchSpec, config: CompressConfig, learn_blocks: torch.Tensor | None,
@@ -96,15 +111,21 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     (CPU or one GPU), or with `offload_to` on that device while the model stays in host
     memory: one layer at a time where the stages go layer by layer, and through accelerate's
     CPU offload for the passes through the whole model (gradients, candidate losses). The
-    bases of every matrix are kept in host memory.
+    bases of every matrix are kept on disk, in files beside the statistics, one layer read at a
+    time (FactorStore).
     """
     check_inputs(model, spec, config, learn_blocks, offload_to)
     blocks = blocks.to(model_device(model))
     timings: dict[str, float] = {}
     params_before = sum(p.numel() for p in model.parameters())
-    with tempfile.TemporaryDirectory(prefix="basis-stats-") as scratch:
-        # Without a model id (an in-memory model) statistics cannot be keyed: keep them scratch.
-        keyed = cache_root is not None and bool(model_id)
+    # Without a model id (an in-memory model) statistics cannot be keyed: keep them scratch.
+    keyed = cache_root is not None and bool(model_id)
+    if keyed:
+        Path(cache_root).mkdir(parents=True, exist_ok=True)
+    # The scratch (the bases of every matrix, and unkeyed statistics) goes beside the cache: the
+    # disk the user chose for large files (--home), not the system's temporary folder.
+    with tempfile.TemporaryDirectory(prefix="basis-scratch-", dir=cache_root if keyed else None) as scratch:
+        check_free_space(Path(scratch), bases_bytes(model, spec), "the bases of every matrix")
         root = Path(cache_root) if keyed else Path(scratch)
         with timed(timings, "calibration"):
             cache = calibrate(model, spec, blocks, config, root, model_id or "in-memory", progress, offload_to)

@@ -178,8 +178,17 @@ def learn_key(model_id: str, tokens_sha256: str, config: CompressConfig) -> str:
               "asvd_alpha": config.asvd_alpha, "on_failure": config.on_failure,
               "align": config.align, "tolerance": config.tolerance, "probe": config.probe_ratio,
               "cost_exponent": config.cost_exponent, "max_kept": config.max_kept_fraction,
-              "calibration": asdict(config.calibration)}
+              "calibration": _calibration_fields(config)}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _calibration_fields(config: CompressConfig) -> dict:
+    """The calibration settings of learn_key; options at their defaults that came after the
+    key was defined are left out, so runs started before them still resume."""
+    fields = asdict(config.calibration)
+    if fields["sensitivity_dtype"] == "float32":
+        del fields["sensitivity_dtype"]
+    return fields
 
 
 def _save_state(work: Path, step: int, modules, optimizer, trace: list[dict]) -> None:

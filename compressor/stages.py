@@ -18,10 +18,10 @@ layer at a time where the stage goes layer by layer, else through `offloaded`.
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import MutableMapping
 from typing import Iterator
 
 import torch
@@ -48,7 +48,6 @@ from compressor.modeling_basis_llama import replace_module
 from compressor.scoring import reorder, taylor_scores
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass

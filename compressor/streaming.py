@@ -170,7 +170,7 @@ def check_streamable(config: CompressConfig) -> None:
     if config.sequential:
         raise ConfigError("--sequential is for the in-memory pipeline; compress without --streaming.")
     if config.ranks_from:
-        raise ConfigError("Streaming allocates uniform ranks itself; compress without --streaming to use --ranks-from.")
+        raise ConfigError("Streaming allocates its ranks itself; compress without --streaming to use --ranks-from.")
     if config.on_failure != "stop":
         raise ConfigError("Streaming fixes every rank before the first layer, so a linear left dense after a "
                           "failure would miss the budget; use --on-failure stop, or compress without --streaming.")

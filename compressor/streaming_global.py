@@ -39,13 +39,17 @@ from compressor.stages import global_allocation, probe_ranks
 def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: Callable[[int], nn.Module],
                           head: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor,
                           shapes: dict[str, Shape], config: CompressConfig, progress: bool = True,
-                          on_layer: Callable[[int, nn.Module], None] | None = None) -> tuple[dict[str, int | None], dict]:
+                          on_layer: Callable[[int, nn.Module], None] | None = None,
+                          ) -> tuple[dict[str, int | None], dict]:
     """The global ranks of the in-memory pipeline (score energy), from one pass over the
     layers of a streamed checkpoint: `model` is its skeleton, read_layer(index) fills in a
     layer (the pass frees it), head(final hidden states) gives logits. Returns the ranks and a
     record of the pass (time and resident memory per layer, the sensitivities). on_layer(index,
     model) is called after each layer is freed."""
     start = time.perf_counter()
+    # A budget the shapes cannot meet (alignment, --max-kept-fraction) fails now, not after the pass.
+    global_allocation(shapes, {name: torch.zeros(min(shape.out_features, shape.in_features), dtype=torch.float64)
+                               for name, shape in shapes.items()}, config)
     probes = probe_ranks(shapes, config)
     n = config.calibration.sensitivity_samples
     inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size)
@@ -60,8 +64,10 @@ def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: C
             stats, inputs = collect_layer(layer, spec, inputs, output_gram_linears(layer, spec, config))
         except FloatingPointError as error:
             raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
-        front.advance(layer, _truncated(layer, spec, index, stats, probes, energy, config))
-        del stats
+        truncated = _truncated(layer, spec, index, stats, probes, energy, config)
+        del stats  # 1.4 GB of Gram matrices per 7B layer, not needed by the probes
+        front.advance(layer, truncated)
+        del truncated
         layer.to("meta")
         per_layer.append({"index": index, "seconds": time.perf_counter() - clock, "rss_after_bytes": rss_bytes()})
         if on_layer is not None:

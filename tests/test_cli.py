@@ -83,8 +83,11 @@ def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
     # Global allocation streams (a pass measures it first); auto compares whole models: refused
     # with what to do, before any work.
-    assert main([*args[:-6], "--allocation", "global", "--streaming", *common, "--out", str(tmp_path / "global")]) == 0
+    assert main([*args[:-6], "--allocation", "global", "--sensitivity-dtype", "bfloat16", "--streaming", *common,
+                 "--out", str(tmp_path / "global")]) == 0
     assert "allocation_pass" in json.loads((tmp_path / "global" / "compression_summary.json").read_text())["timings_s"]
+    recorded = yaml.safe_load((tmp_path / "global" / "compression.yaml").read_text())
+    assert recorded["calibration"]["sensitivity_dtype"] == "bfloat16"
     assert main([*args[:-6], "--allocation", "auto", "--streaming", *common, "--out", str(tmp_path / "auto")]) == 2
     assert "without --streaming" in capsys.readouterr().err and not (tmp_path / "auto").exists()
     # A device torch cannot use is refused before any work, streaming or not.

@@ -139,6 +139,24 @@ def test_yaml_with_unknown_key_names_it_and_the_valid_ones(tmp_path):
     path.write_text("ratio: 0.3\nmethod: whiten\ncalibration:\n  samples: 4\n  sensitivity_samples: 2\n")
     config = load_config(path)
     assert config.ratio == 0.3 and config.calibration.samples == 4
+    path.write_text("calibration:\n  sensitivity_dtype: float16\n")
+    with pytest.raises(ConfigError, match="sensitivity_dtype must be float32 or bfloat16; got 'float16'"):
+        load_config(path)
+
+
+def test_no_disk_for_the_bases_stops_before_calibration(tmp_path, tiny_model, blocks, monkeypatch):
+    """The bases of every matrix go to disk beside the statistics: too little free space there
+    is named before any work."""
+    import shutil
+
+    from compressor import pipeline
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(pipeline, "calibrate", lambda *args, **kwargs: pytest.fail("calibrated"))
+    config = CompressConfig(calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4))
+    with pytest.raises(OSError, match=r"the bases of every matrix need 0\.0 GB on disk .* give --home"):
+        compress(tiny_model, get_spec("llama"), blocks, config, tmp_path / "stats", "tiny", progress=False)
+    assert not list((tmp_path / "stats").iterdir())  # the scratch folder is gone
 
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])

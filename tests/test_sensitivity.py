@@ -58,6 +58,7 @@ def test_bfloat16_sensitivities_measure_the_swapped_weights(tiny_model, blocks):
     exact = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False)
     fast = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False, dtype=torch.bfloat16)
     assert fast.keys() == exact.keys()
+    assert any(abs(fast[name] - value) > 1e-6 * value for name, value in exact.items())  # bfloat16 took effect
     for name, value in exact.items():
         assert value > 1e-3 and abs(fast[name] - value) <= 0.1 * value, (name, value, fast[name])
 

@@ -31,7 +31,8 @@ def test_streaming_equals_the_in_memory_pipeline(tmp_path, tiny_model, tokenizer
 
     alive = []
     summary = compress_streaming(source, blocks, _config(method, solver), tmp_path / "streamed", tokenizer,
-                                 progress=False, on_layer=lambda stage, index, model: alive.append(_materialized_layers(model)))
+                                 progress=False,
+                                 on_layer=lambda stage, index, model: alive.append(_materialized_layers(model)))
     assert alive == [[], [], []]  # each layer was freed before the next was read
 
     model, spec = load_model(source)
@@ -74,21 +75,27 @@ def test_streaming_a_qwen2_checkpoint(tmp_path, blocks):
         torch.testing.assert_close(streamed(blocks).logits, model(blocks).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_streaming_global_allocation_equals_the_in_memory_pipeline(tmp_path, tokenizer, blocks, tied):
+@pytest.mark.parametrize("tied,dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")])
+def test_streaming_global_allocation_equals_the_in_memory_pipeline(tmp_path, tokenizer, blocks, tied, dtype):
     """The allocation pass measures what in-memory global allocation does (energies, the
     sensitivities of every linear at its probe rank), so the ranks and the model are the same;
     an untied LM head is read from the checkpoint for it."""
+    from compressor.stages import calibrate, factorize, sensitivities
+
     torch.manual_seed(0)
     source = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=tied)).eval()
     source.save_pretrained(tmp_path / "dense")
     config = _config(solver="eigh", allocation="global")
+    config.calibration.sensitivity_dtype = dtype
     alive = []
     summary = compress_streaming(tmp_path / "dense", blocks, config, tmp_path / "streamed", tokenizer, progress=False,
                                  on_layer=lambda stage, index, model: alive.append((stage, _materialized_layers(model))))
     assert alive == [(stage, []) for stage in ["allocation"] * 3 + ["cut"] * 3]  # one layer in memory at a time
     assert len(summary["allocation_pass"]["sensitivity"]) == 21 and summary["timings_s"]["allocation_pass"] > 0
     model, spec = load_model(tmp_path / "dense")
+    cache = calibrate(model, spec, blocks, config, tmp_path / "stats", "dense", progress=False)
+    measured = sensitivities(model, spec, cache, blocks, factorize(model, spec, cache, config, False), config, False)
+    assert measured == summary["allocation_pass"]["sensitivity"]  # bit for bit
     result = compress(model, spec, blocks, config, progress=False)
     ranks = {layer["name"]: layer["rank"] for layer in summary["layers"]}
     assert ranks == result.ranks and len(set(ranks.values())) > 2  # global: not one rank per shape
