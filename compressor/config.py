@@ -38,6 +38,16 @@ class CalibrationConfig:
     gradient_samples: int = 8  # sequences whose loss gradients give the taylor scores
     selection_samples: int = 4  # quant auto, allocation auto: sequences whose loss ranks the candidates
 
+    def validate(self) -> None:
+        counts = (self.samples, self.batch_size, self.sensitivity_samples, self.gradient_samples,
+                  self.selection_samples)
+        if min(counts) < 1 or self.seq_len < 2:
+            raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples, "
+                              "gradient_samples and selection_samples must be positive.")
+        if self.sensitivity_dtype not in ("float32", "bfloat16"):
+            raise ConfigError("calibration.sensitivity_dtype must be float32 or bfloat16; "
+                              f"got {self.sensitivity_dtype!r}.")
+
 
 @dataclass
 class LearnConfig:
@@ -144,12 +154,7 @@ class CompressConfig:
         if self.quant.scheme != "none" and self.dense_export:
             raise ConfigError("A dense export cannot be quantized: drop --dense or --quant.")
         cal = self.calibration
-        counts = (cal.samples, cal.batch_size, cal.sensitivity_samples, cal.gradient_samples, cal.selection_samples)
-        if min(counts) < 1 or cal.seq_len < 2:
-            raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples, "
-                              "gradient_samples and selection_samples must be positive.")
-        if cal.sensitivity_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"calibration.sensitivity_dtype must be float32 or bfloat16; got {cal.sensitivity_dtype!r}.")
+        cal.validate()
         used = {"sensitivity_samples": self.score in ("energy", "learned") and self.allocation != "uniform",
                 "gradient_samples": self.score == "taylor",
                 "selection_samples": self.quant.scheme == "auto" or self.allocation == "auto"}
