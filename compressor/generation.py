@@ -114,15 +114,22 @@ class StopOnStrings(StoppingCriteria):
     """Per sequence: done once its generated text holds a stop sequence. (transformers'
     stop_strings needs a tokenizer whose vocabulary it can map back to strings.)
     skip_special_tokens=False also stops at a stop string that is a special token (lm-eval's
-    rule); the own engine skips them, as it always has."""
+    rule); the own engine skips them, as it always has.
+
+    Each step decodes only the last tokens, enough to hold the longest stop string (every
+    token that is not skipped decodes to at least one character, and a stop is looked for as
+    soon as its last token is generated), not the whole tail; generate keeps a sequence done
+    once it was."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int, skip_special_tokens: bool = True):
         self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
         self.skip_special_tokens = skip_special_tokens
+        # Margin: skipped special tokens and byte pieces of one character decode to less.
+        self.window = 2 * max((len(stop) for stop in stops), default=0) + 8
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:],
-                                            skip_special_tokens=self.skip_special_tokens)
+        start = max(self.prompt_length, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=self.skip_special_tokens)
         return torch.tensor([any(stop in text for stop in self.stops) for text in texts],
                             device=input_ids.device)
 

@@ -152,3 +152,26 @@ def test_sampled_generation_follows_the_seed_and_greedy_stays_greedy(tiny_model,
     greedy = generate(tiny_model, tokenizer, prompts, 12, (), batch_size=2, progress=False)
     torch.manual_seed(5)
     assert generate(tiny_model, tokenizer, prompts, 12, (), batch_size=2, progress=False) == greedy
+
+
+def test_stop_strings_are_found_in_a_long_tail_from_its_last_tokens(tokenizer):
+    """StopOnStrings decodes a window of the last tokens, not the whole tail: a stop written by
+    the newest tokens is seen after 500 others; one that only an older part holds is not looked
+    for again (generate keeps a sequence done once it was)."""
+    from tokenizers import decoders
+
+    from compressor.generation import StopOnStrings
+
+    tokenizer.backend_tokenizer.decoder = decoders.Fuse()  # characters joined as written, as BPE decodes
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt = ids("def f():")
+    long_tail = ids("x = 1 + 2" * 60)
+    rows = torch.tensor([prompt + long_tail + ids(" assert "), prompt + long_tail + ids("  return")])
+    stop = StopOnStrings(tokenizer, (" assert ", " def "), len(prompt))
+    assert stop(rows, None).tolist() == [True, False]
+    old = torch.tensor([prompt + ids(" def ") + long_tail])
+    assert stop(old, None).tolist() == [False]  # beyond the window: found when it was written
+    assert stop(torch.tensor([prompt + ids(" def ")]), None).tolist() == [True]
