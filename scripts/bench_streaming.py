@@ -12,7 +12,8 @@ The run itself is `compressor.streaming.compress_streaming`, the code behind
 previous layer (VmHWM, reset through /proc/self/clear_refs) is recorded, so the table shows
 whether memory grows with depth (layer 0's peak includes reading the embeddings and LM head).
 With --allocation global, the pass that measures the allocation (streaming_global.py) is
-recorded the same way, layer by layer, before the cutting pass. With --device cuda, each
+recorded the same way, layer by layer, before the cutting pass (whose layer 0 peak then also
+covers the probes' KL at the LM head and the allocation). With --device cuda, each
 layer's peak GPU memory too. Writes RESULTS.json and README.md to --report.
 
     python scripts/bench_streaming.py --make runs/llama2-7b-shaped
