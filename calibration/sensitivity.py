@@ -35,11 +35,12 @@ def probe_positions(seq_len: int, n_positions: int) -> torch.Tensor:
 # Positions per chunk of the vocabulary-wide log-probabilities: a few (rows, vocabulary) arrays
 # live at a time (32 x 151,936 floats = 19 MB on the example model) instead of all positions'
 # (0.9 GB at 2 x 128 positions, which set the peak memory of the whole compression).
+# (Sensitivities cached before the chunking may differ from today's in their last bits.)
 _ROWS = 32
 
 
 def _chunks(inputs: LayerInputs, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return torch.cat(inputs.hidden)[:, positions].flatten(0, 1).split(_ROWS)  # rows of (B * P, H)
+    return torch.cat([hidden[:, positions] for hidden in inputs.hidden]).flatten(0, 1).split(_ROWS)  # (B * P, H)
 
 
 def _log_probs(norm: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def _kl(norm: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], reference
         inputs: LayerInputs, positions: torch.Tensor, full_name: str) -> float:
     """Mean over positions of KL(dense || probe), chunk by chunk."""
     per_position = [(dense.exp() * (dense - _log_probs(norm, head, rows))).sum(-1)
-                    for dense, rows in zip(reference.split(_ROWS), _chunks(inputs, positions))]
+                    for dense, rows in zip(reference.split(_ROWS), _chunks(inputs, positions), strict=True)]
     kl = torch.cat(per_position).mean()
     if not torch.isfinite(kl):
         raise ValueError(f"NaN/Inf output with {full_name} truncated; the model is broken.")

@@ -30,7 +30,7 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
                                 "pass --overwrite to replace it.")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +45,7 @@ def clean_stale(out_dir: Path) -> None:
     output it had moved aside, which goes back in place if the new one never arrived."""
     for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.*-*")):
         kind, _, pid = leftover.name.removeprefix(f".{out_dir.name}.").partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or process_alive(int(pid)):
             continue
         if kind == "old" and not out_dir.exists():
             leftover.rename(out_dir)
@@ -211,7 +211,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # what killed writers left (a GGUF is 1 GB)
         pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             leftover.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

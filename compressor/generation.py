@@ -117,15 +117,15 @@ class StopOnStrings(StoppingCriteria):
     rule); the own engine skips them, as it always has.
 
     Each step decodes only the last tokens, enough to hold the longest stop string (every
-    token that is not skipped decodes to at least one character, and a stop is looked for as
+    token that is not skipped decodes to at least one byte, and a stop is looked for as
     soon as its last token is generated), not the whole tail; generate keeps a sequence done
     once it was."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int, skip_special_tokens: bool = True):
         self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
         self.skip_special_tokens = skip_special_tokens
-        # Margin: skipped special tokens and byte pieces of one character decode to less.
-        self.window = 2 * max((len(stop) for stop in stops), default=0) + 8
+        # In bytes: a token may hold one byte of a character. Margin: skipped special tokens decode to "".
+        self.window = 2 * max((len(stop.encode()) for stop in stops), default=0) + 8
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         start = max(self.prompt_length, input_ids.shape[1] - self.window)

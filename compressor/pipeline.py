@@ -6,6 +6,7 @@ and the `auto` candidate choice (candidates.py), timed, summarised.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import tempfile
 import time
@@ -23,6 +24,7 @@ from compressor.allocate import Shape, given_ranks, summarize
 from compressor.arch import ArchSpec, linear_modules
 from compressor.config import CompressConfig
 from compressor.decompose import check_finite
+from compressor.files import process_alive
 from compressor.layers import LayerReport, sequential_cut
 from compressor.load import read_rank_map
 from compressor.selection import fold_all, learn_key, learn_selection
@@ -51,6 +53,17 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[stage] = time.perf_counter() - start
+
+
+SCRATCH_PREFIX = "basis-scratch-"
+
+
+def clean_stale_scratch(root: Path) -> None:
+    """Remove the scratch folders of killed runs (the bases of a 7B model are 40 GB)."""
+    for leftover in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = leftover.name.removeprefix(SCRATCH_PREFIX).partition("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def bases_bytes(model: nn.Module, spec: ArchSpec) -> int:
@@ -120,11 +133,12 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     params_before = sum(p.numel() for p in model.parameters())
     # Without a model id (an in-memory model) statistics cannot be keyed: keep them scratch.
     keyed = cache_root is not None and bool(model_id)
-    if keyed:
-        Path(cache_root).mkdir(parents=True, exist_ok=True)
     # The scratch (the bases of every matrix, and unkeyed statistics) goes beside the cache: the
     # disk the user chose for large files (--home), not the system's temporary folder.
-    with tempfile.TemporaryDirectory(prefix="basis-scratch-", dir=cache_root if keyed else None) as scratch:
+    if cache_root is not None:
+        Path(cache_root).mkdir(parents=True, exist_ok=True)
+        clean_stale_scratch(Path(cache_root))
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=cache_root) as scratch:
         check_free_space(Path(scratch), bases_bytes(model, spec), "the bases of every matrix")
         root = Path(cache_root) if keyed else Path(scratch)
         with timed(timings, "calibration"):

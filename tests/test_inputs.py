@@ -1,6 +1,7 @@
 """Bad input: each gets a clear error naming the problem and the fix."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -153,10 +154,12 @@ def test_no_disk_for_the_bases_stops_before_calibration(tmp_path, tiny_model, bl
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     monkeypatch.setattr(pipeline, "calibrate", lambda *args, **kwargs: pytest.fail("calibrated"))
+    killed, running = tmp_path / "stats" / "basis-scratch-999999999-ab", tmp_path / "stats" / f"basis-scratch-{os.getpid()}-cd"
+    killed.mkdir(parents=True), running.mkdir()  # a killed run's scratch, and a live one's
     config = CompressConfig(calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4))
     with pytest.raises(OSError, match=r"the bases of every matrix need 0\.0 GB on disk .* give --home"):
         compress(tiny_model, get_spec("llama"), blocks, config, tmp_path / "stats", "tiny", progress=False)
-    assert not list((tmp_path / "stats").iterdir())  # the scratch folder is gone
+    assert list((tmp_path / "stats").iterdir()) == [running]  # its own scratch and the killed run's are gone
 
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
