@@ -129,3 +129,15 @@ def test_streaming_an_incomplete_checkpoint_leaves_nothing(tmp_path, model_dir, 
         compress_streaming(model_dir, blocks, _config(), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_streaming_global_refuses_an_impossible_budget_before_its_first_pass(tmp_path, model_dir, blocks, monkeypatch):
+    import compressor.streaming_global as streaming_global
+    from compressor.allocate import BudgetError
+
+    monkeypatch.setattr(streaming_global, "ProbeFront", lambda *args, **kwargs: pytest.fail("the pass started"))
+    config = _config(allocation="global")
+    config.ratio = 0.97  # more than ranks aligned to 8 can remove from 64-wide matrices
+    with pytest.raises(BudgetError, match="Cannot remove 97.0%"):
+        compress_streaming(model_dir, blocks, config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
