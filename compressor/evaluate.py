@@ -106,9 +106,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process now (Linux)."""
-    with open("/proc/self/statm") as handle:
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of this process (or of process `pid`) now (Linux)."""
+    with open(f"/proc/{pid}/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import torch
 
 from compressor.arch import linear_modules
 from compressor.config import CalibrationConfig, CompressConfig
+from compressor.evaluate import folder_bytes, rss_bytes
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.load import load_model, load_tokenizer
 from compressor.pipeline import compress
@@ -146,7 +146,7 @@ def bench_main_command(model_dir: Path, home: Path, args: argparse.Namespace) ->
                "floor_parts_s": rows, "floors_s": {"eigh floor": floor}, "runs_s": {run: seconds},
                "stages_s": {run: summary["timings_s"]}, "ratios": {run: {"eigh floor": seconds / floor}},
                "peak_rss_bytes": summary["peak_rss_bytes"], "total_seconds_in_command": summary["total_seconds"],
-               "model_bytes": sum(path.stat().st_size for path in model_dir.glob("*.safetensors")),
+               "model_bytes": folder_bytes(model_dir),
                "rss_by_stage_bytes": rss_by_stage(rss, summary["timings_s"], compress_end - summary["total_seconds"])}
     write_report(results, args.out)
     print(json.dumps(results["ratios"], indent=2))
@@ -156,10 +156,9 @@ def run_sampling_rss(command: list[str], every_s: float = 0.5) -> list[tuple[flo
     """Run `command`; its resident memory every `every_s` seconds, as (unix time, bytes)."""
     samples = []
     child = subprocess.Popen(command)
-    statm = Path(f"/proc/{child.pid}/statm")
     while child.poll() is None:
         try:
-            samples.append((time.time(), int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")))
+            samples.append((time.time(), rss_bytes(child.pid)))
         except (FileNotFoundError, ProcessLookupError, IndexError):
             pass  # the child ended between poll and read
         time.sleep(every_s)
@@ -199,7 +198,7 @@ def write_report(results: dict, out: Path) -> None:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in results["stages_s"][run].items())
         lines.append(f"| {run} | {seconds:.1f} | {ratios} | {stages} |")
     if "peak_rss_bytes" in results:
-        lines += ["", f"Inside the command (from model loading to the written export): "
+        lines += ["", f"Inside the command (compress() after loading, before the export is written): "
                       f"{results['total_seconds_in_command']:.1f} s; peak RSS {results['peak_rss_bytes'] / 2**30:.2f} GiB."]
     if "rss_by_stage_bytes" in results:
         model = results["model_bytes"]
