@@ -105,7 +105,10 @@ def _what_was_done(folder: Path, config: dict, summary: dict) -> list[str]:
     made = (f"Compressed from `{summary['source_model']}`" if "source_model" in summary
             else "Made from a dense model (quantized or with an adapter merged)")
     lines = [f"{made} by basis-compressor.", ""]
-    if settings:
+    if settings.get("mlp") == "neurons":
+        lines.append(f"- mlp `neurons` (each MLP cut to its most used intermediate neurons), calibrated on "
+                     f"`{settings.get('calibration', {}).get('source')}`")
+    elif settings:
         lines.append(f"- method `{settings.get('method')}`, allocation `{settings.get('allocation')}`, score "
                      f"`{settings.get('score')}`, calibrated on `{settings.get('calibration', {}).get('source')}`")
     if totals:
@@ -130,8 +133,15 @@ def write_card(folder: Path) -> Path:
     config = _read_json(folder / "config.json")
     summary = _read_json(folder / "compression_summary.json")
     ranks = config.get("compression", {}).get("ranks", {})
+    widths = config.get("compression", {}).get("widths", {})
+    kept = ["## Kept ranks", "", *rank_brief(ranks, summary.get("layers", [])), ""] if ranks or not widths else []
+    if widths:  # mlp neurons
+        sizes = sorted(set(widths.values()))
+        kept += ["## Kept MLP neurons", "", f"{len(widths)} MLPs cut to {' / '.join(map(str, sizes))} of "
+                 f"{config.get('intermediate_size')} intermediate neurons, down_proj refit by least squares; "
+                 "attention and the other linears dense.", ""]
     lines = [front_matter(summary), f"# {folder.name}", "", *_what_was_done(folder, config, summary), "",
-             "## Kept ranks", "", *rank_brief(ranks, summary.get("layers", [])), "",
+             *kept,
              *evaluation_lines(_read_json(folder / EVALUATION_FILE)),
              "## Loading", "", "```python", "import compressor  # registers basis_llama with transformers",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -19,6 +19,7 @@ from compressor.quantize import QuantConfig
 from compressor.scoring import SCORES
 
 CONFIG_VERSION = 1
+MLP_MODES = ("bases", "neurons")
 EXPORT_DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: the source checkpoint's dtype
 
 
@@ -82,6 +83,9 @@ class CompressConfig:
     version: int = CONFIG_VERSION
     ratio: float = 0.2  # fraction of decoder-linear parameters removed (quant auto: derived)
     method: str = "whiten"  # svd | asvd | whiten
+    # bases: every linear cut to its bases (method, allocation) | neurons: only the MLPs, each cut to
+    # the same number of its most used intermediate neurons, down_proj refit (compressor/neurons.py)
+    mlp: str = "bases"
     solver: str = "eigh"  # eigh: float32 eigen, 5-15x faster, the same bases | svd: float64 LAPACK SVD (exact)
     allocation: str = "global"  # uniform | global | auto: the one of the two with the lower calibration loss
     global_solver: str = "greedy"  # global: greedy (chunk by chunk) | hull (exact for the modelled cost)
@@ -153,6 +157,7 @@ class CompressConfig:
                               "--quant auto, which choose them.")
         if self.quant.scheme != "none" and self.dense_export:
             raise ConfigError("A dense export cannot be quantized: drop --dense or --quant.")
+        self._validate_neurons()
         cal = self.calibration
         cal.validate()
         used = {"sensitivity_samples": self.score in ("energy", "learned") and self.allocation != "uniform",
@@ -163,6 +168,21 @@ class CompressConfig:
                 raise ConfigError(f"calibration.{key} ({getattr(cal, key)}) cannot exceed "
                                   f"calibration.samples ({cal.samples}).")
         return self
+
+
+    def _validate_neurons(self) -> None:
+        if self.mlp not in MLP_MODES:
+            raise ConfigError(f"mlp must be one of {', '.join(MLP_MODES)}; got {self.mlp!r}.")
+        if self.mlp == "bases":
+            return
+        if self.allocation != "uniform":
+            raise ConfigError("--mlp neurons cuts every MLP to the same width (a global allocation of neurons is "
+                              "not built): pass --allocation uniform.")
+        if (self.score != "energy" or self.sequential or self.ranks_from or self.quant.scheme != "none"
+                or self.on_failure != "stop"):
+            raise ConfigError("--mlp neurons selects neurons by their output energy and refits down_proj: use it "
+                              "with --score energy, without --sequential, --ranks-from, --quant or --on-failure "
+                              "dense (quantize its export with `compressor quantize`).")
 
 
 def _build(cls, data: dict, where: str):

@@ -23,8 +23,9 @@ import compressor.modeling_basis_llama as modeling_basis_llama
 from compressor.card import TOKENIZER_FOLDER, write_card
 from compressor.config import CompressConfig, save_config
 from compressor.files import atomic_folder
+from compressor.neurons import mlp_widths, pad_mlp
 from compressor.modeling_basis_llama import (
-    FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, BasisLlamaConfig, BasisLlamaForCausalLM, LowRankLinear,
+    FORMAT_VERSION, NARROW_MLP_FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, BasisLlamaConfig, BasisLlamaForCausalLM, LowRankLinear,
     QuantizedLinear, replace_module,
 )
 
@@ -56,6 +57,8 @@ def basis_config(model: nn.Module, compression: dict) -> BasisLlamaConfig:
     record = {"ranks": low_rank_ranks(model), "format_version": FORMAT_VERSION}
     if (quant := quant_record(model)) is not None:
         record.update(quant=quant, format_version=QUANTIZED_FORMAT_VERSION)
+    if widths := mlp_widths(model, model.config.intermediate_size):
+        record.update(widths=widths, format_version=NARROW_MLP_FORMAT_VERSION)
     config_dict = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "compression"):
         config_dict.pop(key, None)
@@ -80,9 +83,12 @@ def to_basis_model(model: LlamaForCausalLM, compression: dict) -> BasisLlamaForC
 
 
 def to_dense_model(model: nn.Module) -> nn.Module:
-    """Multiply every LowRankLinear back into an nn.Linear (in place); returns the model."""
+    """Multiply every LowRankLinear back into an nn.Linear and pad narrowed MLPs with zero
+    neurons (in place, the same outputs); returns the model."""
     for name in list(low_rank_ranks(model)):
         replace_module(model, name, model.get_submodule(name).to_dense())
+    for name in mlp_widths(model, model.config.intermediate_size):
+        pad_mlp(model.get_submodule(name), model.config.intermediate_size)
     return model
 
 
@@ -92,7 +98,8 @@ def write_model(model: nn.Module, tokenizer, folder: Path, compression: dict, de
     when the model has low-rank or quantized linears and dense is False, else a stock LLaMA.
     dtype: of the floating-point tensors written (None: as they are); quantized codes and
     scales keep their own types."""
-    compact = bool(low_rank_ranks(model)) or quant_record(model) is not None
+    compact = (bool(low_rank_ranks(model)) or quant_record(model) is not None
+               or bool(mlp_widths(model, model.config.intermediate_size)))
     if dense and quant_record(model) is not None:
         raise ValueError("A quantized model cannot be exported dense; export the unquantized one.")
     exported = to_basis_model(model, compression) if compact and not dense else to_dense_model(model)
@@ -111,7 +118,7 @@ def write_model(model: nn.Module, tokenizer, folder: Path, compression: dict, de
 def _carried_compression(model: nn.Module) -> dict:
     """The source's compression record, less what the writer derives from the model itself."""
     return {key: value for key, value in getattr(model.config, "compression", {}).items()
-            if key not in ("ranks", "format_version", "quant")}
+            if key not in ("ranks", "format_version", "quant", "widths")}
 
 
 def _save_derived(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, compression: dict,
@@ -151,8 +158,8 @@ def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: C
                     scores: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
     """scores: per-basis costs and orders from the pipeline, saved as basis_scores.safetensors.
     dtype: of the exported floating-point tensors (None: as the model holds them)."""
-    compression = {"method": config.method, "allocation": config.allocation, "score": config.score,
-                   "ratio": config.ratio}
+    compression = {"method": config.method, "mlp": config.mlp, "allocation": config.allocation,
+                   "score": config.score, "ratio": config.ratio}
     if config.ranks_from:  # the ranks were not allocated here (the ratio is the one they remove)
         compression.update(allocation="given", ranks_from=config.ranks_from)
     with atomic_folder(out_dir, overwrite) as tmp:

@@ -43,6 +43,7 @@ class LayerReport:
     output_error: float  # relative ||dW X||^2 / ||W X||^2 on calibration inputs
     score_dropped: float | None = None  # summed cost (estimated loss increase) of dropped bases
     out_of_order: int = 0  # kept bases that are not among the `rank` largest singular values
+    neurons: int | None = None  # mlp neurons: the intermediate neurons its MLP kept (rank is then None)
 
 
 def group_of(spec: ArchSpec) -> dict[str, str]:
@@ -53,8 +54,9 @@ def group_of(spec: ArchSpec) -> dict[str, str]:
 def output_gram_linears(layer: torch.nn.Module, spec: ArchSpec, config: CompressConfig) -> frozenset[str]:
     """The linears of a layer whose output Gram matrix is recorded instead of their input's:
     under whitening with the eigen solver, a linear alone in its input group with out < in
-    (LLaMA's down_proj) needs only W G W^T, which costs out^2 per token instead of in^2."""
-    if (config.method, config.solver) != ("whiten", "eigh"):
+    (LLaMA's down_proj) needs only W G W^T, which costs out^2 per token instead of in^2. (mlp
+    neurons refits down_proj from its input's.)"""
+    if (config.method, config.solver) != ("whiten", "eigh") or config.mlp == "neurons":
         return frozenset()
     alone = [group[0] for group in spec.input_groups if len(group) == 1]
     return frozenset(name for name in alone

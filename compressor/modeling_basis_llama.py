@@ -11,6 +11,9 @@ those linears, so attention, rotary embeddings, caching and generation are trans
 Quantized exports (format version 2) also list, under `compression["quant"]`, the scheme and the
 linears (low-rank factors or dense linears) stored as packed integer codes; they are decoded here,
 in plain torch, on every forward (the encoder lives in compressor/quantize.py).
+
+Exports whose MLPs were cut to fewer intermediate neurons (format version 3) list each such MLP's
+width under `compression["widths"]`; its gate, up and down projections are built that narrow.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 FORMAT_VERSION = 1  # unquantized exports
 QUANTIZED_FORMAT_VERSION = 2  # exports with compression["quant"]
-SUPPORTED_VERSIONS = (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION)
+NARROW_MLP_FORMAT_VERSION = 3  # exports with compression["widths"] (quantized or not)
+SUPPORTED_VERSIONS = (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, NARROW_MLP_FORMAT_VERSION)
 
 # Bits per code of each weight scheme; "nf4" codes index NF4_LEVELS, the others are integers.
 SCHEME_BITS = {"int8": 8, "int4": 4, "nf4": 4}
@@ -159,6 +163,11 @@ class BasisLlamaConfig(LlamaConfig):
         return self.compression.get("ranks", {})
 
     @property
+    def widths(self) -> dict[str, int]:
+        """{MLP module name: intermediate neurons kept}, for the MLPs cut by neurons."""
+        return self.compression.get("widths", {})
+
+    @property
     def quant(self) -> dict | None:
         """{"scheme", "group_size", "symmetric", "modules": [names of quantized linears]}."""
         return self.compression.get("quant")
@@ -180,6 +189,17 @@ def swap_low_rank(model: nn.Module, ranks: dict[str, int]) -> None:
                                  bias=dense.bias is not None, device=dense.weight.device,
                                  dtype=dense.weight.dtype)
         replace_module(model, name, low_rank)
+
+
+def swap_widths(model: nn.Module, widths: dict[str, int]) -> None:
+    """Replace each named MLP's gate, up and down projections by (uninitialised) narrower ones."""
+    for name, width in widths.items():
+        mlp = model.get_submodule(name)
+        for linear, rows, cols in (("gate_proj", width, None), ("up_proj", width, None), ("down_proj", None, width)):
+            dense = getattr(mlp, linear)
+            setattr(mlp, linear, nn.Linear(cols or dense.in_features, rows or dense.out_features,
+                                           bias=dense.bias is not None, device=dense.weight.device,
+                                           dtype=dense.weight.dtype))
 
 
 def swap_quantized(model: nn.Module, quant: dict) -> None:
@@ -205,6 +225,7 @@ class BasisLlamaForCausalLM(LlamaForCausalLM):
                 f"(supports {SUPPORTED_VERSIONS}); re-export the model or upgrade basis-compressor."
             )
         super().__init__(config)
+        swap_widths(self, config.widths)
         swap_low_rank(self, config.ranks)
         if config.quant:
             swap_quantized(self, config.quant)

@@ -17,16 +17,18 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from calibration.cache import StatsCache
 from calibration.data import blocks_fingerprint
 from compressor.allocate import Shape, given_ranks, summarize
-from compressor.arch import ArchSpec, linear_modules
+from compressor.arch import ArchSpec, decoder_layers, linear_modules
 from compressor.config import CompressConfig
 from compressor.decompose import check_finite
 from compressor.files import process_alive
 from compressor.layers import LayerReport, sequential_cut
 from compressor.load import read_rank_map
+from compressor.neurons import prune_mlp, uniform_width
 from compressor.selection import fold_all, learn_key, learn_selection
 from compressor.candidates import quantization_summary, select_allocation, select_rank_and_bits
 from compressor.stages import (Bases, apply_ranks, allocate, calibrate, factorize, model_device, probe_ranks,
@@ -138,6 +140,8 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     if cache_root is not None:
         Path(cache_root).mkdir(parents=True, exist_ok=True)
         clean_stale_scratch(Path(cache_root))
+    if config.mlp == "neurons":
+        return compress_neurons(model, spec, blocks, config, cache_root, model_id, progress)
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=cache_root) as scratch:
         check_free_space(Path(scratch), bases_bytes(model, spec), "the bases of every matrix")
         root = Path(cache_root) if keyed else Path(scratch)
@@ -169,6 +173,35 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     summary.update(extras)
     scores.update({f"{name}.order": order for name, order in bases.order.items()})
     return CompressionResult(ranks, reports, summary, timings, config, scores)
+
+
+def compress_neurons(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: CompressConfig,
+                     cache_root: Path | None, model_id: str | None, progress: bool = True) -> CompressionResult:
+    """mlp neurons: calibrate, then cut every MLP to one width by its neurons' output energy and
+    refit its down_proj (compressor/neurons.py). Attention stays dense."""
+    timings: dict[str, float] = {}
+    linears = linear_modules(model, spec)
+    total = sum(module.weight.numel() for module in linears.values())
+    params_before = sum(p.numel() for p in model.parameters())
+    layers = decoder_layers(model, spec)
+    width = uniform_width(model.config.intermediate_size, model.config.hidden_size, len(layers), total,
+                          config.ratio, config.align)
+    keyed = cache_root is not None and bool(model_id)
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=cache_root) as scratch:
+        with timed(timings, "calibration"):
+            cache = calibrate(model, spec, blocks, config, Path(cache_root) if keyed else Path(scratch),
+                              model_id or "in-memory", progress)
+        with timed(timings, "neuron_selection"):
+            names = {module: name for name, module in model.named_modules()}
+            reports = []
+            for index, layer in enumerate(tqdm(layers, desc="mlp neurons", disable=not progress)):
+                gram = cache.load_layer(index)["mlp.down_proj"].gram
+                reports += prune_mlp(layer.mlp, names[layer.mlp], gram, width, config.damping)
+    kept = sum(module.weight.numel() for module in linear_modules(model, spec).values())
+    summary = {"decoder_linear_params": total, "kept_params": kept, "removed_fraction": 1 - kept / total,
+               "mlp_width": width, "ratio_asked": config.ratio, "model_params_before": params_before,
+               "model_params_after": sum(p.numel() for p in model.parameters())}
+    return CompressionResult({}, reports, summary, timings, config)
 
 
 def score_and_allocate(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor, bases: Bases,

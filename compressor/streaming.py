@@ -159,6 +159,8 @@ def check_streamable(config: CompressConfig) -> None:
     if config.allocation == "auto":
         raise ConfigError("Streaming allocates --allocation uniform or global; auto compares two whole "
                           "compressed models, so compress without --streaming to use it.")
+    if config.mlp != "bases":
+        raise ConfigError("Streaming cuts bases only; --mlp neurons runs in memory: drop --streaming.")
     if config.score != "energy":
         raise ConfigError("Streaming scores bases by energy only (taylor and learned need gradients through the "
                           "whole model); compress without --streaming to use them.")

@@ -14,7 +14,7 @@ from compressor.files import check_output
 
 # CLI flag -> (section, key) of CompressConfig; a flag left unset keeps the YAML / default value.
 FLAG_TO_CONFIG = {
-    "ratio": (None, "ratio"), "method": (None, "method"), "solver": (None, "solver"),
+    "ratio": (None, "ratio"), "method": (None, "method"), "mlp": (None, "mlp"), "solver": (None, "solver"),
     "max_kept_fraction": (None, "max_kept_fraction"), "allocation": (None, "allocation"),
     "global_solver": (None, "global_solver"), "sequential": (None, "sequential"),
     "score": (None, "score"), "gradient_samples": ("calibration", "gradient_samples"),
@@ -67,6 +67,10 @@ def _add_compress(compress: argparse.ArgumentParser) -> None:
     compress.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
     compress.add_argument("--ratio", type=float, help="fraction of decoder-linear parameters to remove")
     compress.add_argument("--method", help="svd | asvd | whiten")
+    compress.add_argument("--mlp", help="bases: every linear cut to its bases | neurons: the budget taken from "
+                                        "the MLPs alone, each cut to the same number of its most used "
+                                        "intermediate neurons with down_proj refit by least squares; attention "
+                                        "stays dense (needs --allocation uniform)")
     compress.add_argument("--solver", help="eigh (default: float32 eigen-decomposition, 5-15x faster, the same "
                                            "bases to float32 accuracy; whiten records down_proj's output Gram "
                                            "matrix instead of its input's) | svd (float64, exact)")
@@ -201,6 +205,8 @@ def format_layers(result) -> str:
              f"{'score dropped':>13} {'reordered':>9}"]
     for layer in result.layers:
         rank = "dense" if layer.rank is None else f"{layer.rank}/{layer.full_rank}"
+        if layer.neurons is not None:
+            rank = f"{layer.neurons} neur"
         kept = layer.params_after / layer.params_before
         dropped = "-" if layer.score_dropped is None else f"{layer.score_dropped:.3g}"
         lines.append(f"{layer.name:<40} {layer.out_features:>5}x{layer.in_features:<5} {rank:>9} "

@@ -1,0 +1,130 @@
+"""mlp: neurons -- each MLP cut to its most used intermediate neurons, down_proj refit.
+
+A LLaMA MLP is down(silu(gate x) * up x). Its intermediate neurons are the basis down_proj
+reads from: dropping neuron j drops row j of gate and up and column j of down, 3 x hidden
+parameters, and what is kept is still three dense matrices. A factor pair of rank r costs
+r (in + out) instead, so it saves parameters only past half of a square matrix's spectrum: at 20%
+removed, each MLP matrix would lose about a third of its bases. Here the same budget drops about
+a fifth of the neurons.
+
+Kept neurons S: the largest output energies C_jj ||W_:j||^2 on the calibration data (C = E[h h^T],
+the Gram matrix of down_proj's input h, W = down_proj's weight). down_proj is then refit to the
+kept neurons by least squares over the calibration data:
+
+    W_S = W C[:, S] C[S, S]^-1   minimises   E || W h - W_S h_S ||^2
+
+so the dropped neurons' contribution is carried, where it correlates with the kept ones, by the
+kept ones (MoDeGPT's type-II "Nystrom" decomposition, arXiv 2408.09632). Pure math here; the
+pipeline (pipeline.compress_neurons) feeds it statistics and swaps the modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressor.layers import LayerReport
+
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+class WidthError(ValueError):
+    pass
+
+
+def uniform_width(intermediate: int, hidden: int, layers: int, decoder_linear_params: int, ratio: float,
+                  align: int) -> int:
+    """The intermediate width, the same in every layer, that removes `ratio` of the decoder-linear
+    parameters from the MLPs alone (rounded to a multiple of `align` neurons per layer)."""
+    per_neuron = 3 * hidden
+    dropped = round(ratio * decoder_linear_params / (per_neuron * layers * align)) * align
+    width = intermediate - dropped
+    if width < align:
+        raise WidthError(f"removing {ratio:.0%} of the decoder-linear parameters from the MLPs alone leaves "
+                         f"{width} of {intermediate} neurons per layer; ask for a smaller ratio.")
+    return width
+
+
+def neuron_energy(gram: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """E[(W_:j h_j)^2 summed over outputs] = C_jj ||W_:j||^2: what each neuron adds to the output."""
+    return gram.diagonal() * down_weight.detach().double().square().sum(0)
+
+
+def kept_neurons(gram: torch.Tensor, down_weight: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices (ascending) of the `width` neurons of largest output energy."""
+    return torch.sort(torch.topk(neuron_energy(gram, down_weight), width).indices).values
+
+
+def refit_down(gram: torch.Tensor, down_weight: torch.Tensor, kept: torch.Tensor,
+               damping: float) -> tuple[torch.Tensor, float]:
+    """down_proj's least-squares weight on the kept neurons, and its relative output error
+    E||W h - W_S h_S||^2 / E||W h||^2 on the statistics. float64 throughout: the Gram matrix of
+    thousands of correlated neurons is ill-conditioned; `damping` (relative to its mean diagonal)
+    keeps the solve stable, as the whitening's does."""
+    gram = gram.double()
+    weight = down_weight.detach().double()
+    cross = gram[:, kept]  # C[:, S]
+    kept_gram = cross[kept].clone()  # C[S, S]
+    kept_gram.diagonal().add_(damping * gram.diagonal().mean())
+    refit = torch.linalg.solve(kept_gram, (weight @ cross).T).T  # W C[:, S] C[S, S]^-1
+    total = torch.einsum("oi,ij,oj->", weight, gram, weight)
+    # E||W h - W_S h_S||^2 = W C W^T - 2 W C[:, S] W_S^T + W_S C[S, S] W_S^T (traces)
+    error = total - 2 * torch.einsum("oi,ij,oj->", weight, cross, refit) \
+        + torch.einsum("oi,ij,oj->", refit, gram[kept][:, kept], refit)
+    return refit, float(error / total)
+
+
+def narrow_linear(dense: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=dense.bias is not None,
+                       device=dense.weight.device, dtype=dense.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if dense.bias is not None:
+            linear.bias.copy_(dense.bias)  # only down_proj may have one, and its outputs stay
+    return linear
+
+
+@torch.no_grad()
+def prune_mlp(mlp: nn.Module, name: str, gram: torch.Tensor, width: int, damping: float) -> list[LayerReport]:
+    """Cut `mlp` (gate_proj, up_proj, down_proj) to `width` neurons in place; one report per linear."""
+    gate, up, down = (getattr(mlp, linear) for linear in MLP_LINEARS)
+    if any(linear.bias is not None for linear in (gate, up)):
+        raise WidthError(f"{name}: gate_proj / up_proj with a bias are not supported by mlp neurons.")
+    kept = kept_neurons(gram, down.weight, width)
+    refit, error = refit_down(gram, down.weight, kept.to(gram.device), damping)
+    kept = kept.to(gate.weight.device)
+    mlp.gate_proj = narrow_linear(gate, gate.weight[kept])
+    mlp.up_proj = narrow_linear(up, up.weight[kept])
+    mlp.down_proj = narrow_linear(down, refit.to(down.weight.device, down.weight.dtype))
+    reports = []
+    for linear, before, after in zip(MLP_LINEARS, (gate, up, down), (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        # Only down_proj's output changes by more than the dropped neurons; its error is the MLP's.
+        reports.append(LayerReport(f"{name}.{linear}", before.out_features, before.in_features, None,
+                                   min(before.weight.shape), before.weight.numel(), after.weight.numel(),
+                                   error if linear == "down_proj" else 0.0, neurons=width))
+    return reports
+
+
+def pad_mlp(mlp: nn.Module, intermediate: int) -> None:
+    """Zero neurons up to `intermediate`: silu(0) * 0 = 0 feeds zero columns of down, so the
+    output is exactly the narrow MLP's (for a stock LLaMA export of the same model)."""
+    gate, up, down = (getattr(mlp, linear) for linear in MLP_LINEARS)
+    width = gate.out_features
+    if width == intermediate:
+        return
+    pad = intermediate - width
+
+    def padded(linear: nn.Linear, rows: int, cols: int) -> nn.Linear:
+        weight = torch.zeros(rows, cols, device=linear.weight.device, dtype=linear.weight.dtype)
+        weight[:linear.out_features, :linear.in_features] = linear.weight
+        return narrow_linear(linear, weight)
+
+    mlp.gate_proj = padded(gate, width + pad, gate.in_features)
+    mlp.up_proj = padded(up, width + pad, up.in_features)
+    mlp.down_proj = padded(down, down.out_features, width + pad)
+
+
+def mlp_widths(model: nn.Module, intermediate: int) -> dict[str, int]:
+    """{MLP module name: its width} for the MLPs narrower than `intermediate`."""
+    return {name: module.gate_proj.out_features for name, module in model.named_modules()
+            if hasattr(module, "gate_proj") and module.gate_proj.out_features != intermediate}

@@ -1,0 +1,136 @@
+"""mlp neurons: MLPs cut to their most used intermediate neurons, down_proj refit (compressor/neurons.py)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from compressor.arch import get_spec
+from compressor.cli import main
+from compressor.config import CalibrationConfig, CompressConfig, ConfigError
+from compressor.export import save_compressed
+from compressor.modeling_basis_llama import BasisLlamaForCausalLM
+from compressor.neurons import WidthError, kept_neurons, refit_down, uniform_width
+from compressor.pipeline import compress
+
+
+def _config(ratio=0.2, **overrides):
+    calibration = CalibrationConfig(samples=8, seq_len=32, batch_size=4)
+    return CompressConfig(ratio=ratio, mlp="neurons", allocation="uniform", calibration=calibration, **overrides)
+
+
+def _mlp_inputs(mlp, x):
+    return torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+def test_refit_is_the_least_squares_solution_and_its_error_is_measured():
+    torch.manual_seed(0)
+    hidden = torch.randn(500, 12) @ torch.randn(12, 12)  # correlated neurons
+    weight = torch.randn(5, 12)
+    gram = (hidden.T @ hidden).double()
+    kept = torch.tensor([0, 2, 3, 7, 8, 11])
+    refit, error = refit_down(gram, weight, kept, damping=0.0)
+    # lstsq on the rows themselves: the same weight and the same relative error
+    solution = torch.linalg.lstsq(hidden[:, kept].double(), (hidden @ weight.T).double()).solution.T
+    assert torch.allclose(refit, solution, atol=1e-6)
+    residual = hidden.double() @ weight.T.double() - hidden[:, kept].double() @ refit.T
+    assert error == pytest.approx(float(residual.square().sum() / (hidden @ weight.T).double().square().sum()),
+                                  rel=1e-6)
+    # no other weight on the kept neurons does better; keeping every neuron is exact
+    other = refit + 0.01 * torch.randn_like(refit)
+    worse = hidden.double() @ weight.T.double() - hidden[:, kept].double() @ other.T
+    assert worse.square().sum() > residual.square().sum()
+    assert refit_down(gram, weight, torch.arange(12), damping=0.0)[1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_neurons_kept_by_output_energy():
+    gram = torch.diag(torch.tensor([1.0, 4.0, 1.0, 9.0], dtype=torch.float64))
+    weight = torch.tensor([[3.0, 1.0, 0.1, 1.0]])  # energies 9, 4, 0.01, 9
+    assert kept_neurons(gram, weight, 2).tolist() == [0, 3]
+    assert kept_neurons(gram, weight, 3).tolist() == [0, 1, 3]
+
+
+def test_uniform_width_meets_the_ratio_and_refuses_what_the_mlps_cannot_give():
+    width = uniform_width(176, 64, 3, 3 * (3 * 64 * 176 + 2 * 64 * 64 + 2 * 64 * 32), 0.2, 8)
+    assert width % 8 == 0 and 0 < width < 176
+    with pytest.raises(WidthError, match="smaller ratio"):
+        uniform_width(176, 64, 3, 3 * 3 * 64 * 176, 0.99, 8)
+
+
+def test_compress_meets_the_budget_and_exports_a_loadable_narrow_model(tmp_path, tiny_model, tokenizer, blocks):
+    dense = LlamaForCausalLM(tiny_model.config)
+    dense.load_state_dict(tiny_model.state_dict())
+    config = _config()
+    result = compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+    summary = result.summary
+    assert summary["removed_fraction"] == pytest.approx(0.2, abs=0.03)
+    width = summary["mlp_width"]
+    for layer_dense, layer in zip(dense.model.layers, tiny_model.model.layers):
+        assert layer.mlp.gate_proj.out_features == layer.mlp.up_proj.out_features == width
+        assert layer.mlp.down_proj.in_features == width
+        assert torch.equal(layer.self_attn.q_proj.weight, layer_dense.self_attn.q_proj.weight)  # attention dense
+    # down_proj is the least-squares refit on the MLP inputs the calibration blocks give
+    first = dense.model.layers[0]
+    captured = []
+    hook = first.mlp.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    with torch.no_grad():
+        dense(blocks)
+        hook.remove()
+        h = _mlp_inputs(first.mlp, captured[0]).reshape(-1, first.mlp.gate_proj.out_features).double()
+    kept = kept_neurons(h.T @ h, first.mlp.down_proj.weight, width)
+    refit, _ = refit_down(h.T @ h, first.mlp.down_proj.weight, kept, config.damping)
+    assert torch.allclose(tiny_model.model.layers[0].mlp.down_proj.weight.double(), refit, atol=1e-4)
+
+    with torch.no_grad():
+        expected = tiny_model(blocks).logits
+    out = tmp_path / "narrow"
+    save_compressed(tiny_model, tokenizer, out, result.config, result.to_dict(), dense=False)
+    saved = json.loads((out / "config.json").read_text())["compression"]
+    assert saved["format_version"] == 3 and saved["mlp"] == "neurons"
+    assert set(saved["widths"].values()) == {width} and len(saved["widths"]) == 3
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(loaded, BasisLlamaForCausalLM)
+    with torch.no_grad():
+        assert torch.equal(loaded(blocks).logits, expected)
+
+
+def test_dense_export_pads_zero_neurons_and_gives_the_same_logits(tmp_path, tiny_model, tokenizer, blocks):
+    result = compress(tiny_model, get_spec("llama"), blocks, _config(ratio=0.3), progress=False)
+    with torch.no_grad():
+        expected = tiny_model(blocks).logits
+    out = tmp_path / "dense"
+    save_compressed(tiny_model, tokenizer, out, result.config, result.to_dict(), dense=True)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded) is LlamaForCausalLM
+    assert loaded.model.layers[0].mlp.gate_proj.out_features == tiny_model.config.intermediate_size
+    with torch.no_grad():
+        assert torch.allclose(loaded(blocks).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [dict(allocation="global"), dict(score="taylor"), dict(sequential=True),
+                                       dict(mlp="channels")])
+def test_settings_neurons_cannot_honour_are_refused(overrides):
+    settings = dict(allocation="uniform") | overrides
+    with pytest.raises(ConfigError, match="mlp"):
+        CompressConfig(ratio=0.2, mlp=overrides.get("mlp", "neurons"), **{k: v for k, v in settings.items()
+                                                                            if k != "mlp"}).validate()
+
+
+def test_cli_compress_mlp_neurons(tmp_path, model_dir, corpus):
+    out = tmp_path / "out"
+    code = main(["compress", "--model", str(model_dir), "--target", str(corpus), "--mlp", "neurons",
+                 "--allocation", "uniform", "--ratio", "0.2", "--samples", "4", "--seq-len", "32",
+                 "--out", str(out), "--home", str(tmp_path / "home"), "--quiet"])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["compression"]["widths"]
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_gram_statistics_are_the_inputs_of_down_proj(tiny_model, blocks):
+    """The calibration records down_proj's input Gram matrix (not its output's) under neurons."""
+    from compressor.layers import output_gram_linears
+
+    layer = tiny_model.model.layers[0]
+    assert output_gram_linears(layer, get_spec("llama"), _config()) == frozenset()
+    assert output_gram_linears(layer, get_spec("llama"), CompressConfig()) == frozenset({"mlp.down_proj"})
