@@ -127,9 +127,11 @@ def _what_was_done(folder: Path, config: dict, summary: dict) -> list[str]:
     return lines
 
 
-def write_card(folder: Path) -> Path:
-    """(Re)write FOLDER/README.md from the export's records."""
+def write_card(folder: Path, name: str | None = None) -> Path:
+    """(Re)write FOLDER/README.md from the export's records. name: the folder's name once it is
+    in place (an export writes its card in a temporary folder), else FOLDER's own."""
     folder = Path(folder)
+    name = name or folder.name
     config = _read_json(folder / "config.json")
     summary = _read_json(folder / "compression_summary.json")
     ranks = config.get("compression", {}).get("ranks", {})
@@ -140,25 +142,25 @@ def write_card(folder: Path) -> Path:
         kept += ["## Kept MLP neurons", "", f"{len(widths)} MLPs cut to {' / '.join(map(str, sizes))} of "
                  f"{config.get('intermediate_size')} intermediate neurons, down_proj refit by least squares; "
                  "attention and the other linears dense.", ""]
-    lines = [front_matter(summary), f"# {folder.name}", "", *_what_was_done(folder, config, summary), "",
+    lines = [front_matter(summary), f"# {name}", "", *_what_was_done(folder, config, summary), "",
              *kept,
              *evaluation_lines(_read_json(folder / EVALUATION_FILE)),
              "## Loading", "", "```python", "import compressor  # registers basis_llama with transformers",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-             f'model = AutoModelForCausalLM.from_pretrained("{folder.name}")',
-             f'# without the package: AutoModelForCausalLM.from_pretrained("{folder.name}", trust_remote_code=True)',
-             *_tokenizer_lines(folder),
+             f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+             f'# without the package: AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
+             *_tokenizer_lines(folder, name),
              "```", ""]
     text = "\n".join(lines)
     atomic_write(folder / CARD_FILE, lambda tmp: tmp.write_text(text))
     return folder / CARD_FILE
 
 
-def _tokenizer_lines(folder: Path) -> list[str]:
+def _tokenizer_lines(folder: Path, name: str) -> list[str]:
     if (folder / TOKENIZER_FOLDER).is_dir():
-        return [f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}/{TOKENIZER_FOLDER}")  # no remote code needed',
-                f'# the same tokenizer as AutoTokenizer.from_pretrained("{folder.name}", trust_remote_code=True)']
-    return [f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")  # without the package: trust_remote_code=True too']
+        return [f'tokenizer = AutoTokenizer.from_pretrained("{name}/{TOKENIZER_FOLDER}")  # no remote code needed',
+                f'# the same tokenizer as AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)']
+    return [f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # without the package: trust_remote_code=True too']
 
 
 def is_export(folder: Path) -> bool:

@@ -133,7 +133,7 @@ def _save_derived(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, 
                 shutil.copyfile(source_dir / name, tmp / name)
         for name, note in notes.items():
             (tmp / name).write_text(json.dumps(note, indent=2, default=str))
-        write_card(tmp)
+        write_card(tmp, Path(out_dir).name)
     return Path(out_dir)
 
 
@@ -169,5 +169,5 @@ def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: C
         if scores:
             save_file({name: tensor.contiguous() for name, tensor in scores.items()},
                       tmp / "basis_scores.safetensors")
-        write_card(tmp)
+        write_card(tmp, Path(out_dir).name)
     return Path(out_dir)

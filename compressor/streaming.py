@@ -264,7 +264,7 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
             summary["timings_s"]["allocation_pass"] = allocation_pass["seconds"]
             summary["allocation_pass"] = allocation_pass
         (tmp / "compression_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        write_card(tmp)
+        write_card(tmp, Path(out_dir).name)
     return summary
 
 

@@ -125,6 +125,9 @@ def test_cli_compress_mlp_neurons(tmp_path, model_dir, corpus):
     assert code == 0
     assert json.loads((out / "config.json").read_text())["compression"]["widths"]
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+    card = (out / "README.md").read_text()  # written before the folder took its name: named after it
+    assert "# out\n" in card and 'from_pretrained("out")' in card and ".tmp" not in card
+    assert "## Kept MLP neurons" in card and "## Kept ranks" not in card
 
 
 def test_gram_statistics_are_the_inputs_of_down_proj(tiny_model, blocks):
