@@ -84,7 +84,7 @@ class CompressConfig:
     ratio: float = 0.2  # fraction of decoder-linear parameters removed (quant auto: derived)
     method: str = "whiten"  # svd | asvd | whiten
     # bases: every linear cut to its bases (method, allocation) | neurons: only the MLPs, each cut to
-    # the same number of its most used intermediate neurons, down_proj refit (compressor/neurons.py)
+    # its most used intermediate neurons, down_proj refit (compressor/neurons.py; allocation: widths)
     mlp: str = "bases"
     solver: str = "eigh"  # eigh: float32 eigen, 5-15x faster, the same bases | svd: float64 LAPACK SVD (exact)
     allocation: str = "global"  # uniform | global | auto: the one of the two with the lower calibration loss
@@ -175,9 +175,8 @@ class CompressConfig:
             raise ConfigError(f"mlp must be one of {', '.join(MLP_MODES)}; got {self.mlp!r}.")
         if self.mlp == "bases":
             return
-        if self.allocation != "uniform":
-            raise ConfigError("--mlp neurons cuts every MLP to the same width (a global allocation of neurons is "
-                              "not built): pass --allocation uniform.")
+        if self.allocation not in ("uniform", "global"):
+            raise ConfigError("--mlp neurons allocates its widths uniform or global; auto is for bases.")
         if (self.score != "energy" or self.sequential or self.ranks_from or self.quant.scheme != "none"
                 or self.on_failure != "stop"):
             raise ConfigError("--mlp neurons selects neurons by their output energy and refits down_proj: use it "

@@ -7,6 +7,12 @@ r (in + out) instead, so it saves parameters only past half of a square matrix's
 removed, each MLP matrix would lose about a third of its bases. Here the same budget drops about
 a fifth of the neurons.
 
+Widths: the same in every layer (allocation uniform), or (global) each layer's from a measured
+KL: every MLP alone cut to the uniform width, the KL of the next-token distribution at the LM head
+recorded (calibration/sensitivity.py), and the cost of any other width modelled from it by the
+output energy it drops (allocate.measured_costs, as for bases); the budget's neurons are then
+dropped across all layers in aligned chunks, cheapest first (global_widths).
+
 Kept neurons S: the largest output energies C_jj ||W_:j||^2 on the calibration data (C = E[h h^T],
 the Gram matrix of down_proj's input h, W = down_proj's weight). down_proj is then refit to the
 kept neurons by least squares over the calibration data:
@@ -19,6 +25,8 @@ pipeline (pipeline.compress_neurons) feeds it statistics and swaps the modules.
 """
 
 from __future__ import annotations
+
+import heapq
 
 import torch
 from torch import nn
@@ -43,6 +51,41 @@ def uniform_width(intermediate: int, hidden: int, layers: int, decoder_linear_pa
         raise WidthError(f"removing {ratio:.0%} of the decoder-linear parameters from the MLPs alone leaves "
                          f"{width} of {intermediate} neurons per layer; ask for a smaller ratio.")
     return width
+
+
+def global_widths(costs: dict[str, torch.Tensor], dropped: int, align: int) -> dict[str, int]:
+    """Widths that drop `dropped` neurons in all (a multiple of align), aligned chunks of the
+    cheapest neurons first. costs[mlp][i]: the modelled loss of dropping neuron i (neurons in
+    kept order, most energetic first) once those after it are gone; every MLP keeps >= align.
+    Each neuron frees the same parameters, so cost per chunk is cost per parameter."""
+    if dropped % align:
+        raise WidthError(f"{dropped} neurons to drop is not a multiple of align {align}.")
+    widths = {name: len(cost) for name, cost in costs.items()}
+    if dropped > sum(width - align for width in widths.values()):
+        raise WidthError(f"cannot drop {dropped} neurons and keep {align} in each of {len(widths)} MLPs.")
+
+    def chunk(name: str) -> tuple[float, str]:
+        width = widths[name]
+        return float(costs[name][width - align:width].sum()), name
+
+    heap = [chunk(name) for name in widths if widths[name] - align >= align]
+    heapq.heapify(heap)
+    for _ in range(dropped // align):
+        _, name = heapq.heappop(heap)
+        widths[name] -= align
+        if widths[name] - align >= align:
+            heapq.heappush(heap, chunk(name))
+    return widths
+
+
+def probe_weight(gram: torch.Tensor, down_weight: torch.Tensor, width: int, damping: float) -> torch.Tensor:
+    """down_proj as the cut MLP applies it, at full width: the refit on the kept neurons, zero
+    columns for the dropped ones (a dropped neuron's output then reaches nothing)."""
+    kept = kept_neurons(gram, down_weight, width).to(gram.device)
+    refit, _ = refit_down(gram, down_weight.to(gram.device), kept, damping)
+    weight = torch.zeros(down_weight.shape, dtype=down_weight.dtype, device=gram.device)
+    weight[:, kept] = refit.to(weight.dtype)
+    return weight
 
 
 def neuron_energy(gram: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:

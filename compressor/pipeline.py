@@ -31,8 +31,8 @@ from compressor.load import read_rank_map
 from compressor.neurons import prune_mlp, uniform_width
 from compressor.selection import fold_all, learn_key, learn_selection
 from compressor.candidates import quantization_summary, select_allocation, select_rank_and_bits
-from compressor.stages import (Bases, apply_ranks, allocate, calibrate, factorize, model_device, probe_ranks,
-                               score_bases, sensitivities)
+from compressor.stages import (Bases, apply_ranks, allocate, calibrate, factorize, model_device,
+                               neuron_allocation, probe_ranks, score_bases, sensitivities)
 
 
 @dataclass
@@ -177,8 +177,9 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
 
 def compress_neurons(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: CompressConfig,
                      cache_root: Path | None, model_id: str | None, progress: bool = True) -> CompressionResult:
-    """mlp neurons: calibrate, then cut every MLP to one width by its neurons' output energy and
-    refit its down_proj (compressor/neurons.py). Attention stays dense."""
+    """mlp neurons: calibrate, choose each MLP's width (uniform, or global from measured KLs),
+    cut it to its neurons of largest output energy and refit its down_proj (compressor/neurons.py).
+    Attention stays dense."""
     timings: dict[str, float] = {}
     linears = linear_modules(model, spec)
     total = sum(module.weight.numel() for module in linears.values())
@@ -191,15 +192,19 @@ def compress_neurons(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, con
         with timed(timings, "calibration"):
             cache = calibrate(model, spec, blocks, config, Path(cache_root) if keyed else Path(scratch),
                               model_id or "in-memory", progress)
+        names = {module: name for name, module in model.named_modules()}
+        widths = {names[layer.mlp]: width for layer in layers}
+        if config.allocation == "global":
+            with timed(timings, "scoring"):
+                widths = neuron_allocation(model, spec, cache, blocks, config, width, progress)
         with timed(timings, "neuron_selection"):
-            names = {module: name for name, module in model.named_modules()}
             reports = []
             for index, layer in enumerate(tqdm(layers, desc="mlp neurons", disable=not progress)):
                 gram = cache.load_layer(index)["mlp.down_proj"].gram
-                reports += prune_mlp(layer.mlp, names[layer.mlp], gram, width, config.damping)
+                reports += prune_mlp(layer.mlp, names[layer.mlp], gram, widths[names[layer.mlp]], config.damping)
     kept = sum(module.weight.numel() for module in linear_modules(model, spec).values())
     summary = {"decoder_linear_params": total, "kept_params": kept, "removed_fraction": 1 - kept / total,
-               "mlp_width": width, "ratio_asked": config.ratio, "model_params_before": params_before,
+               "mlp_widths": widths, "ratio_asked": config.ratio, "model_params_before": params_before,
                "model_params_after": sum(p.numel() for p in model.parameters())}
     return CompressionResult({}, reports, summary, timings, config)
 

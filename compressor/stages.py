@@ -45,6 +45,7 @@ from compressor.layers import (DecompositionError, LayerReport, decompose_linear
                               output_energies, output_gram_linears)
 from compressor.load import read_rank_map
 from compressor.modeling_basis_llama import replace_module
+from compressor.neurons import global_widths, neuron_energy, probe_weight
 from compressor.scoring import reorder, taylor_scores
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,43 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
                                       dtype=getattr(torch, dtype))
     cache.save_json(key, measured)
     return measured
+
+
+def neuron_allocation(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
+                      config: CompressConfig, width: int, progress: bool = True) -> dict[str, int]:
+    """mlp neurons, allocation global: {MLP name: width}. Each MLP is cut alone to the uniform
+    `width` and the KL at the LM head measured (cached); each other width is priced by the
+    output energy its neurons drop, as bases are (allocate.measured_costs); the uniform budget's
+    neurons are then dropped where they cost least (neurons.global_widths)."""
+    layers = decoder_layers(model, spec)
+    downs = {spec.full_name(index, "mlp.down_proj"): index for index in range(len(layers))}
+    grams = {}
+
+    def gram(name: str) -> torch.Tensor:
+        if name not in grams:  # read once, kept only until its energies are taken
+            grams[name] = cache.load_layer(downs[name])["mlp.down_proj"].gram.to(model_device(model))
+        return grams[name]
+
+    n, dtype = config.calibration.sensitivity_samples, config.calibration.sensitivity_dtype
+    key = f"sensitivity_neurons_width{width}_n{n}_damp{config.damping:g}" + ("" if dtype == "float32" else f"_{dtype}")
+    measured = cache.load_json(key)
+    if measured is None:
+        def truncated(name: str) -> torch.Tensor | None:
+            if name not in downs:
+                return None
+            return probe_weight(gram(name), layers[downs[name]].mlp.down_proj.weight, width, config.damping)
+
+        measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress,
+                                          dtype=getattr(torch, dtype))
+        cache.save_json(key, measured)
+    energy = {}
+    for name, index in downs.items():
+        energy[name] = torch.sort(neuron_energy(gram(name), layers[index].mlp.down_proj.weight), descending=True).values
+        grams.pop(name)
+    costs = measured_costs(energy, dict.fromkeys(downs, width), measured, config.cost_exponent)
+    intermediate = layers[0].mlp.gate_proj.out_features
+    widths = global_widths(costs, (intermediate - width) * len(layers), config.align)
+    return {name.removesuffix(".down_proj"): kept for name, kept in widths.items()}
 
 
 def gradients(model: nn.Module, cache: StatsCache, blocks: torch.Tensor, bases: Bases,

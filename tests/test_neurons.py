@@ -1,5 +1,6 @@
 """mlp neurons: MLPs cut to their most used intermediate neurons, down_proj refit (compressor/neurons.py)."""
 
+import itertools
 import json
 
 import pytest
@@ -11,13 +12,13 @@ from compressor.cli import main
 from compressor.config import CalibrationConfig, CompressConfig, ConfigError
 from compressor.export import save_compressed
 from compressor.modeling_basis_llama import BasisLlamaForCausalLM
-from compressor.neurons import WidthError, kept_neurons, refit_down, uniform_width
+from compressor.neurons import WidthError, global_widths, kept_neurons, refit_down, uniform_width
 from compressor.pipeline import compress
 
 
-def _config(ratio=0.2, **overrides):
-    calibration = CalibrationConfig(samples=8, seq_len=32, batch_size=4)
-    return CompressConfig(ratio=ratio, mlp="neurons", allocation="uniform", calibration=calibration, **overrides)
+def _config(ratio=0.2, allocation="uniform", **overrides):
+    calibration = CalibrationConfig(samples=8, seq_len=32, batch_size=4, sensitivity_samples=4)
+    return CompressConfig(ratio=ratio, mlp="neurons", allocation=allocation, calibration=calibration, **overrides)
 
 
 def _mlp_inputs(mlp, x):
@@ -65,7 +66,7 @@ def test_compress_meets_the_budget_and_exports_a_loadable_narrow_model(tmp_path,
     result = compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
     summary = result.summary
     assert summary["removed_fraction"] == pytest.approx(0.2, abs=0.03)
-    width = summary["mlp_width"]
+    width = set(summary["mlp_widths"].values()).pop()
     for layer_dense, layer in zip(dense.model.layers, tiny_model.model.layers):
         assert layer.mlp.gate_proj.out_features == layer.mlp.up_proj.out_features == width
         assert layer.mlp.down_proj.in_features == width
@@ -108,7 +109,7 @@ def test_dense_export_pads_zero_neurons_and_gives_the_same_logits(tmp_path, tiny
         assert torch.allclose(loaded(blocks).logits, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [dict(allocation="global"), dict(score="taylor"), dict(sequential=True),
+@pytest.mark.parametrize("overrides", [dict(allocation="auto"), dict(score="taylor"), dict(sequential=True),
                                        dict(mlp="channels")])
 def test_settings_neurons_cannot_honour_are_refused(overrides):
     settings = dict(allocation="uniform") | overrides
@@ -137,3 +138,41 @@ def test_gram_statistics_are_the_inputs_of_down_proj(tiny_model, blocks):
     layer = tiny_model.model.layers[0]
     assert output_gram_linears(layer, get_spec("llama"), _config()) == frozenset()
     assert output_gram_linears(layer, get_spec("llama"), CompressConfig()) == frozenset({"mlp.down_proj"})
+
+
+def test_global_widths_are_the_cheapest_aligned_drop_brute_force_confirms():
+    torch.manual_seed(3)
+    # increasing marginal costs (the modelled costs are convex in the neurons dropped)
+    costs = {name: torch.rand(16).sort(descending=True).values.double() * scale
+             for name, scale in (("a", 1.0), ("b", 0.2), ("c", 3.0))}
+    align, dropped = 4, 20
+    widths = global_widths(costs, dropped, align)
+    assert sum(16 - width for width in widths.values()) == dropped and all(w % align == 0 for w in widths.values())
+
+    def total(choice):
+        return sum(float(costs[name][width:].sum()) for name, width in choice.items())
+
+    options = [dict(zip(costs, choice)) for choice in itertools.product(range(align, 17, align), repeat=3)
+               if sum(16 - width for width in choice) == dropped]
+    assert total(widths) == pytest.approx(min(total(choice) for choice in options))
+    with pytest.raises(WidthError, match="keep 4"):
+        global_widths(costs, 40, align)
+
+
+def test_global_allocation_moves_neurons_between_layers_and_meets_the_budget(tmp_path, tiny_model, tokenizer,
+                                                                               blocks):
+    uniform = compress(LlamaForCausalLM(tiny_model.config).eval(), get_spec("llama"), blocks, _config(),
+                       progress=False).summary
+    tiny = LlamaForCausalLM(tiny_model.config).eval()
+    tiny.load_state_dict(tiny_model.state_dict())
+    result = compress(tiny, get_spec("llama"), blocks, _config(allocation="global"), progress=False)
+    widths = result.summary["mlp_widths"]
+    assert len(set(widths.values())) > 1  # the layers differ in what a cut costs
+    assert result.summary["kept_params"] == uniform["kept_params"]  # the same budget as uniform
+    with torch.no_grad():
+        expected = tiny(blocks).logits
+    out = tmp_path / "global"
+    save_compressed(tiny, tokenizer, out, result.config, result.to_dict())
+    assert json.loads((out / "config.json").read_text())["compression"]["widths"] == widths
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(blocks).logits, expected)

@@ -68,9 +68,9 @@ def _add_compress(compress: argparse.ArgumentParser) -> None:
     compress.add_argument("--ratio", type=float, help="fraction of decoder-linear parameters to remove")
     compress.add_argument("--method", help="svd | asvd | whiten")
     compress.add_argument("--mlp", help="bases: every linear cut to its bases | neurons: the budget taken from "
-                                        "the MLPs alone, each cut to the same number of its most used "
-                                        "intermediate neurons with down_proj refit by least squares; attention "
-                                        "stays dense (needs --allocation uniform)")
+                                        "the MLPs alone, each cut to its most used intermediate neurons with "
+                                        "down_proj refit by least squares (widths by --allocation uniform or "
+                                        "global); attention stays dense")
     compress.add_argument("--solver", help="eigh (default: float32 eigen-decomposition, 5-15x faster, the same "
                                            "bases to float32 accuracy; whiten records down_proj's output Gram "
                                            "matrix instead of its input's) | svd (float64, exact)")
