@@ -176,3 +176,10 @@ def test_global_allocation_moves_neurons_between_layers_and_meets_the_budget(tmp
     assert json.loads((out / "config.json").read_text())["compression"]["widths"] == widths
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(blocks).logits, expected)
+
+
+def test_streaming_refuses_neurons_with_the_reason():
+    from compressor.streaming import check_streamable
+
+    with pytest.raises(ConfigError, match="drop --streaming"):
+        check_streamable(_config())
