@@ -21,6 +21,7 @@ TOKENIZER_FOLDER = "tokenizer"  # a compact export's tokenizer, loadable without
 CARD_FILE = "README.md"
 EVALUATION_FILE = "evaluation.json"
 TAGS = ("basis-compressor", "low-rank", "svd", "compressed")
+NEURON_TAGS = ("basis-compressor", "structured-pruning", "compressed")  # --mlp neurons: no factors
 
 
 def _read_json(path: Path) -> dict:
@@ -55,9 +56,10 @@ def _source_identity(source: str | None) -> dict:
     return {key: value for key, value in identity.items() if value}
 
 
-def front_matter(summary: dict) -> str:
+def front_matter(summary: dict, neurons: bool = False) -> str:
     identity = _source_identity(summary.get("source_model"))
-    data = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": list(TAGS)}
+    data = {"library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": list(NEURON_TAGS if neurons else TAGS)}
     if "hub_id" in identity:
         data["base_model"] = identity["hub_id"]
     if "license" in identity:
@@ -106,8 +108,8 @@ def _what_was_done(folder: Path, config: dict, summary: dict) -> list[str]:
             else "Made from a dense model (quantized or with an adapter merged)")
     lines = [f"{made} by basis-compressor.", ""]
     if settings.get("mlp") == "neurons":
-        lines.append(f"- mlp `neurons` (each MLP cut to its most used intermediate neurons), calibrated on "
-                     f"`{settings.get('calibration', {}).get('source')}`")
+        lines.append(f"- mlp `neurons` (each MLP cut to its most used intermediate neurons), widths "
+                     f"`{settings.get('allocation')}`, calibrated on `{settings.get('calibration', {}).get('source')}`")
     elif settings:
         lines.append(f"- method `{settings.get('method')}`, allocation `{settings.get('allocation')}`, score "
                      f"`{settings.get('score')}`, calibrated on `{settings.get('calibration', {}).get('source')}`")
@@ -138,11 +140,12 @@ def write_card(folder: Path, name: str | None = None) -> Path:
     widths = config.get("compression", {}).get("widths", {})
     kept = ["## Kept ranks", "", *rank_brief(ranks, summary.get("layers", [])), ""] if ranks or not widths else []
     if widths:  # mlp neurons
-        sizes = sorted(set(widths.values()))
-        kept += ["## Kept MLP neurons", "", f"{len(widths)} MLPs cut to {' / '.join(map(str, sizes))} of "
+        sizes = sorted(widths.values())
+        spread = f"{sizes[0]} / {statistics.median(sizes):g} / {sizes[-1]}" if len(set(sizes)) > 1 else f"{sizes[0]}"
+        kept += ["## Kept MLP neurons", "", f"{len(widths)} MLPs cut to {spread} (min / median / max) of "
                  f"{config.get('intermediate_size')} intermediate neurons, down_proj refit by least squares; "
                  "attention and the other linears dense.", ""]
-    lines = [front_matter(summary), f"# {name}", "", *_what_was_done(folder, config, summary), "",
+    lines = [front_matter(summary, bool(widths)), f"# {name}", "", *_what_was_done(folder, config, summary), "",
              *kept,
              *evaluation_lines(_read_json(folder / EVALUATION_FILE)),
              "## Loading", "", "```python", "import compressor  # registers basis_llama with transformers",

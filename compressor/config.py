@@ -169,7 +169,6 @@ class CompressConfig:
                                   f"calibration.samples ({cal.samples}).")
         return self
 
-
     def _validate_neurons(self) -> None:
         if self.mlp not in MLP_MODES:
             raise ConfigError(f"mlp must be one of {', '.join(MLP_MODES)}; got {self.mlp!r}.")
@@ -178,10 +177,11 @@ class CompressConfig:
         if self.allocation not in ("uniform", "global"):
             raise ConfigError("--mlp neurons allocates its widths uniform or global; auto is for bases.")
         if (self.score != "energy" or self.sequential or self.ranks_from or self.quant.scheme != "none"
-                or self.on_failure != "stop"):
+                or self.on_failure != "stop" or self.global_solver != "greedy" or self.max_kept_fraction != 1.0):
             raise ConfigError("--mlp neurons selects neurons by their output energy and refits down_proj: use it "
-                              "with --score energy, without --sequential, --ranks-from, --quant or --on-failure "
-                              "dense (quantize its export with `compressor quantize`).")
+                              "with --score energy and the greedy global solver, without --sequential, "
+                              "--ranks-from, --quant, --max-kept-fraction or --on-failure dense (quantize its "
+                              "export with `compressor quantize`).")
 
 
 def _build(cls, data: dict, where: str):

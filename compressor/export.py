@@ -23,11 +23,11 @@ import compressor.modeling_basis_llama as modeling_basis_llama
 from compressor.card import TOKENIZER_FOLDER, write_card
 from compressor.config import CompressConfig, save_config
 from compressor.files import atomic_folder
-from compressor.neurons import mlp_widths, pad_mlp
 from compressor.modeling_basis_llama import (
-    FORMAT_VERSION, NARROW_MLP_FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, BasisLlamaConfig, BasisLlamaForCausalLM, LowRankLinear,
-    QuantizedLinear, replace_module,
+    FORMAT_VERSION, NARROW_MLP_FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, BasisLlamaConfig, BasisLlamaForCausalLM,
+    LowRankLinear, QuantizedLinear, replace_module,
 )
+from compressor.neurons import mlp_widths, pad_mlp
 
 AUTO_MAP = {
     "AutoConfig": "modeling_basis_llama.BasisLlamaConfig",
@@ -160,6 +160,8 @@ def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: C
     dtype: of the exported floating-point tensors (None: as the model holds them)."""
     compression = {"method": config.method, "mlp": config.mlp, "allocation": config.allocation,
                    "score": config.score, "ratio": config.ratio}
+    if config.mlp == "neurons":  # no bases: what names them does not apply
+        compression.update(method="mlp neurons", score="output energy")
     if config.ranks_from:  # the ranks were not allocated here (the ratio is the one they remove)
         compression.update(allocation="given", ranks_from=config.ranks_from)
     with atomic_folder(out_dir, overwrite) as tmp:

@@ -68,6 +68,9 @@ def read_rank_map(export_dir: Path) -> dict[str, int]:
     except (KeyError, TypeError, json.JSONDecodeError):
         raise ModelFolderError(f"{config_path} records no compression ranks: --ranks-from takes the folder of a "
                                "`compressor compress` export (a dense model records none).") from None
+    if not ranks:
+        raise ModelFolderError(f"{export_dir} has no low-rank linears (an --mlp neurons export, or quantized only): "
+                               "--ranks-from takes an export whose linears were cut to bases.")
     return {name: int(rank) for name, rank in ranks.items()}
 
 

@@ -3,9 +3,10 @@
 A LLaMA MLP is down(silu(gate x) * up x). Its intermediate neurons are the basis down_proj
 reads from: dropping neuron j drops row j of gate and up and column j of down, 3 x hidden
 parameters, and what is kept is still three dense matrices. A factor pair of rank r costs
-r (in + out) instead, so it saves parameters only past half of a square matrix's spectrum: at 20%
-removed, each MLP matrix would lose about a third of its bases. Here the same budget drops about
-a fifth of the neurons.
+r (in + out) instead, so it saves parameters only past its break-even rank (half of a square
+matrix's spectrum; 756 of 896 for the example model's 896 x 4864 MLP matrices): at 20% removed,
+the cut matrices lose a third or more of their bases. Here the same budget drops about a fifth
+of each MLP's neurons.
 
 Widths: the same in every layer (allocation uniform), or (global) each layer's from a measured
 KL: every MLP alone cut to the uniform width, the KL of the next-token distribution at the LM head
@@ -47,6 +48,9 @@ def uniform_width(intermediate: int, hidden: int, layers: int, decoder_linear_pa
     per_neuron = 3 * hidden
     dropped = round(ratio * decoder_linear_params / (per_neuron * layers * align)) * align
     width = intermediate - dropped
+    if dropped == 0:
+        raise WidthError(f"removing {ratio:.2%} of the decoder-linear parameters drops no block of {align} "
+                         "neurons per layer; ask for a larger ratio (or a smaller --align).")
     if width < align:
         raise WidthError(f"removing {ratio:.0%} of the decoder-linear parameters from the MLPs alone leaves "
                          f"{width} of {intermediate} neurons per layer; ask for a smaller ratio.")
@@ -54,14 +58,14 @@ def uniform_width(intermediate: int, hidden: int, layers: int, decoder_linear_pa
 
 
 def global_widths(costs: dict[str, torch.Tensor], dropped: int, align: int) -> dict[str, int]:
-    """Widths that drop `dropped` neurons in all (a multiple of align), aligned chunks of the
-    cheapest neurons first. costs[mlp][i]: the modelled loss of dropping neuron i (neurons in
+    """Widths that drop `dropped` neurons in all (a multiple of align), chunks of `align` of the
+    cheapest neurons first (widths are multiples of align where the intermediate size is). costs[mlp][i]: the modelled loss of dropping neuron i (neurons in
     kept order, most energetic first) once those after it are gone; every MLP keeps >= align.
     Each neuron frees the same parameters, so cost per chunk is cost per parameter."""
     if dropped % align:
         raise WidthError(f"{dropped} neurons to drop is not a multiple of align {align}.")
     widths = {name: len(cost) for name, cost in costs.items()}
-    if dropped > sum(width - align for width in widths.values()):
+    if dropped > sum((width - align) // align * align for width in widths.values()):
         raise WidthError(f"cannot drop {dropped} neurons and keep {align} in each of {len(widths)} MLPs.")
 
     def chunk(name: str) -> tuple[float, str]:
@@ -133,18 +137,18 @@ def prune_mlp(mlp: nn.Module, name: str, gram: torch.Tensor, width: int, damping
     gate, up, down = (getattr(mlp, linear) for linear in MLP_LINEARS)
     if any(linear.bias is not None for linear in (gate, up)):
         raise WidthError(f"{name}: gate_proj / up_proj with a bias are not supported by mlp neurons.")
+    gram = gram.to(down.weight.device)  # statistics are read to the CPU; the model may be on a GPU
     kept = kept_neurons(gram, down.weight, width)
-    refit, error = refit_down(gram, down.weight, kept.to(gram.device), damping)
-    kept = kept.to(gate.weight.device)
+    refit, error = refit_down(gram, down.weight, kept, damping)
     mlp.gate_proj = narrow_linear(gate, gate.weight[kept])
     mlp.up_proj = narrow_linear(up, up.weight[kept])
     mlp.down_proj = narrow_linear(down, refit.to(down.weight.device, down.weight.dtype))
     reports = []
     for linear, before, after in zip(MLP_LINEARS, (gate, up, down), (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
-        # Only down_proj's output changes by more than the dropped neurons; its error is the MLP's.
+        # The three are cut together: each reports the MLP's relative output error.
         reports.append(LayerReport(f"{name}.{linear}", before.out_features, before.in_features, None,
                                    min(before.weight.shape), before.weight.numel(), after.weight.numel(),
-                                   error if linear == "down_proj" else 0.0, neurons=width))
+                                   error, neurons=width))
     return reports
 
 

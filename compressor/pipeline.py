@@ -141,6 +141,8 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         Path(cache_root).mkdir(parents=True, exist_ok=True)
         clean_stale_scratch(Path(cache_root))
     if config.mlp == "neurons":
+        if offload_to is not None:
+            raise ValueError("--mlp neurons runs where the model is (no --offload).")
         return compress_neurons(model, spec, blocks, config, cache_root, model_id, progress)
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=cache_root) as scratch:
         check_free_space(Path(scratch), bases_bytes(model, spec), "the bases of every matrix")

@@ -144,7 +144,8 @@ def neuron_allocation(model: nn.Module, spec: ArchSpec, cache: StatsCache, block
                       config: CompressConfig, width: int, progress: bool = True) -> dict[str, int]:
     """mlp neurons, allocation global: {MLP name: width}. Each MLP is cut alone to the uniform
     `width` and the KL at the LM head measured (cached); each other width is priced by the
-    output energy its neurons drop, as bases are (allocate.measured_costs); the uniform budget's
+    output energy its neurons drop, as bases are (allocate.measured_costs: the scale is the KL
+    measured with the refit, the shape the energy dropped before it); the uniform budget's
     neurons are then dropped where they cost least (neurons.global_widths)."""
     layers = decoder_layers(model, spec)
     downs = {spec.full_name(index, "mlp.down_proj"): index for index in range(len(layers))}

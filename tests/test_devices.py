@@ -50,10 +50,12 @@ def _config(**overrides) -> CompressConfig:
     {"method": "whiten", "solver": "svd", "allocation": "uniform"},
     {"method": "whiten", "solver": "eigh", "allocation": "global"},  # measured sensitivities
     {"method": "asvd", "allocation": "global", "score": "taylor"},  # gradients; output error against G
-], ids=["uniform", "global", "taylor"])
+    {"mlp": "neurons", "allocation": "global"},  # statistics read to the CPU, the model on the GPU
+], ids=["uniform", "global", "taylor", "neurons"])
 def test_the_in_memory_pipeline_on_the_gpu_gives_the_cpu_model(tiny_model, blocks, overrides):
     results, models = _compress_on_both(tiny_model, blocks, _config(**overrides))
     assert results["cuda"].ranks == results["cpu"].ranks
+    assert results["cuda"].summary.get("mlp_widths") == results["cpu"].summary.get("mlp_widths")
     with torch.no_grad():
         torch.testing.assert_close(models["cuda"](blocks).logits, models["cpu"](blocks).logits,
                                    rtol=1e-3, atol=1e-3)

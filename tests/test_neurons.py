@@ -14,6 +14,7 @@ from compressor.export import save_compressed
 from compressor.modeling_basis_llama import BasisLlamaForCausalLM
 from compressor.neurons import WidthError, global_widths, kept_neurons, refit_down, uniform_width
 from compressor.pipeline import compress
+from compressor.quantize import QuantConfig
 
 
 def _config(ratio=0.2, allocation="uniform", **overrides):
@@ -110,12 +111,14 @@ def test_dense_export_pads_zero_neurons_and_gives_the_same_logits(tmp_path, tiny
 
 
 @pytest.mark.parametrize("overrides", [dict(allocation="auto"), dict(score="taylor"), dict(sequential=True),
-                                       dict(mlp="channels")])
+                                       dict(mlp="channels"), dict(ranks_from="runs/x"), dict(on_failure="dense"),
+                                       dict(global_solver="hull"), dict(max_kept_fraction=0.9)])
 def test_settings_neurons_cannot_honour_are_refused(overrides):
-    settings = dict(allocation="uniform") | overrides
+    settings = dict(allocation="uniform", mlp="neurons") | overrides
     with pytest.raises(ConfigError, match="mlp"):
-        CompressConfig(ratio=0.2, mlp=overrides.get("mlp", "neurons"), **{k: v for k, v in settings.items()
-                                                                            if k != "mlp"}).validate()
+        CompressConfig(ratio=0.2, **settings).validate()
+    with pytest.raises(ConfigError, match="--quant"):
+        CompressConfig(ratio=0.2, mlp="neurons", quant=QuantConfig("int8")).validate()
 
 
 def test_cli_compress_mlp_neurons(tmp_path, model_dir, corpus):
@@ -125,7 +128,6 @@ def test_cli_compress_mlp_neurons(tmp_path, model_dir, corpus):
                  "--out", str(out), "--home", str(tmp_path / "home"), "--quiet"])
     assert code == 0
     assert json.loads((out / "config.json").read_text())["compression"]["widths"]
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
     card = (out / "README.md").read_text()  # written before the folder took its name: named after it
     assert "# out\n" in card and 'from_pretrained("out")' in card and ".tmp" not in card
     assert "## Kept MLP neurons" in card and "## Kept ranks" not in card
@@ -183,3 +185,25 @@ def test_streaming_refuses_neurons_with_the_reason():
 
     with pytest.raises(ConfigError, match="drop --streaming"):
         check_streamable(_config())
+
+
+def test_a_neurons_export_quantizes_and_is_refused_as_a_rank_map(tmp_path, model_dir, corpus, capsys):
+    """compressor quantize keeps the narrow widths (format 3 with quant); --ranks-from names why it
+    cannot reuse a neurons export."""
+    home = ["--home", str(tmp_path / "home"), "--quiet"]
+    narrow, quantized = tmp_path / "narrow", tmp_path / "narrow-int8"
+    assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--mlp", "neurons", "--ratio",
+                 "0.2", "--samples", "4", "--seq-len", "32", "--sensitivity-samples", "2", "--out", str(narrow),
+                 *home]) == 0
+    assert main(["quantize", "--model", str(narrow), "--quant", "int8", "--out", str(quantized), *home]) == 0
+    compression = json.loads((quantized / "config.json").read_text())["compression"]
+    assert compression["format_version"] == 3 and compression["quant"]["scheme"] == "int8"
+    assert compression["widths"] == json.loads((narrow / "config.json").read_text())["compression"]["widths"]
+    ids = torch.randint(3, 90, (1, 16))
+    with torch.no_grad():
+        before = AutoModelForCausalLM.from_pretrained(narrow)(ids).logits
+        after = AutoModelForCausalLM.from_pretrained(quantized)(ids).logits
+    assert torch.allclose(before, after, atol=0.05 * before.abs().max())
+    assert main(["compress", "--model", str(model_dir), "--target", str(corpus), "--ranks-from", str(narrow),
+                 "--samples", "4", "--seq-len", "32", "--out", str(tmp_path / "again"), *home]) == 2
+    assert "has no low-rank linears" in capsys.readouterr().err

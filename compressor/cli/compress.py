@@ -70,7 +70,7 @@ def _add_compress(compress: argparse.ArgumentParser) -> None:
     compress.add_argument("--mlp", help="bases: every linear cut to its bases | neurons: the budget taken from "
                                         "the MLPs alone, each cut to its most used intermediate neurons with "
                                         "down_proj refit by least squares (widths by --allocation uniform or "
-                                        "global); attention stays dense")
+                                        "global); attention stays dense, and --method / --solver do not apply")
     compress.add_argument("--solver", help="eigh (default: float32 eigen-decomposition, 5-15x faster, the same "
                                            "bases to float32 accuracy; whiten records down_proj's output Gram "
                                            "matrix instead of its input's) | svd (float64, exact)")
@@ -270,9 +270,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.offload and (args.streaming or device.type == "cpu"):
         raise ConfigError("--offload is for the in-memory pipeline with a GPU --device (cuda, cuda:N); "
                           "--streaming already holds one layer at a time.")
-    if args.offload and (config.score == "learned" or config.sequential):
-        raise ConfigError("--score learned and --sequential run where the model is: drop --offload (or use "
-                          "a GPU that holds the model twice).")
+    if args.offload and (config.score == "learned" or config.sequential or config.mlp == "neurons"):
+        raise ConfigError("--score learned, --sequential and --mlp neurons run where the model is: drop "
+                          "--offload (or use a GPU that holds the model twice).")
     if args.streaming:
         return _compress_streaming(args, config)
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
