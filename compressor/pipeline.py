@@ -94,6 +94,8 @@ def check_inputs(model: nn.Module, spec: ArchSpec, config: CompressConfig, learn
                     read_rank_map(Path(config.ranks_from)))
     if config.score == "learned" and (learn_blocks is None or offload_to is not None):
         raise ValueError("score learned needs its training blocks and runs where the model is (no --offload).")
+    if config.mlp == "neurons" and offload_to is not None:
+        raise ValueError("--mlp neurons runs where the model is (no --offload).")
 
 
 def learn_and_apply(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor, bases: Bases,
@@ -141,8 +143,6 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         Path(cache_root).mkdir(parents=True, exist_ok=True)
         clean_stale_scratch(Path(cache_root))
     if config.mlp == "neurons":
-        if offload_to is not None:
-            raise ValueError("--mlp neurons runs where the model is (no --offload).")
         return compress_neurons(model, spec, blocks, config, cache_root, model_id, progress)
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=cache_root) as scratch:
         check_free_space(Path(scratch), bases_bytes(model, spec), "the bases of every matrix")
