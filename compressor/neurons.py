@@ -59,9 +59,10 @@ def uniform_width(intermediate: int, hidden: int, layers: int, decoder_linear_pa
 
 def global_widths(costs: dict[str, torch.Tensor], dropped: int, align: int) -> dict[str, int]:
     """Widths that drop `dropped` neurons in all (a multiple of align), chunks of `align` of the
-    cheapest neurons first (widths are multiples of align where the intermediate size is). costs[mlp][i]: the modelled loss of dropping neuron i (neurons in
-    kept order, most energetic first) once those after it are gone; every MLP keeps >= align.
-    Each neuron frees the same parameters, so cost per chunk is cost per parameter."""
+    cheapest neurons first (widths are multiples of align where the intermediate size is).
+    costs[mlp][i]: the modelled loss of dropping neuron i (neurons in kept order, most energetic
+    first) once those after it are gone; every MLP keeps >= align. Each neuron frees the same
+    parameters, so cost per chunk is cost per parameter."""
     if dropped % align:
         raise WidthError(f"{dropped} neurons to drop is not a multiple of align {align}.")
     widths = {name: len(cost) for name, cost in costs.items()}
@@ -156,19 +157,17 @@ def pad_mlp(mlp: nn.Module, intermediate: int) -> None:
     """Zero neurons up to `intermediate`: silu(0) * 0 = 0 feeds zero columns of down, so the
     output is exactly the narrow MLP's (for a stock LLaMA export of the same model)."""
     gate, up, down = (getattr(mlp, linear) for linear in MLP_LINEARS)
-    width = gate.out_features
-    if width == intermediate:
+    if gate.out_features == intermediate:
         return
-    pad = intermediate - width
 
     def padded(linear: nn.Linear, rows: int, cols: int) -> nn.Linear:
         weight = torch.zeros(rows, cols, device=linear.weight.device, dtype=linear.weight.dtype)
         weight[:linear.out_features, :linear.in_features] = linear.weight
         return narrow_linear(linear, weight)
 
-    mlp.gate_proj = padded(gate, width + pad, gate.in_features)
-    mlp.up_proj = padded(up, width + pad, up.in_features)
-    mlp.down_proj = padded(down, down.out_features, width + pad)
+    mlp.gate_proj = padded(gate, intermediate, gate.in_features)
+    mlp.up_proj = padded(up, intermediate, up.in_features)
+    mlp.down_proj = padded(down, down.out_features, intermediate)
 
 
 def mlp_widths(model: nn.Module, intermediate: int) -> dict[str, int]:
