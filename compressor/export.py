@@ -161,7 +161,8 @@ def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: C
     compression = {"method": config.method, "mlp": config.mlp, "allocation": config.allocation,
                    "score": config.score, "ratio": config.ratio}
     if config.mlp == "neurons":  # no bases: what names them does not apply
-        compression.update(method="mlp neurons", score="output energy")
+        compression.update(method="mlp neurons", score={"energy": "output energy", "obs": "greedy elimination "
+                                                          "under the refit (obs)"}[config.neuron_rule])
     if config.ranks_from:  # the ranks were not allocated here (the ratio is the one they remove)
         compression.update(allocation="given", ranks_from=config.ranks_from)
     with atomic_folder(out_dir, overwrite) as tmp:

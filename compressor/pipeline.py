@@ -28,11 +28,11 @@ from compressor.decompose import check_finite
 from compressor.files import process_alive
 from compressor.layers import LayerReport, sequential_cut
 from compressor.load import read_rank_map
-from compressor.neurons import prune_mlp, uniform_width
+from compressor.neurons import kept_neurons, prune_mlp, uniform_width
 from compressor.selection import fold_all, learn_key, learn_selection
 from compressor.candidates import quantization_summary, select_allocation, select_rank_and_bits
 from compressor.stages import (Bases, apply_ranks, allocate, calibrate, factorize, model_device,
-                               neuron_allocation, probe_ranks, score_bases, sensitivities)
+                               neuron_allocation, neuron_orders, probe_ranks, score_bases, sensitivities)
 
 
 @dataclass
@@ -196,14 +196,18 @@ def compress_neurons(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, con
                               model_id or "in-memory", progress)
         names = {module: name for name, module in model.named_modules()}
         widths = {names[layer.mlp]: width for layer in layers}
+        with timed(timings, "neuron_order"):
+            orders = neuron_orders(model, spec, cache, config, progress)
         if config.allocation == "global":
             with timed(timings, "scoring"):
-                widths = neuron_allocation(model, spec, cache, blocks, config, width, progress)
+                widths = neuron_allocation(model, spec, cache, blocks, config, width, orders, progress)
         with timed(timings, "neuron_selection"):
             reports = []
             for index, layer in enumerate(tqdm(layers, desc="mlp neurons", disable=not progress)):
                 gram = cache.load_layer(index)["mlp.down_proj"].gram
-                reports += prune_mlp(layer.mlp, names[layer.mlp], gram, widths[names[layer.mlp]], config.damping)
+                name = names[layer.mlp]
+                kept = kept_neurons(orders[f"{name}.down_proj"][0], widths[name])
+                reports += prune_mlp(layer.mlp, name, gram, kept, config.damping)
     kept = sum(module.weight.numel() for module in linear_modules(model, spec).values())
     summary = {"decoder_linear_params": total, "kept_params": kept, "removed_fraction": 1 - kept / total,
                "mlp_widths": widths, "ratio_asked": config.ratio, "model_params_before": params_before,

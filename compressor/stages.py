@@ -45,7 +45,7 @@ from compressor.layers import (DecompositionError, LayerReport, decompose_linear
                               output_energies, output_gram_linears)
 from compressor.load import read_rank_map
 from compressor.modeling_basis_llama import replace_module
-from compressor.neurons import global_widths, neuron_energy, probe_weight
+from compressor.neurons import global_widths, kept_neurons, neuron_order, probe_weight
 from compressor.scoring import reorder, taylor_scores
 
 log = logging.getLogger(__name__)
@@ -140,34 +140,58 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
     return measured
 
 
+def neuron_orders(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: CompressConfig,
+                  progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """mlp neurons: {down_proj name: (neurons most needed first, each one's cost)} by
+    config.neuron_rule (neurons.neuron_order). The obs order (seconds per layer) is cached
+    beside the statistics; one layer's Gram matrix is read at a time."""
+    layers = decoder_layers(model, spec)
+    names = [spec.full_name(index, "mlp.down_proj") for index in range(len(layers))]
+    key = f"neuron_order_{config.neuron_rule}_damp{config.damping:g}"
+    cached = cache.load_tensors(key) if config.neuron_rule == "obs" else None
+    if cached is not None:
+        return {name: (cached[f"{name}.order"], cached[f"{name}.costs"]) for name in names}
+    orders = {}
+    for index, name in enumerate(tqdm(names, desc=f"neuron order ({config.neuron_rule})", disable=not progress)):
+        gram = cache.load_layer(index)["mlp.down_proj"].gram.to(model_device(model))
+        order, costs = neuron_order(gram, layers[index].mlp.down_proj.weight, config.neuron_rule, config.damping)
+        orders[name] = (order.cpu(), costs.cpu())
+    if config.neuron_rule == "obs":
+        cache.save_tensors(key, {f"{name}.{part}": value for name, pair in orders.items()
+                                 for part, value in zip(("order", "costs"), pair)})
+    return orders
+
+
 def neuron_allocation(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
-                      config: CompressConfig, width: int, progress: bool = True) -> dict[str, int]:
+                      config: CompressConfig, width: int, orders: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      progress: bool = True) -> dict[str, int]:
     """mlp neurons, allocation global: {MLP name: width}. Each MLP is cut alone to the uniform
     `width` and the KL at the LM head measured (cached); each other width is priced by the
-    output energy its neurons drop, as bases are (allocate.measured_costs: the scale is the KL
-    measured with the refit, the shape the energy dropped before it); the uniform budget's
-    neurons are then dropped where they cost least (neurons.global_widths)."""
+    output error its neurons add (`orders`' costs), as bases are by the energy they drop
+    (allocate.measured_costs: the scale is the KL measured with the refit, the shape the
+    modelled error); the uniform budget's neurons are then dropped where they cost least
+    (neurons.global_widths)."""
     layers = decoder_layers(model, spec)
     downs = {spec.full_name(index, "mlp.down_proj"): index for index in range(len(layers))}
-
-    def gram(name: str) -> torch.Tensor:  # read when needed: 24 of them are 4.5 GB on the example model
-        return cache.load_layer(downs[name])["mlp.down_proj"].gram.to(model_device(model))
-
     n, dtype = config.calibration.sensitivity_samples, config.calibration.sensitivity_dtype
-    key = f"sensitivity_neurons_width{width}_n{n}_damp{config.damping:g}" + ("" if dtype == "float32" else f"_{dtype}")
+    rule = "" if config.neuron_rule == "energy" else f"_{config.neuron_rule}"
+    key = (f"sensitivity_neurons{rule}_width{width}_n{n}_damp{config.damping:g}"
+           + ("" if dtype == "float32" else f"_{dtype}"))
     measured = cache.load_json(key)
     if measured is None:
         def truncated(name: str) -> torch.Tensor | None:
             if name not in downs:
                 return None
-            return probe_weight(gram(name), layers[downs[name]].mlp.down_proj.weight, width, config.damping)
+            # read when needed: 24 Gram matrices are 4.5 GB on the example model
+            gram = cache.load_layer(downs[name])["mlp.down_proj"].gram.to(model_device(model))
+            kept = kept_neurons(orders[name][0], width)
+            return probe_weight(gram, layers[downs[name]].mlp.down_proj.weight, kept, config.damping)
 
         measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress,
                                           dtype=getattr(torch, dtype))
         cache.save_json(key, measured)
-    energy = {name: torch.sort(neuron_energy(gram(name), layers[index].mlp.down_proj.weight), descending=True).values
-              for name, index in downs.items()}
-    costs = measured_costs(energy, dict.fromkeys(downs, width), measured, config.cost_exponent)
+    costs = measured_costs({name: orders[name][1] for name in downs}, dict.fromkeys(downs, width), measured,
+                           config.cost_exponent)
     intermediate = layers[0].mlp.gate_proj.out_features
     widths = global_widths(costs, (intermediate - width) * len(layers), config.align)
     return {name.removesuffix(".down_proj"): kept for name, kept in widths.items()}

@@ -12,7 +12,8 @@ from compressor.cli import main
 from compressor.config import CalibrationConfig, CompressConfig, ConfigError
 from compressor.export import save_compressed
 from compressor.modeling_basis_llama import BasisLlamaForCausalLM
-from compressor.neurons import WidthError, global_widths, kept_neurons, refit_down, uniform_width
+from compressor.neurons import (WidthError, elimination_order, global_widths, kept_neurons, neuron_order, refit_down,
+                                uniform_width)
 from compressor.pipeline import compress
 from compressor.quantize import QuantConfig
 
@@ -49,8 +50,51 @@ def test_refit_is_the_least_squares_solution_and_its_error_is_measured():
 def test_neurons_kept_by_output_energy():
     gram = torch.diag(torch.tensor([1.0, 4.0, 1.0, 9.0], dtype=torch.float64))
     weight = torch.tensor([[3.0, 1.0, 0.1, 1.0]])  # energies 9, 4, 0.01, 9
-    assert kept_neurons(gram, weight, 2).tolist() == [0, 3]
-    assert kept_neurons(gram, weight, 3).tolist() == [0, 1, 3]
+    order, costs = neuron_order(gram, weight, "energy", damping=0.0)
+    assert kept_neurons(order, 2).tolist() == [0, 3]
+    assert kept_neurons(order, 3).tolist() == [0, 1, 3]
+    assert costs.tolist() == pytest.approx([9.0, 9.0, 4.0, 0.01])
+
+
+def _correlated(n=500, neurons=10, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, neurons, generator=generator) @ torch.randn(neurons, neurons, generator=generator)
+    return (hidden.T @ hidden).double(), torch.randn(4, neurons, generator=generator)
+
+
+def test_elimination_drops_the_neuron_whose_loss_the_refit_covers_best():
+    # Neurons 0 and 1 are copies and carry the most energy; neuron 2 is independent and weaker.
+    hidden = torch.randn(400, 1)
+    hidden = torch.cat([hidden, hidden, torch.randn(400, 1)], 1)
+    gram, weight = (hidden.T @ hidden).double(), torch.tensor([[2.0, 2.0, 1.0]])
+    order, costs = elimination_order(gram, weight, damping=1e-9, block=1)
+    energy_kept = kept_neurons(neuron_order(gram, weight, "energy", 0.0)[0], 2)
+    obs_kept = kept_neurons(order, 2)
+    assert energy_kept.tolist() == [0, 1] and 2 in obs_kept.tolist()  # a copy goes: the other one carries it
+    assert refit_down(gram, weight, obs_kept, 1e-9)[1] < 1e-6 < refit_down(gram, weight, energy_kept, 1e-9)[1]
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_elimination_costs_add_up_to_the_refit_error_at_every_width(block):
+    gram, weight = _correlated()
+    order, costs = elimination_order(gram, weight, damping=0.0, block=block)
+    assert sorted(order.tolist()) == list(range(10))
+    total = float(torch.einsum("oi,ij,oj->", weight.double(), gram, weight.double()))
+    assert float(costs.sum()) == pytest.approx(total, rel=1e-6)
+    for width in range(10 % block or block, 10, block):  # exact where a block ends; shared within one
+        error = refit_down(gram, weight, kept_neurons(order, width), damping=0.0)[1]
+        assert float(costs[width:].sum()) / total == pytest.approx(error, rel=1e-5, abs=1e-9)
+
+
+def test_elimination_one_at_a_time_is_the_exact_greedy():
+    gram, weight = _correlated(seed=1)
+    order, _ = elimination_order(gram, weight, damping=0.0, block=1)
+    kept = list(range(10))
+    for step in range(9):  # brute force: drop the neuron whose loss leaves the least refit error
+        errors = {j: refit_down(gram, weight, torch.tensor([i for i in kept if i != j]), 0.0)[1] for j in kept}
+        dropped = min(errors, key=errors.get)
+        assert dropped == int(order[9 - step])
+        kept.remove(dropped)
 
 
 def test_uniform_width_meets_the_ratio_and_refuses_what_the_mlps_cannot_give():
@@ -80,7 +124,7 @@ def test_compress_meets_the_budget_and_exports_a_loadable_narrow_model(tmp_path,
         dense(blocks)
         hook.remove()
         h = _mlp_inputs(first.mlp, captured[0]).reshape(-1, first.mlp.gate_proj.out_features).double()
-    kept = kept_neurons(h.T @ h, first.mlp.down_proj.weight, width)
+    kept = kept_neurons(neuron_order(h.T @ h, first.mlp.down_proj.weight, "energy", config.damping)[0], width)
     refit, _ = refit_down(h.T @ h, first.mlp.down_proj.weight, kept, config.damping)
     assert torch.allclose(tiny_model.model.layers[0].mlp.down_proj.weight.double(), refit, atol=1e-4)
 
@@ -124,13 +168,43 @@ def test_settings_neurons_cannot_honour_are_refused(overrides):
 def test_cli_compress_mlp_neurons(tmp_path, model_dir, corpus):
     out = tmp_path / "out"
     code = main(["compress", "--model", str(model_dir), "--target", str(corpus), "--mlp", "neurons",
-                 "--allocation", "uniform", "--ratio", "0.2", "--samples", "4", "--seq-len", "32",
+                 "--neuron-rule", "obs", "--allocation", "uniform", "--ratio", "0.2", "--samples", "4", "--seq-len", "32",
                  "--out", str(out), "--home", str(tmp_path / "home"), "--quiet"])
     assert code == 0
     assert json.loads((out / "config.json").read_text())["compression"]["widths"]
     card = (out / "README.md").read_text()  # written before the folder took its name: named after it
     assert "# out\n" in card and 'from_pretrained("out")' in card and ".tmp" not in card
     assert "## Kept MLP neurons" in card and "## Kept ranks" not in card
+    assert "chosen by `obs`" in card
+
+
+def test_obs_rule_keeps_the_elimination_order_and_caches_it(tmp_path, tiny_model, blocks):
+    dense = LlamaForCausalLM(tiny_model.config).eval()
+    dense.load_state_dict(tiny_model.state_dict())
+    config = _config(allocation="global", neuron_rule="obs")
+    result = compress(tiny_model, get_spec("llama"), blocks, config, cache_root=tmp_path, model_id="tiny",
+                      progress=False)
+    assert result.summary["removed_fraction"] == pytest.approx(0.2, abs=0.03)
+    assert len(list(tmp_path.rglob("neuron_order_obs_damp0.0001.safetensors"))) == 1
+    # layer 0: the first `width` neurons of the elimination order on its dense inputs, refit
+    first, width = dense.model.layers[0].mlp, result.summary["mlp_widths"]["model.layers.0.mlp"]
+    captured = []
+    hook = first.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    with torch.no_grad():
+        dense(blocks)
+        hook.remove()
+        h = _mlp_inputs(first, captured[0]).reshape(-1, first.gate_proj.out_features).double()
+    order, _ = elimination_order(h.T @ h, first.down_proj.weight, config.damping)
+    kept = kept_neurons(order, width)
+    assert torch.equal(tiny_model.model.layers[0].mlp.gate_proj.weight, first.gate_proj.weight[kept])
+    # a second run reads the cached order and cuts the same way
+    again = LlamaForCausalLM(dense.config).eval()
+    again.load_state_dict(dense.state_dict())
+    second = compress(again, get_spec("llama"), blocks, config, cache_root=tmp_path, model_id="tiny", progress=False)
+    assert second.summary["mlp_widths"] == result.summary["mlp_widths"]
+    assert torch.equal(again.model.layers[1].mlp.down_proj.weight, tiny_model.model.layers[1].mlp.down_proj.weight)
+    with pytest.raises(ConfigError, match="add --mlp neurons"):
+        CompressConfig(neuron_rule="obs").validate()
 
 
 def test_gram_statistics_are_the_inputs_of_down_proj(tiny_model, blocks):

@@ -14,7 +14,8 @@ from compressor.files import check_output
 
 # CLI flag -> (section, key) of CompressConfig; a flag left unset keeps the YAML / default value.
 FLAG_TO_CONFIG = {
-    "ratio": (None, "ratio"), "method": (None, "method"), "mlp": (None, "mlp"), "solver": (None, "solver"),
+    "ratio": (None, "ratio"), "method": (None, "method"), "mlp": (None, "mlp"),
+    "neuron_rule": (None, "neuron_rule"), "solver": (None, "solver"),
     "max_kept_fraction": (None, "max_kept_fraction"), "allocation": (None, "allocation"),
     "global_solver": (None, "global_solver"), "sequential": (None, "sequential"),
     "score": (None, "score"), "gradient_samples": ("calibration", "gradient_samples"),
@@ -71,6 +72,10 @@ def _add_compress(compress: argparse.ArgumentParser) -> None:
                                         "the MLPs alone, each cut to its most used intermediate neurons with "
                                         "down_proj refit by least squares (widths by --allocation uniform or "
                                         "global); attention stays dense, and --method / --solver do not apply")
+    compress.add_argument("--neuron-rule", help="--mlp neurons: which neurons each MLP keeps. energy: largest "
+                                                "output energy | obs: greedy elimination under the refit "
+                                                "(structured optimal brain surgeon; lower refit error, seconds per "
+                                                "layer, cached)")
     compress.add_argument("--solver", help="eigh (default: float32 eigen-decomposition, 5-15x faster, the same "
                                            "bases to float32 accuracy; whiten records down_proj's output Gram "
                                            "matrix instead of its input's) | svd (float64, exact)")
