@@ -184,10 +184,10 @@ class CompressConfig:
             return
         if self.allocation not in ("uniform", "global"):
             raise ConfigError("--mlp neurons allocates its widths uniform or global; auto is for bases.")
-        if (self.score != "energy" or self.sequential or self.ranks_from or self.quant.scheme != "none"
+        if (self.score != "energy" or self.ranks_from or self.quant.scheme != "none"
                 or self.on_failure != "stop" or self.global_solver != "greedy" or self.max_kept_fraction != 1.0):
-            raise ConfigError("--mlp neurons selects neurons by their output energy and refits down_proj: use it "
-                              "with --score energy and the greedy global solver, without --sequential, "
+            raise ConfigError("--mlp neurons selects neurons by --neuron-rule and refits down_proj: use it "
+                              "with --score energy and the greedy global solver, without "
                               "--ranks-from, --quant, --max-kept-fraction or --on-failure dense (quantize its "
                               "export with `compressor quantize`).")
 

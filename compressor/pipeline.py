@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.cache import StatsCache
+from calibration.capture import capture_first_layer_inputs, collect_layer, run_layer
 from calibration.data import blocks_fingerprint
 from compressor.allocate import Shape, given_ranks, summarize
 from compressor.arch import ArchSpec, decoder_layers, linear_modules
@@ -28,7 +29,7 @@ from compressor.decompose import check_finite
 from compressor.files import process_alive
 from compressor.layers import LayerReport, sequential_cut
 from compressor.load import read_rank_map
-from compressor.neurons import kept_neurons, prune_mlp, uniform_width
+from compressor.neurons import kept_neurons, neuron_order, prune_mlp, uniform_width
 from compressor.selection import fold_all, learn_key, learn_selection
 from compressor.candidates import quantization_summary, select_allocation, select_rank_and_bits
 from compressor.stages import (Bases, apply_ranks, allocate, calibrate, factorize, model_device,
@@ -202,17 +203,38 @@ def compress_neurons(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, con
             with timed(timings, "scoring"):
                 widths = neuron_allocation(model, spec, cache, blocks, config, width, orders, progress)
         with timed(timings, "neuron_selection"):
-            reports = []
-            for index, layer in enumerate(tqdm(layers, desc="mlp neurons", disable=not progress)):
-                gram = cache.load_layer(index)["mlp.down_proj"].gram
-                name = names[layer.mlp]
-                kept = kept_neurons(orders[f"{name}.down_proj"][0], widths[name])
-                reports += prune_mlp(layer.mlp, name, gram, kept, config.damping)
+            reports = cut_mlps(model, spec, blocks, cache, widths, orders, config, progress)
     kept = sum(module.weight.numel() for module in linear_modules(model, spec).values())
     summary = {"decoder_linear_params": total, "kept_params": kept, "removed_fraction": 1 - kept / total,
                "mlp_widths": widths, "ratio_asked": config.ratio, "model_params_before": params_before,
                "model_params_after": sum(p.numel() for p in model.parameters())}
     return CompressionResult({}, reports, summary, timings, config)
+
+
+def cut_mlps(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, cache: StatsCache, widths: dict[str, int],
+             orders: dict[str, tuple[torch.Tensor, torch.Tensor]], config: CompressConfig,
+             progress: bool = True) -> list[LayerReport]:
+    """Cut every MLP to its width. Plain: the neurons of `orders`, refit on the cached statistics.
+    --sequential: each MLP on the down_proj inputs its already-cut predecessors give it, its
+    neurons ordered again on them (as --sequential does for bases, GPTQ's and SlimGPT's order),
+    so the choice and the refit see the errors of the earlier cuts."""
+    inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size) \
+        if config.sequential else None
+    reports = []
+    for index, layer in enumerate(tqdm(decoder_layers(model, spec), desc="mlp neurons", disable=not progress)):
+        name = spec.full_name(index, "mlp")
+        if inputs is None:
+            gram = cache.load_layer(index)["mlp.down_proj"].gram
+            order = orders[f"{name}.down_proj"][0]
+        else:
+            stats, _ = collect_layer(layer, spec, inputs)  # recorded with the dense MLP, then cut
+            gram = stats["mlp.down_proj"].gram
+            order, _ = neuron_order(gram.to(model_device(model)), layer.mlp.down_proj.weight, config.neuron_rule,
+                                    config.damping)
+        reports += prune_mlp(layer.mlp, name, gram, kept_neurons(order, widths[name]), config.damping)
+        if inputs is not None:
+            inputs = run_layer(layer, inputs)  # what the cut layer passes on
+    return reports
 
 
 def score_and_allocate(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor, bases: Bases,

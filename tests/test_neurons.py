@@ -154,7 +154,7 @@ def test_dense_export_pads_zero_neurons_and_gives_the_same_logits(tmp_path, tiny
         assert torch.allclose(loaded(blocks).logits, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [dict(allocation="auto"), dict(score="taylor"), dict(sequential=True),
+@pytest.mark.parametrize("overrides", [dict(allocation="auto"), dict(score="taylor"),
                                        dict(mlp="channels"), dict(ranks_from="runs/x"), dict(on_failure="dense"),
                                        dict(global_solver="hull"), dict(max_kept_fraction=0.9)])
 def test_settings_neurons_cannot_honour_are_refused(overrides):
@@ -205,6 +205,31 @@ def test_obs_rule_keeps_the_elimination_order_and_caches_it(tmp_path, tiny_model
     assert torch.equal(again.model.layers[1].mlp.down_proj.weight, tiny_model.model.layers[1].mlp.down_proj.weight)
     with pytest.raises(ConfigError, match="add --mlp neurons"):
         CompressConfig(neuron_rule="obs").validate()
+
+
+@pytest.mark.parametrize("rule", ["energy", "obs"])
+def test_sequential_cuts_each_mlp_on_the_inputs_its_cut_predecessors_give(tiny_model, blocks, rule):
+    dense = LlamaForCausalLM(tiny_model.config).eval()
+    dense.load_state_dict(tiny_model.state_dict())
+    config = _config(sequential=True, neuron_rule=rule)
+    result = compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+    assert result.summary["removed_fraction"] == pytest.approx(0.2, abs=0.03)
+    # layer 1 as a plain forward through a model whose layer 0 alone is cut gives it
+    partly = LlamaForCausalLM(dense.config).eval()
+    partly.load_state_dict(dense.state_dict())
+    partly.model.layers[0].mlp = tiny_model.model.layers[0].mlp
+    second, captured = partly.model.layers[1].mlp, []
+    hook = second.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    with torch.no_grad():
+        partly(blocks)
+        hook.remove()
+        h = _mlp_inputs(second, captured[0]).reshape(-1, second.gate_proj.out_features).double()
+    width = result.summary["mlp_widths"]["model.layers.1.mlp"]
+    kept = kept_neurons(neuron_order(h.T @ h, second.down_proj.weight, rule, config.damping)[0], width)
+    refit, _ = refit_down(h.T @ h, second.down_proj.weight, kept, config.damping)
+    cut = tiny_model.model.layers[1].mlp
+    assert torch.equal(cut.up_proj.weight, second.up_proj.weight[kept])
+    assert torch.allclose(cut.down_proj.weight.double(), refit, atol=1e-4)
 
 
 def test_gram_statistics_are_the_inputs_of_down_proj(tiny_model, blocks):

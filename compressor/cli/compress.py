@@ -86,8 +86,9 @@ def _add_compress(compress: argparse.ArgumentParser) -> None:
                                                   "hull: optimal for the modelled cost of what it removes, "
                                                   "unless a segment overshoots the budget)")
     compress.add_argument("--sequential", action="store_const", const=True,
-                          help="after the allocation, decompose each layer again on the inputs the already-"
-                               "compressed layers before it give it (one more calibration pass)")
+                          help="after the allocation, decompose each layer again (--mlp neurons: choose and "
+                               "refit its neurons again) on the inputs the already-compressed layers before it "
+                               "give it (one more calibration pass)")
     compress.add_argument("--align", type=int, help="ranks are multiples of this")
     compress.add_argument("--max-kept-fraction", type=float,
                           help="a matrix whose factors would hold more than this fraction of its parameters "
