@@ -159,6 +159,31 @@ def test_a_lora_adapter_loads_with_peft_and_gives_our_logits(tmp_path, tiny_mode
     assert theirs.peft_config["default"].base_model_name_or_path == "/models/dense"
 
 
+def test_a_lora_adapter_on_a_neurons_export_loads_with_peft(tmp_path, tiny_model, tokenizer, blocks):
+    """--mlp neurons keeps plain (narrower) nn.Linear layers, so PEFT wraps them as on a dense
+    base: the adapter trained on the export loads with PeftModel.from_pretrained on it."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from compressor.export import save_compressed
+
+    calibration = CalibrationConfig(samples=8, seq_len=32, batch_size=4)
+    config = CompressConfig(ratio=0.2, mlp="neurons", allocation="uniform", calibration=calibration)
+    result = compress(tiny_model, get_spec("llama"), blocks, config, progress=False)
+    save_compressed(tiny_model, tokenizer, tmp_path / "narrow", result.config, result.to_dict())
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow").eval()
+    adapters = add_adapters(copy.deepcopy(base), AdapterConfig(method="lora", rank=4, alpha=8))
+    _randomize(adapters)
+    save_adapter(adapters, tmp_path / "lora", base_model={"fingerprint": "narrow"})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "lora", base_model={"fingerprint": "narrow"})
+    with torch.no_grad():
+        expected = ours.eval()(blocks).logits
+        assert not torch.allclose(expected, base(blocks).logits, atol=1e-4)
+        assert torch.allclose(theirs(blocks).logits, expected, atol=1e-5)
+
+
 def test_what_peft_cannot_load_says_so(tmp_path, compressed):
     import json
 

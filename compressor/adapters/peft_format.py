@@ -8,8 +8,9 @@ trains on a dense base loads with `peft.PeftModel.from_pretrained(base, ADAPTER)
 
 NOLA and Tied-LoRA, which PEFT does not have, use the same layout; quantized adapters the same
 files, with their codes under this package's tensor names. Their adapter_config.json names the
-method and says that this package loads them. PEFT wraps only its
-own layer types, so on a compressed base (whose linears are LowRankLinear) an adapter loads
+method and says that this package loads them. A `--mlp neurons` export keeps nn.Linear
+layers (narrower), so PEFT loads a LoRA adapter on it as on a dense base. PEFT wraps only its
+own layer types, so on a bases export (whose linears are LowRankLinear) an adapter loads
 with this package (`compressor eval --adapter`, `load_adapter`) or is merged into the factors
 (`compressor merge`).
 """
