@@ -114,7 +114,12 @@ def elimination_order(gram: torch.Tensor, down_weight: torch.Tensor, damping: fl
     gram = gram.double()
     inverse = gram.clone()
     inverse.diagonal().add_(damping * gram.diagonal().mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(inverse))
+    try:
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(inverse))
+    except torch.linalg.LinAlgError:
+        raise WidthError(f"the Gram matrix of down_proj's input is singular even with damping {damping:g} "
+                         "(dead or duplicated neurons on the calibration data): raise `damping` in the "
+                         "config, or use --neuron-rule energy.") from None
     weight = down_weight.detach().double().to(gram.device)
     alive = torch.arange(len(gram), device=gram.device)  # positions of the kept neurons
     dropped, increments = [], []
@@ -138,12 +143,15 @@ def elimination_order(gram: torch.Tensor, down_weight: torch.Tensor, damping: fl
     return torch.cat(dropped).flip(0), torch.cat(increments).flip(0)
 
 
-def neuron_order(gram: torch.Tensor, down_weight: torch.Tensor, rule: str,
-                 damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+def neuron_order(gram: torch.Tensor, down_weight: torch.Tensor, rule: str, damping: float,
+                 name: str = "down_proj") -> tuple[torch.Tensor, torch.Tensor]:
     """(order, costs): neurons most needed first by `rule`, and what dropping each costs in
     output error (energy: its own output energy; obs: its increment under the refit)."""
     if rule == "obs":
-        return elimination_order(gram, down_weight, damping)
+        try:
+            return elimination_order(gram, down_weight, damping)
+        except WidthError as error:
+            raise WidthError(f"{name}: {error}") from None
     energy = neuron_energy(gram, down_weight)
     costs, order = torch.sort(energy, descending=True)
     return order, costs

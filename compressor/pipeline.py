@@ -230,7 +230,7 @@ def cut_mlps(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, cache: Stat
             stats, _ = collect_layer(layer, spec, inputs)  # recorded with the dense MLP, then cut
             gram = stats["mlp.down_proj"].gram
             order, _ = neuron_order(gram.to(model_device(model)), layer.mlp.down_proj.weight, config.neuron_rule,
-                                    config.damping)
+                                    config.damping, f"{name}.down_proj")
         reports += prune_mlp(layer.mlp, name, gram, kept_neurons(order, widths[name]), config.damping)
         if inputs is not None:
             inputs = run_layer(layer, inputs)  # what the cut layer passes on

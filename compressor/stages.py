@@ -154,7 +154,8 @@ def neuron_orders(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: C
     orders = {}
     for index, name in enumerate(tqdm(names, desc=f"neuron order ({config.neuron_rule})", disable=not progress)):
         gram = cache.load_layer(index)["mlp.down_proj"].gram.to(model_device(model))
-        order, costs = neuron_order(gram, layers[index].mlp.down_proj.weight, config.neuron_rule, config.damping)
+        order, costs = neuron_order(gram, layers[index].mlp.down_proj.weight, config.neuron_rule, config.damping,
+                                    name)
         orders[name] = (order.cpu(), costs.cpu())
     if config.neuron_rule == "obs":
         cache.save_tensors(key, {f"{name}.{part}": value for name, pair in orders.items()

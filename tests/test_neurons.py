@@ -86,6 +86,12 @@ def test_elimination_costs_add_up_to_the_refit_error_at_every_width(block):
         assert float(costs[width:].sum()) / total == pytest.approx(error, rel=1e-5, abs=1e-9)
 
 
+def test_a_singular_gram_matrix_is_named_with_what_to_do():
+    gram = torch.zeros(4, 4, dtype=torch.float64)  # a layer whose neurons never fire
+    with pytest.raises(WidthError, match="model.layers.3.mlp.down_proj: .* raise `damping`"):
+        neuron_order(gram, torch.ones(2, 4), "obs", 1e-4, "model.layers.3.mlp.down_proj")
+
+
 def test_elimination_one_at_a_time_is_the_exact_greedy():
     gram, weight = _correlated(seed=1)
     order, _ = elimination_order(gram, weight, damping=0.0, block=1)
