@@ -163,6 +163,12 @@ def load_any(model_dir: Path, dtype: torch.dtype = torch.float32) -> PreTrainedM
     return model
 
 
+def load_as_llama(model_dir: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A compressed export as it is, a dense checkpoint converted to LlamaForCausalLM: what
+    works on the decoder's linears (quantize, the benchmarks) takes either."""
+    return load_any(model_dir, dtype) if is_compressed(model_dir) else load_model(model_dir, dtype)[0]
+
+
 def load_tokenizer(model_dir: Path):
     config_path = Path(model_dir) / "config.json"
     if config_path.is_file():  # the tokenizer loader reads the config too (see config_dtype)

@@ -28,7 +28,7 @@ from calibration.data import read_jsonl
 from compressor.answers import GSM8K_STOPS, HUMANEVAL_STOPS
 from compressor.fetch import data_dir, default_home, example_model_dir
 from compressor.generation import generate, gsm8k_exemplars, gsm8k_prompt
-from compressor.load import is_compressed, load_any, load_model, load_tokenizer
+from compressor.load import load_as_llama, load_tokenizer
 from compressor.splits import split_items
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     home = default_home()
     folder = args.model or example_model_dir(home)
-    model = load_any(folder) if is_compressed(folder) else load_model(folder)[0]
+    model = load_as_llama(folder)
     tokenizer = load_tokenizer(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

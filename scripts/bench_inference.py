@@ -27,7 +27,7 @@ import torch
 from compressor.arch import get_spec, linear_modules
 from compressor.evaluate import parameter_count
 from compressor.fetch import default_home, example_model_dir
-from compressor.load import is_compressed, load_any, load_model
+from compressor.load import load_as_llama
 
 PREFILL = "1x128,1x512,8x128,8x512"  # batch x length
 DECODE = "1,8"  # batch sizes
@@ -35,7 +35,7 @@ FRACTIONS = [0.2, 0.4, 0.6, 0.8, 1.0]
 
 
 def load(folder: Path, dtype: torch.dtype, device: str):
-    model = load_any(folder, dtype) if is_compressed(folder) else load_model(folder, dtype)[0]
+    model = load_as_llama(folder, dtype)
     return model.to(device)
 
 

@@ -31,7 +31,7 @@ from compressor.arch import decoder_layers, get_spec
 from compressor.evaluate import evaluate_perplexity, folder_bytes, parameter_count
 from compressor.export import write_model
 from compressor.fetch import data_dir, default_home, example_model_dir
-from compressor.load import is_compressed, load_any, load_model, load_tokenizer
+from compressor.load import load_any, load_as_llama, load_tokenizer
 from compressor.candidates import decoder_linear_bytes
 from compressor.quantize import QuantConfig, quantize_model
 
@@ -40,7 +40,7 @@ SCHEMES = {"fp16": None, "int8": QuantConfig("int8", 128), "int4": QuantConfig("
 
 
 def load(folder: Path):
-    return load_any(folder) if is_compressed(folder) else load_model(folder)[0]
+    return load_as_llama(folder)
 
 
 def dense_decoder_weights(model) -> int:

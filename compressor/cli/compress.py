@@ -344,14 +344,14 @@ def export_dtype(name: str, source_dir: Path):
 def cmd_quantize(args: argparse.Namespace) -> int:
     from compressor.arch import get_spec
     from compressor.export import save_quantized
-    from compressor.load import is_compressed, load_any, load_model, load_tokenizer
+    from compressor.load import load_as_llama, load_tokenizer
     from compressor.candidates import quantization_summary
 
     config = resolve_config(args, CompressConfig, FLAG_TO_CONFIG)  # only its quant section and export_dtype are used here
     if config.quant.scheme in ("none", "auto"):
         raise ValueError("compressor quantize needs --quant int8, int4 or nf4 (auto belongs to compress).")
     check_output(args.out, args.overwrite)
-    model = load_any(args.model) if is_compressed(args.model) else load_model(args.model)[0]
+    model = load_as_llama(args.model)
     tokenizer = load_tokenizer(args.model)
     summary = {**quantization_summary(model, get_spec("llama"), config), "source_model": str(args.model),
                "command": sys.argv}
