@@ -72,10 +72,9 @@ def _add_compress(compress: argparse.ArgumentParser) -> None:
                                         "the MLPs alone, each cut to its most used intermediate neurons with "
                                         "down_proj refit by least squares (widths by --allocation uniform or "
                                         "global); attention stays dense, and --method / --solver do not apply")
-    compress.add_argument("--neuron-rule", help="--mlp neurons: which neurons each MLP keeps. energy: largest "
-                                                "output energy | obs: greedy elimination under the refit "
-                                                "(structured optimal brain surgeon; lower refit error, seconds per "
-                                                "layer, cached)")
+    compress.add_argument("--neuron-rule", help="--mlp neurons: which neurons each MLP keeps. obs: greedy "
+                                                "elimination under the refit (structured optimal brain surgeon; "
+                                                "seconds per layer, cached) | energy: largest output energy")
     compress.add_argument("--solver", help="eigh (default: float32 eigen-decomposition, 5-15x faster, the same "
                                            "bases to float32 accuracy; whiten records down_proj's output Gram "
                                            "matrix instead of its input's) | svd (float64, exact)")
@@ -269,6 +268,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from compressor.pipeline import compress
 
     config = resolve_config(args, CompressConfig, FLAG_TO_CONFIG)
+    if args.neuron_rule and config.mlp != "neurons":
+        raise ConfigError("--neuron-rule chooses the neurons --mlp neurons keeps; add --mlp neurons.")
     check_output(args.out, args.overwrite)  # refuse before hours of work, not after
     read_model_type(args.model)  # a missing or broken model folder, named
     export_dtype(config.export_dtype, args.model)  # a source dtype an export cannot keep, too
