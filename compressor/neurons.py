@@ -11,12 +11,13 @@ of each MLP's neurons.
 Widths: the same in every layer (allocation uniform), or (global) each layer's from a measured
 KL: every MLP alone cut to the uniform width, the KL of the next-token distribution at the LM head
 recorded (calibration/sensitivity.py), and the cost of any other width modelled from it by the
-output energy it drops (allocate.measured_costs, as for bases); the budget's neurons are then
-dropped across all layers in aligned chunks, cheapest first (global_widths).
+output error its neurons add (allocate.measured_costs, as for bases); the budget's neurons are
+then dropped across all layers in aligned chunks, cheapest first (global_widths).
 
-Kept neurons S: the largest output energies C_jj ||W_:j||^2 on the calibration data (C = E[h h^T],
-the Gram matrix of down_proj's input h, W = down_proj's weight). down_proj is then refit to the
-kept neurons by least squares over the calibration data:
+Kept neurons S: a prefix of each MLP's order (neuron_order): greedy elimination under the refit
+(rule obs, elimination_order) or the largest output energies C_jj ||W_:j||^2 (rule energy; C =
+E[h h^T], the Gram matrix of down_proj's input h, W = down_proj's weight). down_proj is then
+refit to the kept neurons by least squares over the calibration data:
 
     W_S = W C[:, S] C[S, S]^-1   minimises   E || W h - W_S h_S ||^2
 
@@ -35,6 +36,11 @@ from torch import nn
 from compressor.layers import LayerReport
 
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+# Part of the cache keys of obs orders and of the KL probes built on them: bump it whenever
+# elimination_order's output changes, so a cached order of an older algorithm is not reused.
+OBS_VERSION = 2
 
 
 class WidthError(ValueError):
@@ -60,7 +66,7 @@ def uniform_width(intermediate: int, hidden: int, layers: int, decoder_linear_pa
 def global_widths(costs: dict[str, torch.Tensor], dropped: int, align: int) -> dict[str, int]:
     """Widths that drop `dropped` neurons in all (a multiple of align), chunks of `align` of the
     cheapest neurons first (widths are multiples of align where the intermediate size is).
-    costs[mlp][i]: the modelled loss of dropping neuron i (neurons in kept order, most energetic
+    costs[mlp][i]: the modelled loss of dropping neuron i (neurons in kept order, most needed
     first) once those after it are gone; every MLP keeps >= align. Each neuron frees the same
     parameters, so cost per chunk is cost per parameter."""
     if dropped % align:
@@ -98,19 +104,42 @@ def neuron_energy(gram: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor
     return gram.diagonal() * down_weight.detach().double().square().sum(0)
 
 
+def _greedy_within(weight: torch.Tensor, inverse: torch.Tensor, count: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Exact one-at-a-time elimination of `count` of a pool of candidates (columns of the
+    refit `weight`, rows and columns of `inverse` = C_SS^-1 restricted to the pool): each
+    pick updates the pool's refit and inverse, so of two neurons that mirror each other the
+    second becomes expensive once the first is gone. Returns the picks and their increments."""
+    weight, inverse = weight.clone(), inverse.clone()
+    free = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    picks, increments = [], []
+    for _ in range(count):
+        scores = weight.square().sum(0) / inverse.diagonal()
+        scores[~free] = torch.inf
+        pick = int(torch.argmin(scores))
+        picks.append(pick)
+        increments.append(scores[pick])
+        free[pick] = False
+        coupling = inverse[pick] / inverse[pick, pick]
+        weight -= torch.outer(weight[:, pick], coupling)
+        inverse -= torch.outer(inverse[:, pick], coupling)
+    return picks, increments
+
+
 def elimination_order(gram: torch.Tensor, down_weight: torch.Tensor, damping: float,
                       block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Neurons ordered most needed first, by greedy elimination under the refit (structured
     optimal brain surgeon, as ZipLM and SlimGPT prune): with down_proj refit to the neurons S
     still kept, dropping neuron j raises the output error E||W h - W_S h_S||^2 by
-    ||W_S[:, j]||^2 / [C_SS^-1]_jj. The `block` cheapest are dropped at once and the refit and
-    C_SS^-1 updated exactly for the block; repeated until none is left. Unlike the output energy,
-    this sees that a neuron another one mirrors costs little once the other carries it.
+    ||W_S[:, j]||^2 / [C_SS^-1]_jj. Each round takes the 2 x `block` cheapest as candidates,
+    drops `block` of them one at a time (exact within the candidates: _greedy_within), then
+    updates the refit and C_SS^-1 of all the rest exactly for the block; until none is left.
+    Unlike the output energy, this sees that a neuron another one mirrors costs little once
+    the other carries it (and that the other then costs more).
 
-    Returns (order, increments): increments[i] is the error added when order[i] was dropped
-    (a block's exact increase, shared in proportion to its neurons' scores), so the tail sum
-    of increments from width w on is the refit's error at width w (unnormalised)."""
-    block = block or max(1, len(gram) // 64)  # a block of 1/64th: within 1% of one at a time
+    Returns (order, increments): increments[i] is the error added when order[i] was dropped,
+    so the tail sum of increments from width w on is the error of the refit at width w (of the
+    damped objective; with damping 0 exactly refit_down's, unnormalised)."""
+    block = block or max(1, len(gram) // 64)  # 1/64th of the width per round (measured: NOTES)
     gram = gram.double()
     inverse = gram.clone()
     inverse.diagonal().add_(damping * gram.diagonal().mean())
@@ -125,19 +154,17 @@ def elimination_order(gram: torch.Tensor, down_weight: torch.Tensor, damping: fl
     dropped, increments = [], []
     while len(alive):
         scores = weight.square().sum(0) / inverse.diagonal()
-        chosen = torch.topk(scores, min(block, len(alive)), largest=False).indices
+        pool = torch.topk(scores, min(2 * block, len(alive)), largest=False).indices
+        picks, added = _greedy_within(weight[:, pool], inverse[pool][:, pool], min(block, len(alive)))
+        chosen = pool[picks]
         mask = torch.ones(len(alive), dtype=torch.bool, device=gram.device)
         mask[chosen] = False
         rest = mask.nonzero().squeeze(1)
-        block_inverse = torch.linalg.inv(inverse[chosen][:, chosen])
-        taken = weight[:, chosen]
-        increase = torch.einsum("ob,bc,oc->", taken, block_inverse, taken)
-        share = scores[chosen] / scores[chosen].sum().clamp_min(1e-300)
         dropped.append(alive[chosen])
-        increments.append(increase * share)
+        increments.append(torch.stack(added))
         # W_S -= W_:B (H^-1_BB)^-1 H^-1_B,S ;  H^-1_SS -= H^-1_S,B (H^-1_BB)^-1 H^-1_B,S
-        coupling = block_inverse @ inverse[chosen].index_select(1, rest)
-        weight = weight.index_select(1, rest).sub_(taken @ coupling)
+        coupling = torch.linalg.solve(inverse[chosen][:, chosen], inverse[chosen].index_select(1, rest))
+        weight = weight.index_select(1, rest).sub_(weight[:, chosen] @ coupling)
         inverse = inverse.index_select(0, rest).index_select(1, rest).sub_(inverse[rest][:, chosen] @ coupling)
         alive = alive[rest]
     return torch.cat(dropped).flip(0), torch.cat(increments).flip(0)

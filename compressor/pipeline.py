@@ -180,9 +180,9 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
 
 def compress_neurons(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: CompressConfig,
                      cache_root: Path | None, model_id: str | None, progress: bool = True) -> CompressionResult:
-    """mlp neurons: calibrate, choose each MLP's width (uniform, or global from measured KLs),
-    cut it to its neurons of largest output energy and refit its down_proj (compressor/neurons.py).
-    Attention stays dense."""
+    """mlp neurons: calibrate, order each MLP's neurons (config.neuron_rule), choose its width
+    (uniform, or global from measured KLs), cut it to the first neurons of its order and refit
+    its down_proj (compressor/neurons.py). Attention stays dense."""
     timings: dict[str, float] = {}
     linears = linear_modules(model, spec)
     total = sum(module.weight.numel() for module in linears.values())
@@ -197,8 +197,10 @@ def compress_neurons(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, con
                               model_id or "in-memory", progress)
         names = {module: name for name, module in model.named_modules()}
         widths = {names[layer.mlp]: width for layer in layers}
-        with timed(timings, "neuron_order"):
-            orders = neuron_orders(model, spec, cache, config, progress)
+        orders = {}  # --sequential with uniform widths orders each MLP on its own inputs only
+        if config.allocation == "global" or not config.sequential:
+            with timed(timings, "neuron_order"):
+                orders = neuron_orders(model, spec, cache, config, progress)
         if config.allocation == "global":
             with timed(timings, "scoring"):
                 widths = neuron_allocation(model, spec, cache, blocks, config, width, orders, progress)

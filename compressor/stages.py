@@ -45,7 +45,7 @@ from compressor.layers import (DecompositionError, LayerReport, decompose_linear
                               output_energies, output_gram_linears)
 from compressor.load import read_rank_map
 from compressor.modeling_basis_llama import replace_module
-from compressor.neurons import global_widths, kept_neurons, neuron_order, probe_weight
+from compressor.neurons import OBS_VERSION, global_widths, kept_neurons, neuron_order, probe_weight
 from compressor.scoring import reorder, taylor_scores
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,10 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
     return measured
 
 
+def _rule_key(config: CompressConfig) -> str:
+    return f"obs_v{OBS_VERSION}" if config.neuron_rule == "obs" else config.neuron_rule
+
+
 def neuron_orders(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: CompressConfig,
                   progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """mlp neurons: {down_proj name: (neurons most needed first, each one's cost)} by
@@ -147,7 +151,7 @@ def neuron_orders(model: nn.Module, spec: ArchSpec, cache: StatsCache, config: C
     beside the statistics; one layer's Gram matrix is read at a time."""
     layers = decoder_layers(model, spec)
     names = [spec.full_name(index, "mlp.down_proj") for index in range(len(layers))]
-    key = f"neuron_order_{config.neuron_rule}_damp{config.damping:g}"
+    key = f"neuron_order_{_rule_key(config)}_damp{config.damping:g}"
     cached = cache.load_tensors(key) if config.neuron_rule == "obs" else None
     if cached is not None:
         return {name: (cached[f"{name}.order"], cached[f"{name}.costs"]) for name in names}
@@ -175,7 +179,7 @@ def neuron_allocation(model: nn.Module, spec: ArchSpec, cache: StatsCache, block
     layers = decoder_layers(model, spec)
     downs = {spec.full_name(index, "mlp.down_proj"): index for index in range(len(layers))}
     n, dtype = config.calibration.sensitivity_samples, config.calibration.sensitivity_dtype
-    rule = "" if config.neuron_rule == "energy" else f"_{config.neuron_rule}"
+    rule = "" if config.neuron_rule == "energy" else f"_{_rule_key(config)}"
     key = (f"sensitivity_neurons{rule}_width{width}_n{n}_damp{config.damping:g}"
            + ("" if dtype == "float32" else f"_{dtype}"))
     measured = cache.load_json(key)
