@@ -108,8 +108,10 @@ def _what_was_done(folder: Path, config: dict, summary: dict) -> list[str]:
             else "Made from a dense model (quantized or with an adapter merged)")
     lines = [f"{made} by basis-compressor.", ""]
     if settings.get("mlp") == "neurons":
-        lines.append(f"- mlp `neurons` (each MLP cut to its most used intermediate neurons, chosen by "
-                     f"`{settings.get('neuron_rule', 'energy')}`), widths `{settings.get('allocation')}`, calibrated on `{settings.get('calibration', {}).get('source')}`")
+        rule = settings.get("neuron_rule", "energy")  # exports made before the rule existed used energy
+        lines.append(f"- mlp `neurons` (each MLP cut to its most used intermediate neurons, chosen by `{rule}`), "
+                     f"widths `{settings.get('allocation')}`, calibrated on "
+                     f"`{settings.get('calibration', {}).get('source')}`")
     elif settings:
         lines.append(f"- method `{settings.get('method')}`, allocation `{settings.get('allocation')}`, score "
                      f"`{settings.get('score')}`, calibrated on `{settings.get('calibration', {}).get('source')}`")
