@@ -23,8 +23,17 @@ def _config(ratio=0.2, allocation="uniform", **overrides):
     return CompressConfig(ratio=ratio, mlp="neurons", allocation=allocation, calibration=calibration, **overrides)
 
 
-def _mlp_inputs(mlp, x):
-    return torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+def _down_gram(model, index, blocks):
+    """The Gram matrix (float64) of layer `index`'s down_proj inputs on `blocks`, by a plain forward."""
+    mlp, captured = model.model.layers[index].mlp, []
+    hook = mlp.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    with torch.no_grad():
+        model(blocks)
+    hook.remove()
+    with torch.no_grad():
+        h = torch.nn.functional.silu(mlp.gate_proj(captured[0])) * mlp.up_proj(captured[0])
+    h = h.reshape(-1, mlp.gate_proj.out_features).double()
+    return h.T @ h
 
 
 def test_refit_is_the_least_squares_solution_and_its_error_is_measured():
@@ -131,16 +140,9 @@ def test_compress_meets_the_budget_and_exports_a_loadable_narrow_model(tmp_path,
         assert layer.mlp.down_proj.in_features == width
         assert torch.equal(layer.self_attn.q_proj.weight, layer_dense.self_attn.q_proj.weight)  # attention dense
     # down_proj is the least-squares refit on the MLP inputs the calibration blocks give
-    first = dense.model.layers[0]
-    captured = []
-    hook = first.mlp.register_forward_hook(lambda module, args, output: captured.append(args[0]))
-    with torch.no_grad():
-        dense(blocks)
-        hook.remove()
-        h = _mlp_inputs(first.mlp, captured[0]).reshape(-1, first.mlp.gate_proj.out_features).double()
-    kept = kept_neurons(neuron_order(h.T @ h, first.mlp.down_proj.weight, config.neuron_rule, config.damping)[0],
-                        width)
-    refit, _ = refit_down(h.T @ h, first.mlp.down_proj.weight, kept, config.damping)
+    first, gram = dense.model.layers[0], _down_gram(dense, 0, blocks)
+    kept = kept_neurons(neuron_order(gram, first.mlp.down_proj.weight, config.neuron_rule, config.damping)[0], width)
+    refit, _ = refit_down(gram, first.mlp.down_proj.weight, kept, config.damping)
     assert torch.allclose(tiny_model.model.layers[0].mlp.down_proj.weight.double(), refit, atol=1e-4)
 
     with torch.no_grad():
@@ -211,13 +213,7 @@ def test_obs_rule_keeps_the_elimination_order_and_caches_it(tmp_path, tiny_model
     assert len(list(tmp_path.rglob("neuron_order_obs_v2_damp0.0001.safetensors"))) == 1
     # layer 0: the first `width` neurons of the elimination order on its dense inputs, refit
     first, width = dense.model.layers[0].mlp, result.summary["mlp_widths"]["model.layers.0.mlp"]
-    captured = []
-    hook = first.register_forward_hook(lambda module, args, output: captured.append(args[0]))
-    with torch.no_grad():
-        dense(blocks)
-        hook.remove()
-        h = _mlp_inputs(first, captured[0]).reshape(-1, first.gate_proj.out_features).double()
-    order, _ = elimination_order(h.T @ h, first.down_proj.weight, config.damping)
+    order, _ = elimination_order(_down_gram(dense, 0, blocks), first.down_proj.weight, config.damping)
     kept = kept_neurons(order, width)
     assert torch.equal(tiny_model.model.layers[0].mlp.gate_proj.weight, first.gate_proj.weight[kept])
     # a second run reads the cached order (computing it again would fail) and cuts the same way
@@ -243,15 +239,10 @@ def test_sequential_cuts_each_mlp_on_the_inputs_its_cut_predecessors_give(tiny_m
     partly = LlamaForCausalLM(dense.config).eval()
     partly.load_state_dict(dense.state_dict())
     partly.model.layers[0].mlp = tiny_model.model.layers[0].mlp
-    second, captured = partly.model.layers[1].mlp, []
-    hook = second.register_forward_hook(lambda module, args, output: captured.append(args[0]))
-    with torch.no_grad():
-        partly(blocks)
-        hook.remove()
-        h = _mlp_inputs(second, captured[0]).reshape(-1, second.gate_proj.out_features).double()
+    second, gram = partly.model.layers[1].mlp, _down_gram(partly, 1, blocks)
     width = result.summary["mlp_widths"]["model.layers.1.mlp"]
-    kept = kept_neurons(neuron_order(h.T @ h, second.down_proj.weight, rule, config.damping)[0], width)
-    refit, _ = refit_down(h.T @ h, second.down_proj.weight, kept, config.damping)
+    kept = kept_neurons(neuron_order(gram, second.down_proj.weight, rule, config.damping)[0], width)
+    refit, _ = refit_down(gram, second.down_proj.weight, kept, config.damping)
     cut = tiny_model.model.layers[1].mlp
     assert torch.equal(cut.up_proj.weight, second.up_proj.weight[kept])
     assert torch.allclose(cut.down_proj.weight.double(), refit, atol=1e-4)
