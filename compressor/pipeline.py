@@ -197,9 +197,9 @@ def compress_neurons(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, con
                               model_id or "in-memory", progress)
         names = {module: name for name, module in model.named_modules()}
         widths = {names[layer.mlp]: width for layer in layers}
-        orders = {}  # --sequential with uniform widths orders each MLP on its own inputs only
-        if config.allocation == "global" or not config.sequential:
-            with timed(timings, "neuron_order"):
+        orders = {}  # else cut_mlps orders each MLP on the statistics it reads for the cut
+        if config.allocation == "global" or (config.neuron_rule == "obs" and not config.sequential):
+            with timed(timings, "neuron_order"):  # costs for the widths; obs orders are cached
                 orders = neuron_orders(model, spec, cache, config, progress)
         if config.allocation == "global":
             with timed(timings, "scoring"):
@@ -216,10 +216,10 @@ def compress_neurons(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, con
 def cut_mlps(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, cache: StatsCache, widths: dict[str, int],
              orders: dict[str, tuple[torch.Tensor, torch.Tensor]], config: CompressConfig,
              progress: bool = True) -> list[LayerReport]:
-    """Cut every MLP to its width. Plain: the neurons of `orders`, refit on the cached statistics.
-    --sequential: each MLP on the down_proj inputs its already-cut predecessors give it, its
-    neurons ordered again on them (as --sequential does for bases, GPTQ's and SlimGPT's order),
-    so the choice and the refit see the errors of the earlier cuts."""
+    """Cut every MLP to its width. Plain: on the cached statistics, the neurons of `orders` (or
+    ordered here where none was given). --sequential: each MLP on the down_proj inputs its
+    already-cut predecessors give it, its neurons ordered again on them (as --sequential does
+    for bases, GPTQ's and SlimGPT's order), so the choice and the refit see the earlier cuts' errors."""
     inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size) \
         if config.sequential else None
     reports = []
@@ -227,10 +227,12 @@ def cut_mlps(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, cache: Stat
         name = spec.full_name(index, "mlp")
         if inputs is None:
             gram = cache.load_layer(index)["mlp.down_proj"].gram
-            order = orders[f"{name}.down_proj"][0]
         else:
             stats, _ = collect_layer(layer, spec, inputs)  # recorded with the dense MLP, then cut
             gram = stats["mlp.down_proj"].gram
+        if inputs is None and f"{name}.down_proj" in orders:
+            order = orders[f"{name}.down_proj"][0]
+        else:
             order, _ = neuron_order(gram.to(model_device(model)), layer.mlp.down_proj.weight, config.neuron_rule,
                                     config.damping, f"{name}.down_proj")
         reports += prune_mlp(layer.mlp, name, gram, kept_neurons(order, widths[name]), config.damping)
