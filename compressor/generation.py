@@ -28,6 +28,7 @@ from calibration.data import read_jsonl
 from compressor.answers import (
     GSM8K_STOPS, HUMANEVAL_STOPS, flexible_answer, gold_answer, humaneval_program, strict_answer, truncate,
 )
+from compressor.decoding import changes_greedy_logits, greedy_refill
 from compressor.sandbox import run_program
 from compressor.splits import split_items
 
@@ -133,38 +134,57 @@ class StopOnStrings(StoppingCriteria):
         return torch.tensor([any(stop in text for stop in self.stops) for text in texts],
                             device=input_ids.device)
 
+    def finished(self, continuation: list[int]) -> bool:
+        """The same rule on one sequence's generated tokens (compressor.decoding's `stopped`)."""
+        text = self.tokenizer.decode(continuation[-self.window:], skip_special_tokens=self.skip_special_tokens)
+        return any(stop in text for stop in self.stops)
+
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, stops: tuple[str, ...],
              batch_size: int = 8, progress: bool = True, desc: str = "generate",
              temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """Completions, batched with left padding, each cut at its first stop sequence: greedy at
-    temperature 0, else sampled (temperature, nucleus top_p) from the global torch RNG, so the
-    caller seeds it."""
+    """Completions, each cut at its first stop sequence: greedy at temperature 0, else sampled
+    (temperature, nucleus top_p) from the global torch RNG, so the caller seeds it. Greedy
+    decodes `batch_size` sequences at a time with refilled slots (compressor.decoding); sampling,
+    and a generation config that changes greedy logits, use model.generate in batches of
+    `batch_size` with left padding."""
     pad_token = tokenizer.pad_token
     if pad_token is None:  # padding needs one; the caller's tokenizer is restored below
         tokenizer.pad_token = tokenizer.eos_token
     # Longest prompts first: batches of similar length waste less padding.
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
-    completions: dict[int, str] = {}
+    try:
+        ordered = [prompts[index] for index in order]
+        if temperature or changes_greedy_logits(model):
+            texts = _generate_batches(model, tokenizer, ordered, max_new_tokens, stops, batch_size, progress, desc,
+                                      temperature, top_p)
+        else:
+            finished = StopOnStrings(tokenizer, stops, 0).finished
+            continuations = greedy_refill(model, [tokenizer(prompt)["input_ids"] for prompt in ordered],
+                                          max_new_tokens, finished, batch_size, tokenizer.pad_token_id, progress, desc)
+            texts = tokenizer.batch_decode(continuations, skip_special_tokens=True)
+    finally:
+        tokenizer.pad_token = pad_token
+    completions = {index: truncate(text, stops) for index, text in zip(order, texts)}
+    return [completions[index] for index in range(len(prompts))]
+
+
+def _generate_batches(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, stops: tuple[str, ...],
+                      batch_size: int, progress: bool, desc: str, temperature: float, top_p: float) -> list[str]:
+    """model.generate over batches; each batch runs until its last sequence stops."""
     # top_k=0: transformers otherwise keeps only the 50 likeliest tokens when sampling.
     sampling = {"do_sample": False}
     if temperature:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-            indices = order[start:start + batch_size]
-            batch = tokenizer([prompts[index] for index in indices], return_tensors="pt", padding=True,
-                              padding_side="left")
-            stop = StopOnStrings(tokenizer, stops, batch["input_ids"].shape[1])
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling,
-                                    pad_token_id=tokenizer.pad_token_id,
-                                    stopping_criteria=StoppingCriteriaList([stop]))
-            texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            completions.update({index: truncate(text, stops) for index, text in zip(indices, texts)})
-    finally:
-        tokenizer.pad_token = pad_token
-    return [completions[index] for index in range(len(prompts))]
+    texts = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left")
+        stop = StopOnStrings(tokenizer, stops, batch["input_ids"].shape[1])
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling, pad_token_id=tokenizer.pad_token_id,
+                                stopping_criteria=StoppingCriteriaList([stop]))
+        texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return texts
 
 
 def evaluate_gsm8k(model: nn.Module, tokenizer, data_dir: Path, limit: int | None = None, shots: int = 4,

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from compressor.answers import gold_answer
+from compressor.decoding import changes_greedy_logits, greedy_refill
 from compressor.generation import StopOnStrings, TaskResult, refuse_code_execution, result_of
 
 TASK_NAMES = {"gsm8k": "basis_gsm8k", "humaneval": "basis_humaneval"}
 METRICS = {"gsm8k": ("strict", "flexible"), "humaneval": ("pass@1",)}
+ALL_REQUESTS = 1_000_000  # HFLM's batch size: every request of a task in one call of _model_generate
 
 
 def engine_version() -> str:
@@ -44,20 +46,23 @@ def build_task(task: str, split: str, data_dir: Path):
     return built
 
 
-def harness_model(model: nn.Module, tokenizer, batch_size: int):
-    """lm-eval's HFLM on the model object, with one stopping criterion for all stop strings.
+def harness_model(model: nn.Module, tokenizer, batch_size: int, progress: bool = False):
+    """lm-eval's HFLM on the model object, decoding greedy requests with refilled slots.
 
-    lm-eval stops a batch when, for one of its stop strings, every sequence has written that
-    string: a batch whose completions end on different strings (one at "\ndef ", one at "\n#")
-    runs on to max_gen_toks (HumanEval dev on the example model: 901 s, and 412 s with this
-    rule). StopOnStrings marks each sequence done at its first stop string, whichever it is,
-    special tokens included as lm-eval decodes them, and the batch ends when all are. Greedy
-    completions are the same: lm-eval cuts each at its first stop string after generating
-    (tests/test_harness.py compares the two rules in batches)."""
+    lm-eval hands all of a task's requests to `_model_generate` as one batch (HFLM's batch size
+    is set to hold them), and compressor.decoding keeps `batch_size` of them decoding at once,
+    each leaving as soon as it stops. lm-eval itself would stop a batch only when, for one of its
+    stop strings, every sequence had written that string: a batch whose completions end on
+    different strings (one at "\ndef ", one at "\n#") runs on to max_gen_toks (HumanEval dev on
+    the example model: 901 s against 412 s with per-sequence stops). StopOnStrings marks each
+    sequence done at its first stop string, special tokens included as lm-eval decodes them.
+    Greedy completions are the same: lm-eval cuts each at its first stop string after
+    generating (tests/test_harness.py). Sampled requests, and a generation config that changes
+    greedy logits, go through model.generate in batches of `batch_size`."""
     from lm_eval.models.huggingface import HFLM
     from transformers import StoppingCriteriaList
 
-    class StopPerSequence(HFLM):
+    class RefilledSlots(HFLM):
         def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
             # lm-eval's own reading of the sampling settings: temperature 0 and no do_sample is greedy
             generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
@@ -65,15 +70,32 @@ def harness_model(model: nn.Module, tokenizer, batch_size: int):
                 generation_kwargs["do_sample"] = False
             if generation_kwargs.get("do_sample") is False and generation_kwargs["temperature"] == 0.0:
                 generation_kwargs.pop("temperature")
-            criteria = StoppingCriteriaList([StopOnStrings(self.tokenizer, tuple(stop), context.shape[1],
-                                                           skip_special_tokens=False)])
+            stops = StopOnStrings(self.tokenizer, tuple(stop), context.shape[1], skip_special_tokens=False)
+            mask = generation_kwargs.pop("attention_mask")
             with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                 enabled=self.mixed_precision_dtype is not None):
-                return self.model.generate(input_ids=context, max_length=max_length, stopping_criteria=criteria,
-                                           pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
-                                           **generation_kwargs)
+                if generation_kwargs.get("do_sample") is False and not changes_greedy_logits(self.model):
+                    prompts = [row[keep.bool()].tolist() for row, keep in zip(context, mask)]
+                    continuations = greedy_refill(self.model, prompts, max_length - context.shape[1],
+                                                  stops.finished, batch_size, self.tokenizer.pad_token_id,
+                                                  progress, desc="generate")
+                    return _rows(context, continuations, max_length, self.tokenizer.pad_token_id)
+                return torch.cat([self.model.generate(
+                    input_ids=context[start:start + batch_size], attention_mask=mask[start:start + batch_size],
+                    max_length=max_length, stopping_criteria=StoppingCriteriaList([stops]),
+                    pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
+                    for start in range(0, len(context), batch_size)])
 
-    return StopPerSequence(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return RefilledSlots(pretrained=model, tokenizer=tokenizer, batch_size=ALL_REQUESTS)
+
+
+def _rows(context: torch.Tensor, continuations: list[list[int]], max_length: int, pad_token_id: int) -> torch.Tensor:
+    """What generate returns: each context row, then its continuation, padded to max_length."""
+    rows = context.new_full((len(context), max_length), pad_token_id)
+    rows[:, :context.shape[1]] = context
+    for row, tokens in zip(rows, continuations):
+        row[context.shape[1]:context.shape[1] + len(tokens)] = torch.tensor(tokens)
+    return rows
 
 
 def run_task(task: str, model: nn.Module, tokenizer, data_dir: Path, limit: int | None, split: str,
@@ -89,7 +111,7 @@ def run_task(task: str, model: nn.Module, tokenizer, data_dir: Path, limit: int 
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     chat = task == "gsm8k" and bool(tokenizer.chat_template)
     output = simple_evaluate(
-        model=harness_model(model, tokenizer, batch_size),
+        model=harness_model(model, tokenizer, batch_size, progress),
         tasks=[build_task(task, split, data_dir)], limit=limit,
         num_fewshot=shots if task == "gsm8k" else None, gen_kwargs={"max_gen_toks": max_new_tokens},
         apply_chat_template=chat, fewshot_as_multiturn=chat, confirm_run_unsafe_code=allow_code_exec,

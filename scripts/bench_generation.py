@@ -2,16 +2,20 @@
 
 On the first N dev prompts of HumanEval and of GSM8K (4-shot, the evaluation's prompts), the
 example model (or --model) generates greedily with the KV cache, at most --max-new-tokens each:
-  plain generate, batch 1   model.generate one prompt at a time, no stop strings (to the
-                            limit or EOS): the decode speed a user gets by default
-  plain generate, batch 8   the same, 8 prompts per call, left-padded, in file order
-  engine, batch 8           compressor.generation.generate, what `compressor eval` and the
-                            lm-eval engine run: prompts sorted by length, per-sequence stop
-                            strings (a batch ends when every sequence wrote one)
+  plain generate, batch 1     model.generate one prompt at a time, no stop strings (to the
+                              limit or EOS): the decode speed a user gets by default (--batch-1)
+  plain generate, batch 8     the same, 8 prompts per call, left-padded, in file order
+  batches of 8, own stops     model.generate on 8 prompts sorted by length, per-sequence stop
+                              strings: a batch ends when every sequence wrote one (the engine
+                              before refilled slots)
+  engine, 8 refilled slots    compressor.generation.generate, what `compressor eval` and the
+                              lm-eval engine run: a sequence leaves when it stops and the next
+                              prompt takes its slot (compressor/decoding.py)
 Each is timed once, one after another. Generated tokens are counted from the outputs (padding
-after a sequence ended left out). Writes RESULTS.json and README.md to --out.
+after a sequence ended left out). The last two runs' completions, cut at their stop strings, are
+compared. Writes RESULTS.json and README.md to --out.
 
-    python scripts/bench_generation.py --limit 8 --max-new-tokens 128 --out reports/generation
+    python scripts/bench_generation.py --limit 24 --out reports/generation
 """
 
 from __future__ import annotations
@@ -27,19 +31,30 @@ import torch
 from calibration.data import read_jsonl
 from compressor.answers import GSM8K_STOPS, HUMANEVAL_STOPS
 from compressor.fetch import data_dir, default_home, example_model_dir
-from compressor.generation import generate, gsm8k_exemplars, gsm8k_prompt
+import compressor.generation
+from compressor.answers import truncate
+from compressor.generation import DEFAULT_NEW_TOKENS, _generate_batches, generate, gsm8k_exemplars, gsm8k_prompt
 from compressor.load import load_as_llama, load_tokenizer
 from compressor.splits import split_items
 
 
 class CountingModel:
-    """Counts the tokens `generate` produces (up to each sequence's EOS or pad) and its time."""
+    """Counts the tokens `generate` produces (up to each sequence's EOS or pad), and those of
+    the refilled-slots decoder."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.tokens, self.seconds = 0, 0.0
         self.original = model.generate
         model.generate = self._generate
+        refill = compressor.generation.greedy_refill
+
+        def counted_refill(*args, **kwargs):
+            continuations = refill(*args, **kwargs)
+            self.tokens += sum(len(tokens) for tokens in continuations)
+            return continuations
+
+        compressor.generation.greedy_refill = counted_refill
 
     def _generate(self, input_ids=None, **kwargs):
         start = time.perf_counter()
@@ -76,8 +91,9 @@ def plain(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="default: the example model")
-    parser.add_argument("--limit", type=int, default=8, help="dev prompts per task")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=24, help="dev prompts per task")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the evaluation's (HumanEval 384, GSM8K 256)")
+    parser.add_argument("--batch-1", action="store_true", help="also time plain generate one prompt at a time")
     parser.add_argument("--out", type=Path, default=Path("reports/generation"))
     args = parser.parse_args()
     home = default_home()
@@ -87,23 +103,32 @@ def main() -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     counter = CountingModel(model, tokenizer)
-    rows = []
+    rows, agreement = [], {}
     for task in ("humaneval", "gsm8k"):
         prompts, stops = prompts_of(task, home, tokenizer, args.limit)
-        runs = {"plain generate, batch 1": lambda: plain(model, tokenizer, prompts, 1, args.max_new_tokens),
-                "plain generate, batch 8": lambda: plain(model, tokenizer, prompts, 8, args.max_new_tokens),
-                "engine, batch 8": lambda: generate(model, tokenizer, prompts, args.max_new_tokens, stops, 8,
-                                                    progress=False)}
+        new_tokens = args.max_new_tokens or DEFAULT_NEW_TOKENS[task]
+        by_length = sorted(prompts, key=len, reverse=True)
+        runs = {"plain generate, batch 1": lambda: plain(model, tokenizer, prompts, 1, new_tokens),
+                "plain generate, batch 8": lambda: plain(model, tokenizer, prompts, 8, new_tokens),
+                "batches of 8, own stops": lambda: [truncate(text, stops) for text in _generate_batches(
+                    model, tokenizer, by_length, new_tokens, stops, 8, False, "", 0.0, 1.0)],
+                "engine, 8 refilled slots": lambda: generate(model, tokenizer, by_length, new_tokens, stops, 8,
+                                                             progress=False)}
+        if not args.batch_1:
+            runs.pop("plain generate, batch 1")
+        outputs = {}
         for name, run in runs.items():
             counter.reset()
             start = time.perf_counter()
-            run()
+            outputs[name] = run()
             seconds = time.perf_counter() - start
-            rows.append({"task": task, "run": name, "prompts": len(prompts), "seconds": seconds,
-                         "generated_tokens": counter.tokens, "tokens_per_s": counter.tokens / seconds})
+            rows.append({"task": task, "run": name, "prompts": len(prompts), "max_new_tokens": new_tokens,
+                         "seconds": seconds, "generated_tokens": counter.tokens, "tokens_per_s": counter.tokens / seconds})
             print(json.dumps(rows[-1]), flush=True)
+        pairs = list(zip(outputs["batches of 8, own stops"], outputs["engine, 8 refilled slots"]))
+        agreement[task] = sum(old == new for old, new in pairs)
     results = {"command": "python " + " ".join(sys.argv), "model": str(folder), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "max_new_tokens": args.max_new_tokens, "rows": rows}
+               "torch": torch.__version__, "rows": rows, "same_completions": agreement, "prompts": args.limit}
     write_report(results, args.out)
 
 
@@ -111,11 +136,16 @@ def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "RESULTS.json").write_text(json.dumps(results, indent=2))
     lines = ["# Generation: the evaluation engine against plain generate", "", f"Command: `{results['command']}`", "",
-             f"Model {results['model']}; {results['threads']} threads, torch {results['torch']}; greedy, KV cache, at "
-             f"most {results['max_new_tokens']} new tokens per prompt. One run each, one after another.", "",
-             "| task | run | prompts | s | generated tokens | tokens/s | s per prompt |", "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {row['task']} | {row['run']} | {row['prompts']} | {row['seconds']:.1f} | {row['generated_tokens']} | "
-              f"{row['tokens_per_s']:.1f} | {row['seconds'] / row['prompts']:.1f} |" for row in results["rows"]]
+             f"Model {results['model']}; {results['threads']} threads, torch {results['torch']}; greedy, KV cache. "
+             "One run each, one after another.", "",
+             "| task | run | prompts | new tokens at most | s | generated tokens | tokens/s | s per prompt |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {row['task']} | {row['run']} | {row['prompts']} | {row['max_new_tokens']} | {row['seconds']:.1f} | "
+              f"{row['generated_tokens']} | {row['tokens_per_s']:.1f} | {row['seconds'] / row['prompts']:.1f} |"
+              for row in results["rows"]]
+    lines += ["", "Completions of the engine equal to those of batches of 8 with the same stops (cut at the first "
+              "stop string): " + ", ".join(f"{task} {same} of {results['prompts']}"
+                                          for task, same in results["same_completions"].items()) + "."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
