@@ -3,7 +3,7 @@
 On the first N dev prompts of HumanEval and of GSM8K (4-shot, the evaluation's prompts), the
 example model (or --model) generates greedily with the KV cache, at most --max-new-tokens each:
   plain generate, batch 1     model.generate one prompt at a time, no stop strings (to the
-                              limit or EOS): the decode speed a user gets by default (--batch-1)
+                              limit or EOS): the decode speed a user gets by default
   plain generate, batch 8     the same, 8 prompts per call, left-padded, in file order
   batches of 8, own stops     model.generate on 8 prompts sorted by length, per-sequence stop
                               strings: a batch ends when every sequence wrote one (the engine
@@ -11,7 +11,7 @@ example model (or --model) generates greedily with the KV cache, at most --max-n
   engine, 8 refilled slots    compressor.generation.generate, what `compressor eval` and the
                               lm-eval engine run: a sequence leaves when it stops and the next
                               prompt takes its slot (compressor/decoding.py)
-Each is timed once, one after another. Generated tokens are counted from the outputs (padding
+`--runs` picks them (plain-1, plain-8, batches, engine). Each is timed once, one after another. Generated tokens are counted from the outputs (padding
 after a sequence ended left out). The last two runs' completions, cut at their stop strings, are
 compared. Writes RESULTS.json and README.md to --out.
 
@@ -36,6 +36,9 @@ from compressor.answers import truncate
 from compressor.generation import DEFAULT_NEW_TOKENS, _generate_batches, generate, gsm8k_exemplars, gsm8k_prompt
 from compressor.load import load_as_llama, load_tokenizer
 from compressor.splits import split_items
+
+
+RUN_KEYS = ("plain-1", "plain-8", "batches", "engine")  # --runs, in the order of the runs below
 
 
 class CountingModel:
@@ -93,7 +96,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="default: the example model")
     parser.add_argument("--limit", type=int, default=24, help="dev prompts per task")
     parser.add_argument("--max-new-tokens", type=int, help="default: the evaluation's (HumanEval 384, GSM8K 256)")
-    parser.add_argument("--batch-1", action="store_true", help="also time plain generate one prompt at a time")
+    parser.add_argument("--tasks", default="humaneval,gsm8k")
+    parser.add_argument("--runs", default="plain-8,batches,engine",
+                        help="of plain-1 (plain generate one prompt at a time), plain-8, batches, engine")
     parser.add_argument("--out", type=Path, default=Path("reports/generation"))
     args = parser.parse_args()
     home = default_home()
@@ -104,7 +109,7 @@ def main() -> None:
         tokenizer.pad_token = tokenizer.eos_token
     counter = CountingModel(model, tokenizer)
     rows, agreement = [], {}
-    for task in ("humaneval", "gsm8k"):
+    for task in args.tasks.split(","):
         prompts, stops = prompts_of(task, home, tokenizer, args.limit)
         new_tokens = args.max_new_tokens or DEFAULT_NEW_TOKENS[task]
         by_length = sorted(prompts, key=len, reverse=True)
@@ -114,8 +119,7 @@ def main() -> None:
                     model, tokenizer, by_length, new_tokens, stops, 8, False, "", 0.0, 1.0)],
                 "engine, 8 refilled slots": lambda: generate(model, tokenizer, by_length, new_tokens, stops, 8,
                                                              progress=False)}
-        if not args.batch_1:
-            runs.pop("plain generate, batch 1")
+        runs = {name: run for (name, run), key in zip(runs.items(), RUN_KEYS) if key in args.runs.split(",")}
         outputs = {}
         for name, run in runs.items():
             counter.reset()
@@ -125,8 +129,9 @@ def main() -> None:
             rows.append({"task": task, "run": name, "prompts": len(prompts), "max_new_tokens": new_tokens,
                          "seconds": seconds, "generated_tokens": counter.tokens, "tokens_per_s": counter.tokens / seconds})
             print(json.dumps(rows[-1]), flush=True)
-        pairs = list(zip(outputs["batches of 8, own stops"], outputs["engine, 8 refilled slots"]))
-        agreement[task] = sum(old == new for old, new in pairs)
+        if {"batches of 8, own stops", "engine, 8 refilled slots"} <= set(outputs):
+            pairs = list(zip(outputs["batches of 8, own stops"], outputs["engine, 8 refilled slots"]))
+            agreement[task] = sum(old == new for old, new in pairs)
     results = {"command": "python " + " ".join(sys.argv), "model": str(folder), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "rows": rows, "same_completions": agreement, "prompts": args.limit}
     write_report(results, args.out)
@@ -143,9 +148,10 @@ def write_report(results: dict, out: Path) -> None:
     lines += [f"| {row['task']} | {row['run']} | {row['prompts']} | {row['max_new_tokens']} | {row['seconds']:.1f} | "
               f"{row['generated_tokens']} | {row['tokens_per_s']:.1f} | {row['seconds'] / row['prompts']:.1f} |"
               for row in results["rows"]]
-    lines += ["", "Completions of the engine equal to those of batches of 8 with the same stops (cut at the first "
-              "stop string): " + ", ".join(f"{task} {same} of {results['prompts']}"
-                                          for task, same in results["same_completions"].items()) + "."]
+    if results["same_completions"]:
+        lines += ["", "Completions of the engine equal to those of batches of 8 with the same stops (cut at the first "
+                  "stop string): " + ", ".join(f"{task} {same} of {results['prompts']}"
+                                              for task, same in results["same_completions"].items()) + "."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
