@@ -14,6 +14,7 @@ are in compressor/benchmarks.py.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,9 +29,11 @@ from calibration.data import read_jsonl
 from compressor.answers import (
     GSM8K_STOPS, HUMANEVAL_STOPS, flexible_answer, gold_answer, humaneval_program, strict_answer, truncate,
 )
-from compressor.decoding import changes_greedy_logits, greedy_refill
+from compressor.decoding import generation_config, greedy_refill, plain_greedy
 from compressor.sandbox import run_program
 from compressor.splits import split_items
+
+log = logging.getLogger(__name__)
 
 TASKS = ("gsm8k", "humaneval")
 DEFAULT_NEW_TOKENS = {"gsm8k": 256, "humaneval": 384}
@@ -147,8 +150,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     """Completions, each cut at its first stop sequence: greedy at temperature 0, else sampled
     (temperature, nucleus top_p) from the global torch RNG, so the caller seeds it. Greedy
     decodes `batch_size` sequences at a time with refilled slots (compressor.decoding); sampling,
-    and a generation config that changes greedy logits, use model.generate in batches of
-    `batch_size` with left padding."""
+    and a generation config that asks for more than greedy (a repetition penalty...), use
+    model.generate in batches of `batch_size` with left padding."""
     pad_token = tokenizer.pad_token
     if pad_token is None:  # padding needs one; the caller's tokenizer is restored below
         tokenizer.pad_token = tokenizer.eos_token
@@ -156,9 +159,13 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
     try:
         ordered = [prompts[index] for index in order]
-        if temperature or changes_greedy_logits(model):
-            texts = _generate_batches(model, tokenizer, ordered, max_new_tokens, stops, batch_size, progress, desc,
-                                      temperature, top_p)
+        asked = [] if temperature else plain_greedy(generation_config(model, do_sample=False))
+        if asked:
+            log.warning("The model's generation config asks for %s: decoding with model.generate in batches "
+                        "of %d (each runs until its last sequence stops).", ", ".join(asked), batch_size)
+        if temperature or asked:
+            texts = generate_batches(model, tokenizer, ordered, max_new_tokens, stops, batch_size, progress, desc,
+                                     temperature, top_p)
         else:
             finished = StopOnStrings(tokenizer, stops, 0).finished
             continuations = greedy_refill(model, [tokenizer(prompt)["input_ids"] for prompt in ordered],
@@ -170,7 +177,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     return [completions[index] for index in range(len(prompts))]
 
 
-def _generate_batches(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, stops: tuple[str, ...],
+def generate_batches(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, stops: tuple[str, ...],
                       batch_size: int, progress: bool, desc: str, temperature: float, top_p: float) -> list[str]:
     """model.generate over batches; each batch runs until its last sequence stops."""
     # top_k=0: transformers otherwise keeps only the 50 likeliest tokens when sampling.

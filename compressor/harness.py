@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from compressor.answers import gold_answer
-from compressor.decoding import changes_greedy_logits, greedy_refill
+from compressor.decoding import generation_config, greedy_refill, plain_greedy
 from compressor.generation import StopOnStrings, TaskResult, refuse_code_execution, result_of
+
+log = logging.getLogger(__name__)
 
 TASK_NAMES = {"gsm8k": "basis_gsm8k", "humaneval": "basis_humaneval"}
 METRICS = {"gsm8k": ("strict", "flexible"), "humaneval": ("pass@1",)}
-ALL_REQUESTS = 1_000_000  # HFLM's batch size: every request of a task in one call of _model_generate
+ALL_REQUESTS = 1_000_000  # HFLM's batch size in generate_until: all requests in one _model_generate call
 
 
 def engine_version() -> str:
@@ -49,20 +51,28 @@ def build_task(task: str, split: str, data_dir: Path):
 def harness_model(model: nn.Module, tokenizer, batch_size: int, progress: bool = False):
     """lm-eval's HFLM on the model object, decoding greedy requests with refilled slots.
 
-    lm-eval hands all of a task's requests to `_model_generate` as one batch (HFLM's batch size
-    is set to hold them), and compressor.decoding keeps `batch_size` of them decoding at once,
-    each leaving as soon as it stops. lm-eval itself would stop a batch only when, for one of its
-    stop strings, every sequence had written that string: a batch whose completions end on
-    different strings (one at "\ndef ", one at "\n#") runs on to max_gen_toks (HumanEval dev on
-    the example model: 901 s against 412 s with per-sequence stops). StopOnStrings marks each
-    sequence done at its first stop string, special tokens included as lm-eval decodes them.
-    Greedy completions are the same: lm-eval cuts each at its first stop string after
-    generating (tests/test_harness.py). Sampled requests, and a generation config that changes
-    greedy logits, go through model.generate in batches of `batch_size`."""
+    lm-eval hands a task's generation requests to `_model_generate` in batches of HFLM's batch
+    size; `generate_until` here makes that one batch of all of them, and compressor.decoding
+    keeps `batch_size` decoding at once, each leaving as soon as it stops. lm-eval itself would
+    stop a batch only when, for one of its stop strings, every sequence had written that string:
+    a batch whose completions end on different strings (one at "\ndef ", one at "\n#") runs on
+    to max_gen_toks (HumanEval dev on the example model: 901 s against 412 s with per-sequence
+    stops). StopOnStrings marks each sequence done at its first stop string, special tokens
+    included as lm-eval decodes them. Greedy completions are the same: lm-eval cuts each at its
+    first stop string after generating (tests/test_harness.py). Requests whose settings (with
+    the model's generation config) ask for more than greedy go through model.generate in batches
+    of `batch_size`, with a warning."""
     from lm_eval.models.huggingface import HFLM
     from transformers import StoppingCriteriaList
 
     class RefilledSlots(HFLM):
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            self.batch_size_per_gpu = ALL_REQUESTS  # one _model_generate call; log-likelihoods keep batch_size
+            try:
+                return super().generate_until(requests, disable_tqdm)
+            finally:
+                self.batch_size_per_gpu = batch_size
+
         def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
             # lm-eval's own reading of the sampling settings: temperature 0 and no do_sample is greedy
             generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
@@ -71,26 +81,31 @@ def harness_model(model: nn.Module, tokenizer, batch_size: int, progress: bool =
             if generation_kwargs.get("do_sample") is False and generation_kwargs["temperature"] == 0.0:
                 generation_kwargs.pop("temperature")
             stops = StopOnStrings(self.tokenizer, tuple(stop), context.shape[1], skip_special_tokens=False)
-            mask = generation_kwargs.pop("attention_mask")
+            mask = generation_kwargs.pop("attention_mask", None)
+            mask = torch.ones_like(context) if mask is None else mask
+            config = generation_config(self.model, **generation_kwargs)
+            pad = self.tokenizer.pad_token_id
             with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                 enabled=self.mixed_precision_dtype is not None):
-                if generation_kwargs.get("do_sample") is False and not changes_greedy_logits(self.model):
-                    prompts = [row[keep.bool()].tolist() for row, keep in zip(context, mask)]
-                    continuations = greedy_refill(self.model, prompts, max_length - context.shape[1],
-                                                  stops.finished, batch_size, self.tokenizer.pad_token_id,
-                                                  progress, desc="generate")
-                    return _rows(context, continuations, max_length, self.tokenizer.pad_token_id)
-                return torch.cat([self.model.generate(
+                if not (asked := plain_greedy(config)):
+                    prompts = [row[keep.bool()].tolist() for row, keep in zip(context.cpu(), mask.cpu())]
+                    continuations = greedy_refill(self.model, prompts, max_length - context.shape[1], stops.finished,
+                                                  batch_size, pad, progress, "generate", config, context.device)
+                    return _rows(context, continuations, max_length, pad)
+                log.warning("lm-eval's request with the model's generation config asks for %s: decoding with "
+                            "model.generate in batches of %d.", ", ".join(asked), batch_size)
+                return torch.cat([_rows(context[start:start + batch_size], self.model.generate(
                     input_ids=context[start:start + batch_size], attention_mask=mask[start:start + batch_size],
-                    max_length=max_length, stopping_criteria=StoppingCriteriaList([stops]),
-                    pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
+                    max_length=max_length, stopping_criteria=StoppingCriteriaList([stops]), pad_token_id=pad,
+                    use_cache=True, **generation_kwargs)[:, context.shape[1]:].tolist(), max_length, pad)
                     for start in range(0, len(context), batch_size)])
 
-    return RefilledSlots(pretrained=model, tokenizer=tokenizer, batch_size=ALL_REQUESTS)
+    return RefilledSlots(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _rows(context: torch.Tensor, continuations: list[list[int]], max_length: int, pad_token_id: int) -> torch.Tensor:
-    """What generate returns: each context row, then its continuation, padded to max_length."""
+    """What generate returns for the whole batch: each context row, then its continuation,
+    padded to max_length."""
     rows = context.new_full((len(context), max_length), pad_token_id)
     rows[:, :context.shape[1]] = context
     for row, tokens in zip(rows, continuations):

@@ -33,7 +33,7 @@ from compressor.answers import GSM8K_STOPS, HUMANEVAL_STOPS
 from compressor.fetch import data_dir, default_home, example_model_dir
 import compressor.generation
 from compressor.answers import truncate
-from compressor.generation import DEFAULT_NEW_TOKENS, _generate_batches, generate, gsm8k_exemplars, gsm8k_prompt
+from compressor.generation import DEFAULT_NEW_TOKENS, generate_batches, generate, gsm8k_exemplars, gsm8k_prompt
 from compressor.load import load_as_llama, load_tokenizer
 from compressor.splits import split_items
 
@@ -64,10 +64,12 @@ class CountingModel:
         output = self.original(input_ids=input_ids, **kwargs)
         self.seconds += time.perf_counter() - start
         new = output[:, input_ids.shape[1]:]
-        ended = (new == self.tokenizer.pad_token_id) | (new == self.tokenizer.eos_token_id)
-        # tokens up to and including the first end token of each row
-        after_end = ended.long().cumsum(1) - ended.long() > 0
-        self.tokens += int((~after_end).sum())
+        # the tokens before a row's first pad (an EOS other than the pad is one of them); where the
+        # pad is the EOS, up to and including it
+        ends = new == self.tokenizer.pad_token_id
+        before = ends.long().cumsum(1) - (ends.long() if self.tokenizer.pad_token_id == self.tokenizer.eos_token_id
+                                          else 0) == 0
+        self.tokens += int(before.sum())
         return output
 
     def reset(self) -> None:
@@ -115,7 +117,7 @@ def main() -> None:
         by_length = sorted(prompts, key=len, reverse=True)
         runs = {"plain generate, batch 1": lambda: plain(model, tokenizer, prompts, 1, new_tokens),
                 "plain generate, batch 8": lambda: plain(model, tokenizer, prompts, 8, new_tokens),
-                "batches of 8, own stops": lambda: [truncate(text, stops) for text in _generate_batches(
+                "batches of 8, own stops": lambda: [truncate(text, stops) for text in generate_batches(
                     model, tokenizer, by_length, new_tokens, stops, 8, False, "", 0.0, 1.0)],
                 "engine, 8 refilled slots": lambda: generate(model, tokenizer, by_length, new_tokens, stops, 8,
                                                              progress=False)}

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from compressor.answers import GSM8K_STOPS, HUMANEVAL_STOPS
@@ -152,3 +153,39 @@ def test_per_sequence_stops_end_batches_sooner_with_lm_evals_completions(tmp_pat
     # A sequence that met its stop is done (padding after it) while stock lm-eval generates on.
     assert any(len(ours) < len(theirs) for ours, theirs in zip(texts["engine"], texts["stock"]))
     assert all(len(ours) <= len(theirs) for ours, theirs in zip(texts["engine"], texts["stock"]))
+
+
+def test_generated_rows_are_context_then_continuation_then_padding():
+    from compressor.harness import _rows
+
+    rows = _rows(torch.tensor([[0, 5, 6], [4, 5, 6]]), [[7], [8, 9, 1]], 7, 0)
+    assert rows.tolist() == [[0, 5, 6, 7, 0, 0, 0], [4, 5, 6, 8, 9, 1, 0]]
+
+
+@pytest.mark.parametrize("settings", [{"do_sample": False, "repetition_penalty": 1.3}, {"do_sample": True, "temperature": 1.0}])
+def test_requests_asking_for_more_than_greedy_go_through_generate_in_batches(tmp_path, settings):
+    """A repetition penalty or sampling is generate's: 4 requests in batches of 2 that stop at
+    different steps come back as one tensor; with the penalty, stock lm-eval's texts."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor.answers import truncate
+    from compressor.harness import harness_model
+
+    folder = save_tiny_model(tmp_path / "model", max_position_embeddings=2048)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["def f(x):", "x = 1\n", "for i in", "class A:\n    pass"], return_tensors="pt",
+                      padding=True, padding_side="left")
+    width, stops = batch["input_ids"].shape[1], ["d", "e", "f", "g"]
+    texts = {}
+    for name, harness in (("stock", HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)),
+                          ("engine", harness_model(model, tokenizer, 2))):
+        torch.manual_seed(0)
+        output = harness._model_generate(batch["input_ids"], width + 24, list(stops),
+                                         attention_mask=batch["attention_mask"], **settings)
+        assert output.shape[0] == 4 and torch.equal(output[:, :width], batch["input_ids"])
+        texts[name] = [truncate(text, tuple(stops)) for text in
+                       tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+    assert output.shape[1] == width + 24
+    if not settings["do_sample"]:
+        assert texts["engine"] == texts["stock"]
