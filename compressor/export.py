@@ -153,16 +153,22 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path,
                          {"quantization_summary.json": summary}, overwrite, dtype)
 
 
-def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: CompressConfig,
-                    summary: dict, overwrite: bool = False, dense: bool = False,
-                    scores: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
-    """scores: per-basis costs and orders from the pipeline, saved as basis_scores.safetensors.
-    dtype: of the exported floating-point tensors (None: as the model holds them)."""
+def compression_record(config: CompressConfig) -> dict:
+    """What an export's config records of how it was compressed."""
     compression = {"method": config.method, "mlp": config.mlp, "allocation": config.allocation,
                    "score": config.score, "ratio": config.ratio}
     if config.mlp == "neurons":  # no bases: what names them does not apply
         compression.update(method="mlp neurons", score={"energy": "output energy", "obs": "greedy elimination "
                                                           "under the refit (obs)"}[config.neuron_rule])
+    return compression
+
+
+def save_compressed(model: LlamaForCausalLM, tokenizer, out_dir: Path, config: CompressConfig,
+                    summary: dict, overwrite: bool = False, dense: bool = False,
+                    scores: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """scores: per-basis costs and orders from the pipeline, saved as basis_scores.safetensors.
+    dtype: of the exported floating-point tensors (None: as the model holds them)."""
+    compression = compression_record(config)
     if config.ranks_from:  # the ranks were not allocated here (the ratio is the one they remove)
         compression.update(allocation="given", ranks_from=config.ranks_from)
     with atomic_folder(out_dir, overwrite) as tmp:

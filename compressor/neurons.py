@@ -239,6 +239,16 @@ def prune_mlp(mlp: nn.Module, name: str, gram: torch.Tensor, kept: torch.Tensor,
     return reports
 
 
+def cut_mlp(mlp: nn.Module, name: str, gram: torch.Tensor, width: int, rule: str, damping: float,
+            order: torch.Tensor | None = None) -> list[LayerReport]:
+    """Cut `mlp` to the first `width` neurons of `order` (ordered here by `rule` on `gram`, the
+    Gram matrix of down_proj's input, when not given) and refit its down_proj."""
+    if order is None:
+        down = mlp.down_proj.weight
+        order, _ = neuron_order(gram.to(down.device), down, rule, damping, f"{name}.down_proj")
+    return prune_mlp(mlp, name, gram, kept_neurons(order, width), damping)
+
+
 def pad_mlp(mlp: nn.Module, intermediate: int) -> None:
     """Zero neurons up to `intermediate`: silu(0) * 0 = 0 feeds zero columns of down, so the
     output is exactly the narrow MLP's (for a stock LLaMA export of the same model)."""

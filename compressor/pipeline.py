@@ -29,7 +29,7 @@ from compressor.decompose import check_finite
 from compressor.files import process_alive
 from compressor.layers import LayerReport, sequential_cut
 from compressor.load import read_rank_map
-from compressor.neurons import kept_neurons, neuron_order, prune_mlp, uniform_width
+from compressor.neurons import cut_mlp, uniform_width
 from compressor.selection import fold_all, learn_key, learn_selection
 from compressor.candidates import quantization_summary, select_allocation, select_rank_and_bits
 from compressor.stages import (Bases, apply_ranks, allocate, calibrate, factorize, model_device,
@@ -230,12 +230,8 @@ def cut_mlps(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, cache: Stat
         else:
             stats, _ = collect_layer(layer, spec, inputs)  # recorded with the dense MLP, then cut
             gram = stats["mlp.down_proj"].gram
-        if inputs is None and f"{name}.down_proj" in orders:
-            order = orders[f"{name}.down_proj"][0]
-        else:
-            order, _ = neuron_order(gram.to(model_device(model)), layer.mlp.down_proj.weight, config.neuron_rule,
-                                    config.damping, f"{name}.down_proj")
-        reports += prune_mlp(layer.mlp, name, gram, kept_neurons(order, widths[name]), config.damping)
+        order = orders[f"{name}.down_proj"][0] if inputs is None and f"{name}.down_proj" in orders else None
+        reports += cut_mlp(layer.mlp, name, gram, widths[name], config.neuron_rule, config.damping, order)
         if inputs is not None:
             inputs = run_layer(layer, inputs)  # what the cut layer passes on
     return reports

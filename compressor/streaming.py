@@ -3,7 +3,8 @@
     model   = skeleton(...)                  the model on the meta device; only embeddings,
                                              final norm and LM head are read
     ranks   = uniform, or global             global: measured in a first pass over the
-                                             layers (streaming_global.py)
+                                             layers (streaming_global.py; under --mlp neurons
+                                             widths, streaming_neurons.py)
     inputs  = first layer's inputs           one forward that stops at decoder layer 0
     for each layer:
         materialize_layer(...)               its tensors read from the safetensors files
@@ -11,7 +12,8 @@
                                              solver, down_proj's output Gram matrix instead: see
                                              output_gram_linears); its (dense) outputs feed the
                                              next layer, as in the in-memory pipeline
-        decompose + cut to the ranks         LowRankLinear in place of its linears
+        decompose + cut to the ranks         LowRankLinear in place of its linears (--mlp
+                                             neurons: its MLP cut to its width, refit)
         write its shard, back to meta        nothing of it stays in memory
 
 Peak memory is one layer (in float32) with its statistics and the calibration activations,
@@ -47,11 +49,13 @@ from compressor.arch import ArchSpec, decoder_layers, get_spec, linear_modules
 from compressor.card import TOKENIZER_FOLDER, write_card
 from compressor.config import CompressConfig, ConfigError, save_config
 from compressor.evaluate import peak_rss_bytes, rss_bytes
-from compressor.export import basis_config
+from compressor.export import basis_config, compression_record
 from compressor.files import atomic_folder
 from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
 from compressor.layers import LayerReport, cut_layer, output_gram_linears
+from compressor.neurons import cut_mlp, uniform_width
 from compressor.streaming_global import streamed_global_ranks
+from compressor.streaming_neurons import streamed_neuron_widths
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +163,6 @@ def check_streamable(config: CompressConfig) -> None:
     if config.allocation == "auto":
         raise ConfigError("Streaming allocates --allocation uniform or global; auto compares two whole "
                           "compressed models, so compress without --streaming to use it.")
-    if config.mlp != "bases":
-        raise ConfigError("Streaming cuts bases only; --mlp neurons runs in memory: drop --streaming.")
     if config.score != "energy":
         raise ConfigError("Streaming scores bases by energy only (taylor and learned need gradients through the "
                           "whole model); compress without --streaming to use them.")
@@ -201,8 +203,7 @@ def _write_export(folder: Path, model: LlamaForCausalLM, spec: ArchSpec, checkpo
     total_size = sum((folder / name).stat().st_size for name in set(weight_map.values()))
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size},
                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    export_config = basis_config(model, {"method": config.method, "allocation": config.allocation,
-                                         "score": config.score, "ratio": config.ratio})
+    export_config = basis_config(model, compression_record(config))
     export_config.dtype = dtype
     export_config.save_pretrained(folder)
     if (model_dir / "generation_config.json").is_file():
@@ -241,18 +242,19 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
     layers = decoder_layers(model, spec)
     weight_map, reports, timings = {}, [], []
     with atomic_folder(out_dir, overwrite) as tmp:
-        ranks, allocation_pass = _ranks(model, source, spec, checkpoint, blocks.to(device), shapes, config, device,
-                                        progress, on_layer)
+        plan = _neuron_plan if config.mlp == "neurons" else _rank_plan
+        cut, totals, allocation_pass = plan(model, source, spec, checkpoint, blocks.to(device), shapes, config, device,
+                                            progress, on_layer)
         inputs = capture_first_layer_inputs(model, spec, blocks.to(device), config.calibration.batch_size)
         rss_before_layers = rss_bytes()  # embeddings and the first layer's inputs
         for index in tqdm(range(len(layers)), desc="streaming compress", disable=not progress):
-            inputs = _stream_layer(model, source, spec, checkpoint, index, inputs, ranks, config,
-                                   tmp, dtype, device, weight_map, reports, timings)
+            inputs = _stream_layer(model, source, spec, checkpoint, index, inputs, cut, config, tmp, dtype, device,
+                                   weight_map, reports, timings)
             if on_layer is not None:
                 on_layer("cut", index, model)
         _write_export(tmp, model, spec, checkpoint, config, dtype, weight_map, model_dir, tokenizer)
         save_config(config, tmp / "compression.yaml")
-        totals = summarize(shapes, ranks) | {
+        totals = totals(model) | {
             "model_params_before": params_before, "model_params_after": _params_after(params_before, reports),
             "ratio_asked": config.ratio, "streaming": True}
         summary = {"summary": totals, "timings_s": {stage: sum(getattr(t, f"{stage}_s") for t in timings)
@@ -268,25 +270,69 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
     return summary
 
 
-def _ranks(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint,
-           blocks: torch.Tensor, shapes: dict[str, Shape], config: CompressConfig, device: torch.device,
-           progress: bool, on_layer: Callable | None) -> tuple[dict[str, int | None], dict]:
-    """Uniform ranks, or global ones from a first pass over the layers (streaming_global)."""
+def _rank_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint,
+               blocks: torch.Tensor, shapes: dict[str, Shape], config: CompressConfig, device: torch.device,
+               progress: bool, on_layer: Callable | None) -> tuple[Callable, Callable, dict]:
+    """Bases: each layer's cut (uniform ranks, or global ones from a first pass over the layers,
+    streaming_global), the summary's totals once cut, and the first pass's record."""
     if config.allocation == "uniform":
-        return uniform_ranks(shapes, config.ratio, config.align, config.tolerance, config.max_kept_fraction), {}
+        ranks, allocation_pass = uniform_ranks(shapes, config.ratio, config.align, config.tolerance,
+                                               config.max_kept_fraction), {}
+    else:
+        ranks, allocation_pass = streamed_global_ranks(
+            model, spec, partial(materialize_layer, model, source, checkpoint, device=device), _head(model, checkpoint, device),
+            blocks, shapes, config, progress, on_layer=None if on_layer is None else partial(on_layer, "allocation"))
+
+    def cut(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict) -> list[LayerReport]:
+        return cut_layer(layer, spec, index, stats, ranks, config)
+
+    return cut, lambda model: summarize(shapes, ranks), allocation_pass
+
+
+def _neuron_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint,
+                 blocks: torch.Tensor, shapes: dict[str, Shape], config: CompressConfig, device: torch.device,
+                 progress: bool, on_layer: Callable | None) -> tuple[Callable, Callable, dict]:
+    """--mlp neurons: each layer's MLP cut (uniform widths, or global ones with the neuron orders
+    from a first pass, streaming_neurons), the summary's totals once cut, the first pass's record."""
+    layers = decoder_layers(model, spec)
+    total = sum(shape.out_features * shape.in_features for shape in shapes.values())
+    width = uniform_width(model.config.intermediate_size, model.config.hidden_size, len(layers), total,
+                          config.ratio, config.align)
+    widths, orders, allocation_pass = {spec.full_name(index, "mlp"): width for index in range(len(layers))}, {}, {}
+    if config.allocation == "global":
+        widths, orders, allocation_pass = streamed_neuron_widths(
+            model, spec, partial(materialize_layer, model, source, checkpoint, device=device),
+            _head(model, checkpoint, device), blocks, width, config, progress,
+            on_layer=None if on_layer is None else partial(on_layer, "allocation"))
+
+    def cut(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict) -> list[LayerReport]:
+        name = spec.full_name(index, "mlp")
+        return cut_mlp(layer.mlp, name, stats["mlp.down_proj"].gram, widths[name], config.neuron_rule,
+                       config.damping, orders.get(f"{name}.down_proj"))
+
+    def totals(model: LlamaForCausalLM) -> dict:
+        kept = sum(module.weight.numel() for module in linear_modules(model, spec).values())
+        return {"decoder_linear_params": total, "kept_params": kept, "removed_fraction": 1 - kept / total,
+                "mlp_widths": widths}
+
+    return cut, totals, allocation_pass
+
+
+def _head(model: LlamaForCausalLM, checkpoint: LazyCheckpoint, device: torch.device) -> Callable:
+    """The LM head as a function of the final hidden states (an untied one read now: the
+    skeleton leaves it on meta)."""
     head = model.get_output_embeddings()
-    if head.weight.is_meta:  # untied: not read by the skeleton
+    if head.weight.is_meta:
         weight = checkpoint.read(["lm_head.weight"], torch.float32)["lm_head.weight"].to(device)
         head = partial(torch.nn.functional.linear, weight=weight)
-    return streamed_global_ranks(model, spec, partial(materialize_layer, model, source, checkpoint, device=device),
-                                 head, blocks, shapes, config, progress,
-                                 on_layer=None if on_layer is None else partial(on_layer, "allocation"))
+    return head
 
 
 def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint, index: int,
-                  inputs: LayerInputs, ranks: dict, config: CompressConfig, folder: Path, dtype: torch.dtype,
+                  inputs: LayerInputs, cut: Callable, config: CompressConfig, folder: Path, dtype: torch.dtype,
                   device: torch.device, weight_map: dict, reports: list, timings: list) -> LayerInputs:
-    """Read, calibrate, cut and write one layer; returns the next layer's inputs."""
+    """Read, calibrate, cut (cut(layer, spec, index, statistics) -> reports) and write one layer;
+    returns the next layer's inputs."""
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
@@ -298,7 +344,7 @@ def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheck
     except FloatingPointError as error:
         raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
     calibration_s, clock = _now(device) - clock, _now(device)
-    reports += cut_layer(layer, spec, index, stats, ranks, config)
+    reports += cut(layer, spec, index, stats)
     decomposition_s, clock = _now(device) - clock, _now(device)
     prefix = f"{spec.layers_path}.{index}."
     shard = f"model-layer-{index:05d}.safetensors"

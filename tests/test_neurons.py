@@ -296,13 +296,6 @@ def test_global_allocation_moves_neurons_between_layers_and_meets_the_budget(tmp
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(blocks).logits, expected)
 
 
-def test_streaming_refuses_neurons_with_the_reason():
-    from compressor.streaming import check_streamable
-
-    with pytest.raises(ConfigError, match="drop --streaming"):
-        check_streamable(_config())
-
-
 def test_a_neurons_export_quantizes_and_is_refused_as_a_rank_map(tmp_path, model_dir, corpus, capsys):
     """compressor quantize keeps the narrow widths (format 3 with quant); --ranks-from names why it
     cannot reuse a neurons export."""

@@ -141,3 +141,29 @@ def test_streaming_global_refuses_an_impossible_budget_before_its_first_pass(tmp
     with pytest.raises(BudgetError, match="Cannot remove 97.0%"):
         compress_streaming(model_dir, blocks, config, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("allocation,rule", [("uniform", "obs"), ("global", "obs"), ("global", "energy")])
+def test_streaming_mlp_neurons_equals_the_in_memory_pipeline(tmp_path, tokenizer, blocks, allocation, rule):
+    """Streamed, --mlp neurons keeps the in-memory pipeline's neurons: the first pass (global
+    widths) orders each MLP and measures its KL as in memory, the cut reuses the orders; one
+    layer in memory at a time."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).eval().save_pretrained(tmp_path / "dense")
+    config = CompressConfig(ratio=0.2, mlp="neurons", allocation=allocation, neuron_rule=rule,
+                            calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4, sensitivity_samples=4))
+    alive = []
+    summary = compress_streaming(tmp_path / "dense", blocks, config, tmp_path / "streamed", tokenizer, progress=False,
+                                 on_layer=lambda stage, index, model: alive.append((stage, _materialized_layers(model))))
+    first_pass = ["allocation"] * 3 if allocation == "global" else []
+    assert alive == [(stage, []) for stage in first_pass + ["cut"] * 3]
+    model, spec = load_model(tmp_path / "dense")
+    result = compress(model, spec, blocks, config, progress=False)
+    widths = summary["summary"]["mlp_widths"]
+    assert widths == result.summary["mlp_widths"] and summary["summary"]["kept_params"] == result.summary["kept_params"]
+    if (allocation, rule) == ("global", "energy"):
+        assert len(set(widths.values())) > 1  # (obs gives this random model's layers one width)
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    assert streamed.config.compression["method"] == "mlp neurons"
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(blocks).logits, model(blocks).logits, rtol=1e-4, atol=1e-4)
