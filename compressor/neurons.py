@@ -218,12 +218,16 @@ def narrow_linear(dense: nn.Linear, weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
+def check_mlp(mlp: nn.Module, name: str) -> None:
+    if any(getattr(mlp, linear).bias is not None for linear in ("gate_proj", "up_proj")):
+        raise WidthError(f"{name}: gate_proj / up_proj with a bias are not supported by mlp neurons.")
+
+
 @torch.no_grad()
 def prune_mlp(mlp: nn.Module, name: str, gram: torch.Tensor, kept: torch.Tensor, damping: float) -> list[LayerReport]:
     """Cut `mlp` (gate_proj, up_proj, down_proj) to its `kept` neurons in place; one report per linear."""
+    check_mlp(mlp, name)
     gate, up, down = (getattr(mlp, linear) for linear in MLP_LINEARS)
-    if any(linear.bias is not None for linear in (gate, up)):
-        raise WidthError(f"{name}: gate_proj / up_proj with a bias are not supported by mlp neurons.")
     gram, kept = gram.to(down.weight.device), kept.to(down.weight.device)  # statistics are read to the CPU
     width = len(kept)
     refit, error = refit_down(gram, down.weight, kept, damping)

@@ -53,7 +53,7 @@ from compressor.export import basis_config, compression_record
 from compressor.files import atomic_folder
 from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
 from compressor.layers import LayerReport, cut_layer, output_gram_linears
-from compressor.neurons import cut_mlp, uniform_width
+from compressor.neurons import check_mlp, cut_mlp, uniform_width
 from compressor.streaming_global import streamed_global_ranks
 from compressor.streaming_neurons import streamed_neuron_widths
 
@@ -170,7 +170,7 @@ def check_streamable(config: CompressConfig) -> None:
         raise ConfigError("Streaming writes float factors; quantize its output afterwards with "
                           "`compressor quantize`, or compress without --streaming.")
     if config.dense_export:
-        raise ConfigError("Streaming writes the low-rank export only; drop --dense.")
+        raise ConfigError("Streaming writes the compact export only (low-rank linears or narrow MLPs); drop --dense.")
     if config.sequential:
         raise ConfigError("--sequential is for the in-memory pipeline; compress without --streaming.")
     if config.ranks_from:
@@ -218,7 +218,8 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
                        tokenizer=None, overwrite: bool = False, progress: bool = True,
                        on_layer: Callable[[str, int, LlamaForCausalLM], None] | None = None,
                        record: dict | None = None, device: torch.device | str = "cpu") -> dict:
-    """Compress the checkpoint in `model_dir` layer by layer into `out_dir` (uniform or global ranks).
+    """Compress the checkpoint in `model_dir` layer by layer into `out_dir` (uniform or global
+    ranks, or under --mlp neurons MLP widths).
 
     blocks: (samples, seq_len) calibration token ids. tokenizer: saved with the export when
     given. on_layer(pass, index, model) is called after each layer is done and freed, in the
@@ -254,11 +255,15 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
                 on_layer("cut", index, model)
         _write_export(tmp, model, spec, checkpoint, config, dtype, weight_map, model_dir, tokenizer)
         save_config(config, tmp / "compression.yaml")
-        totals = totals(model) | {
+        cut_totals = totals(model) | {
             "model_params_before": params_before, "model_params_after": _params_after(params_before, reports),
             "ratio_asked": config.ratio, "streaming": True}
-        summary = {"summary": totals, "timings_s": {stage: sum(getattr(t, f"{stage}_s") for t in timings)
-                                                     for stage in ("read", "calibration", "decomposition", "write")},
+        # per layer the cut's time is `decomposition_s`; under neurons it orders, cuts and refits
+        cut_stage = "neuron_selection" if config.mlp == "neurons" else "decomposition"
+        summary = {"summary": cut_totals, "timings_s": {
+            name: sum(getattr(t, f"{stage}_s") for t in timings)
+            for name, stage in (("read", "read"), ("calibration", "calibration"), (cut_stage, "decomposition"),
+                                ("write", "write"))},
                    "layers": [asdict(report) for report in reports], "per_layer": [asdict(t) for t in timings],
                    "total_seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
                    "rss_before_layers_bytes": rss_before_layers, **(record or {})}
@@ -280,10 +285,11 @@ def _rank_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, checkp
                                                config.max_kept_fraction), {}
     else:
         ranks, allocation_pass = streamed_global_ranks(
-            model, spec, partial(materialize_layer, model, source, checkpoint, device=device), _head(model, checkpoint, device),
-            blocks, shapes, config, progress, on_layer=None if on_layer is None else partial(on_layer, "allocation"))
+            model, spec, partial(materialize_layer, model, source, checkpoint, device=device),
+            _head(model, checkpoint, device), blocks, shapes, config, progress,
+            on_layer=None if on_layer is None else partial(on_layer, "allocation"))
 
-    def cut(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict) -> list[LayerReport]:
+    def cut(layer: torch.nn.Module, index: int, stats: dict) -> list[LayerReport]:
         return cut_layer(layer, spec, index, stats, ranks, config)
 
     return cut, lambda model: summarize(shapes, ranks), allocation_pass
@@ -295,6 +301,8 @@ def _neuron_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, chec
     """--mlp neurons: each layer's MLP cut (uniform widths, or global ones with the neuron orders
     from a first pass, streaming_neurons), the summary's totals once cut, the first pass's record."""
     layers = decoder_layers(model, spec)
+    for index, layer in enumerate(layers):  # before any pass: a refused MLP would be found hours in
+        check_mlp(layer.mlp, spec.full_name(index, "mlp"))
     total = sum(shape.out_features * shape.in_features for shape in shapes.values())
     width = uniform_width(model.config.intermediate_size, model.config.hidden_size, len(layers), total,
                           config.ratio, config.align)
@@ -305,10 +313,12 @@ def _neuron_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, chec
             _head(model, checkpoint, device), blocks, width, config, progress,
             on_layer=None if on_layer is None else partial(on_layer, "allocation"))
 
-    def cut(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict) -> list[LayerReport]:
+    def cut(layer: torch.nn.Module, index: int, stats: dict) -> list[LayerReport]:
         name = spec.full_name(index, "mlp")
+        # global: the first pass's order, used once and let go (a missing one is a bug, not a reorder)
+        order = orders.pop(f"{name}.down_proj") if config.allocation == "global" else None
         return cut_mlp(layer.mlp, name, stats["mlp.down_proj"].gram, widths[name], config.neuron_rule,
-                       config.damping, orders.get(f"{name}.down_proj"))
+                       config.damping, order)
 
     def totals(model: LlamaForCausalLM) -> dict:
         kept = sum(module.weight.numel() for module in linear_modules(model, spec).values())
@@ -331,7 +341,7 @@ def _head(model: LlamaForCausalLM, checkpoint: LazyCheckpoint, device: torch.dev
 def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint, index: int,
                   inputs: LayerInputs, cut: Callable, config: CompressConfig, folder: Path, dtype: torch.dtype,
                   device: torch.device, weight_map: dict, reports: list, timings: list) -> LayerInputs:
-    """Read, calibrate, cut (cut(layer, spec, index, statistics) -> reports) and write one layer;
+    """Read, calibrate, cut (cut(layer, index, statistics) -> reports) and write one layer;
     returns the next layer's inputs."""
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -344,14 +354,15 @@ def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheck
     except FloatingPointError as error:
         raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
     calibration_s, clock = _now(device) - clock, _now(device)
-    reports += cut(layer, spec, index, stats)
+    reports += cut(layer, index, stats)
+    del stats  # a 7B layer's down_proj Gram matrix alone is 0.9 GB: not kept through the write
     decomposition_s, clock = _now(device) - clock, _now(device)
     prefix = f"{spec.layers_path}.{index}."
     shard = f"model-layer-{index:05d}.safetensors"
     state = {prefix + key: tensor.to(dtype).cpu().contiguous() for key, tensor in layer.state_dict().items()}
     save_file(state, folder / shard, metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(state, shard))
-    del stats, state
+    del state
     layer.to("meta")  # frees its tensors; the skeleton keeps the (now low-rank) structure
     device_peak = torch.cuda.max_memory_allocated(device) if on_gpu else 0
     timings.append(LayerTiming(index, read_s, calibration_s, decomposition_s, _now(device) - clock,

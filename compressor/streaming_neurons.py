@@ -55,14 +55,14 @@ def streamed_neuron_widths(model: LlamaForCausalLM, spec: ArchSpec, read_layer: 
         clock = time.perf_counter()
         layer = read_layer(index)
         try:
-            stats, inputs = collect_layer(layer, spec, inputs)
+            stats, inputs = collect_layer(layer, spec, inputs)  # (every group's; only down_proj's is read)
         except FloatingPointError as error:
             raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
         name, down = spec.full_name(index, "mlp.down_proj"), layer.mlp.down_proj
         gram = stats.pop("mlp.down_proj").gram.to(down.weight.device)
         del stats
-        order, costs[name] = neuron_order(gram, down.weight, config.neuron_rule, config.damping, name)
-        orders[name] = order.cpu()
+        order, cost = neuron_order(gram, down.weight, config.neuron_rule, config.damping, name)
+        orders[name], costs[name] = order.cpu(), cost.cpu()
         front.advance(layer, {name: (down, probe_weight(gram, down.weight, kept_neurons(order, width),
                                                         config.damping))})
         del gram
@@ -72,8 +72,7 @@ def streamed_neuron_widths(model: LlamaForCausalLM, spec: ArchSpec, read_layer: 
             on_layer(index, model)
     sensitivity = front.sensitivities(model.get_submodule(spec.norm_path), head)
     del front
-    priced = measured_costs({name: cost.cpu() for name, cost in costs.items()}, dict.fromkeys(costs, width),
-                            sensitivity, config.cost_exponent)
+    priced = measured_costs(costs, dict.fromkeys(costs, width), sensitivity, config.cost_exponent)
     intermediate = model.config.intermediate_size
     widths = global_widths(priced, (intermediate - width) * len(layers), config.align)
     record = {"seconds": time.perf_counter() - start, "per_layer": per_layer, "sensitivity": sensitivity}

@@ -143,20 +143,37 @@ def test_streaming_global_refuses_an_impossible_budget_before_its_first_pass(tmp
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("allocation,rule", [("uniform", "obs"), ("global", "obs"), ("global", "energy")])
-def test_streaming_mlp_neurons_equals_the_in_memory_pipeline(tmp_path, tokenizer, blocks, allocation, rule):
+@pytest.mark.parametrize("allocation,rule", [("uniform", "obs"), ("uniform", "energy"), ("global", "obs"),
+                                             ("global", "energy")])
+def test_streaming_mlp_neurons_equals_the_in_memory_pipeline(tmp_path, tokenizer, blocks, monkeypatch, allocation,
+                                                             rule):
     """Streamed, --mlp neurons keeps the in-memory pipeline's neurons: the first pass (global
-    widths) orders each MLP and measures its KL as in memory, the cut reuses the orders; one
-    layer in memory at a time."""
+    widths) orders each MLP and measures its KL as in memory, and the cut reuses its orders (each
+    MLP ordered once); one layer in memory at a time."""
+    import compressor.neurons
+    import compressor.streaming_neurons
+
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config()).eval().save_pretrained(tmp_path / "dense")
     config = CompressConfig(ratio=0.2, mlp="neurons", allocation=allocation, neuron_rule=rule,
                             calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4, sensitivity_samples=4))
+    orderings = []
+
+    original = compressor.neurons.neuron_order
+
+    def counting(*args, **kwargs):
+        orderings.append(args[-1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compressor.neurons, "neuron_order", counting)
+    monkeypatch.setattr(compressor.streaming_neurons, "neuron_order", counting)
     alive = []
     summary = compress_streaming(tmp_path / "dense", blocks, config, tmp_path / "streamed", tokenizer, progress=False,
                                  on_layer=lambda stage, index, model: alive.append((stage, _materialized_layers(model))))
     first_pass = ["allocation"] * 3 if allocation == "global" else []
     assert alive == [(stage, []) for stage in first_pass + ["cut"] * 3]
+    assert len(orderings) == 3
+    monkeypatch.undo()
     model, spec = load_model(tmp_path / "dense")
     result = compress(model, spec, blocks, config, progress=False)
     widths = summary["summary"]["mlp_widths"]
@@ -164,6 +181,29 @@ def test_streaming_mlp_neurons_equals_the_in_memory_pipeline(tmp_path, tokenizer
     if (allocation, rule) == ("global", "energy"):
         assert len(set(widths.values())) > 1  # (obs gives this random model's layers one width)
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
-    assert streamed.config.compression["method"] == "mlp neurons"
+    assert streamed.config.compression["method"] == "mlp neurons" and "neuron_selection" in summary["timings_s"]
     with torch.no_grad():
         torch.testing.assert_close(streamed(blocks).logits, model(blocks).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,message", [({"dense_export": True}, "narrow MLPs"),
+                                               ({"sequential": True}, "--sequential")])
+def test_streaming_mlp_neurons_refuses_what_only_memory_does(tmp_path, model_dir, blocks, overrides, message):
+    config = CompressConfig(ratio=0.2, mlp="neurons", **overrides)
+    with pytest.raises(ConfigError, match=message):
+        compress_streaming(model_dir, blocks, config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_streaming_mlp_neurons_refuses_a_biased_mlp_before_its_first_pass(tmp_path, blocks, monkeypatch):
+    import compressor.streaming
+
+    from compressor.neurons import WidthError
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(mlp_bias=True)).save_pretrained(tmp_path / "dense")
+    monkeypatch.setattr(compressor.streaming, "streamed_neuron_widths", lambda *args, **kwargs: pytest.fail("ran"))
+    with pytest.raises(WidthError, match="bias"):
+        compress_streaming(tmp_path / "dense", blocks, CompressConfig(ratio=0.2, mlp="neurons"), tmp_path / "out",
+                           progress=False)
+    assert not (tmp_path / "out").exists()

@@ -128,8 +128,9 @@ def _add_run_options(compress: argparse.ArgumentParser) -> None:
                                "and scheme that fit it with the lowest calibration loss are chosen")
     compress.add_argument("--streaming", action="store_true",
                           help="one decoder layer in memory at a time, read from the safetensors: for "
-                               "checkpoints larger than RAM (uniform or global allocation, energy score, no "
-                               "--quant; global reads the layers twice: a pass measures the allocation)")
+                               "checkpoints larger than RAM (bases or --mlp neurons; uniform or global "
+                               "allocation, energy score, no --quant, --dense or --sequential; global reads the "
+                               "layers twice: a pass measures the allocation)")
     compress.add_argument("--device", default="cpu",
                           help="where calibration, decomposition and scoring run (cpu, cuda, cuda:1). In memory "
                                "the whole model goes there (a GPU needs twice its size free); with --streaming "
