@@ -178,7 +178,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
 
 
 def generate_batches(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, stops: tuple[str, ...],
-                      batch_size: int, progress: bool, desc: str, temperature: float, top_p: float) -> list[str]:
+                     batch_size: int, progress: bool, desc: str, temperature: float, top_p: float) -> list[str]:
     """model.generate over batches; each batch runs until its last sequence stops."""
     # top_k=0: transformers otherwise keeps only the 50 likeliest tokens when sampling.
     sampling = {"do_sample": False}
