@@ -42,29 +42,45 @@ def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: C
                           on_layer: Callable[[int, nn.Module], None] | None = None,
                           ) -> tuple[dict[str, int | None], dict]:
     """The global ranks of the in-memory pipeline (score energy), from one pass over the
-    layers of a streamed checkpoint: `model` is its skeleton, read_layer(index) fills in a
-    layer (the pass frees it), head(final hidden states) gives logits. Returns the ranks and a
-    record of the pass (time and resident memory per layer, the sensitivities). on_layer(index,
-    model) is called after each layer is freed."""
-    start = time.perf_counter()
+    layers of a streamed checkpoint (probe_pass). Returns the ranks and the pass's record."""
     # A budget the shapes cannot meet (alignment, --max-kept-fraction) fails now, not after the pass.
     global_allocation(shapes, {name: torch.zeros(min(shape.out_features, shape.in_features), dtype=torch.float64)
                                for name, shape in shapes.items()}, config)
     probes = probe_ranks(shapes, config)
+    energy: dict[str, torch.Tensor] = {}
+    sensitivity, record = probe_pass(
+        model, spec, read_layer, head, blocks, config,
+        lambda index, layer, stats: _truncated(layer, spec, index, stats, probes, energy, config),
+        "global allocation pass", progress, on_layer)
+    ranks = global_allocation(shapes, measured_costs(energy, probes, sensitivity, config.cost_exponent), config)
+    return ranks, record
+
+
+def probe_pass(model: LlamaForCausalLM, spec: ArchSpec, read_layer: Callable[[int], nn.Module],
+               head: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, config: CompressConfig,
+               probes_of: Callable[[int, nn.Module, dict], dict], desc: str, progress: bool = True,
+               on_layer: Callable[[int, nn.Module], None] | None = None) -> tuple[dict[str, float], dict]:
+    """One pass over the layers of a streamed checkpoint: `model` is its skeleton,
+    read_layer(index) fills in a layer, which records its statistics on the dense inputs;
+    probes_of(index, layer, statistics) -> {full name: (linear, weight to try)} starts the
+    layer's probes, the earlier ones run through it (ProbeFront), and the layer is freed
+    (on_layer(index, model) is called then). head(final hidden states) gives logits. Returns
+    each probe's KL at the LM head and a record of the pass (time and resident memory per
+    layer, the sensitivities)."""
+    start = time.perf_counter()
     n = config.calibration.sensitivity_samples
     inputs = capture_first_layer_inputs(model, spec, blocks, config.calibration.batch_size)
     front = ProbeFront(capture_first_layer_inputs(model, spec, blocks[:n], n),
                        dtype=getattr(torch, config.calibration.sensitivity_dtype))
-    energy: dict[str, torch.Tensor] = {}
     per_layer = []
-    for index in tqdm(range(len(decoder_layers(model, spec))), desc="global allocation pass", disable=not progress):
+    for index in tqdm(range(len(decoder_layers(model, spec))), desc=desc, disable=not progress):
         clock = time.perf_counter()
         layer = read_layer(index)
         try:
             stats, inputs = collect_layer(layer, spec, inputs, output_gram_linears(layer, spec, config))
         except FloatingPointError as error:
             raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
-        truncated = _truncated(layer, spec, index, stats, probes, energy, config)
+        truncated = probes_of(index, layer, stats)
         del stats  # 1.4 GB of Gram matrices per 7B layer, not needed by the probes
         front.advance(layer, truncated)
         del truncated
@@ -73,9 +89,7 @@ def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: C
         if on_layer is not None:
             on_layer(index, model)
     sensitivity = front.sensitivities(model.get_submodule(spec.norm_path), head)
-    del front
-    ranks = global_allocation(shapes, measured_costs(energy, probes, sensitivity, config.cost_exponent), config)
-    return ranks, {"seconds": time.perf_counter() - start, "per_layer": per_layer, "sensitivity": sensitivity}
+    return sensitivity, {"seconds": time.perf_counter() - start, "per_layer": per_layer, "sensitivity": sensitivity}
 
 
 def _truncated(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict, probes: dict[str, int | None],
