@@ -72,7 +72,9 @@ def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
     args = ["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3", "--samples", "6",
             "--seq-len", "32", "--allocation", "uniform", "--solver", "eigh", "--streaming", *common]
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
-    assert "peak RSS" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "peak RSS" in printed and "decoder-linear parameters:" in printed  # each linear's rank, as in memory
+    assert "model.layers.2.mlp.down_proj" in printed
     summary = json.loads((tmp_path / "out" / "compression_summary.json").read_text())
     assert summary["summary"]["streaming"] and abs(summary["summary"]["removed_fraction"] - 0.3) < 0.3 * 0.01
     assert summary["reproduce"]["tokens_sha256"] and len(summary["per_layer"]) == 3
@@ -88,6 +90,8 @@ def test_compress_streaming(tmp_path, corpus, model_dir, capsys):
     assert "allocation_pass" in json.loads((tmp_path / "global" / "compression_summary.json").read_text())["timings_s"]
     recorded = yaml.safe_load((tmp_path / "global" / "compression.yaml").read_text())
     assert recorded["calibration"]["sensitivity_dtype"] == "bfloat16"
+    assert main([*args, "--mlp", "neurons", "--out", str(tmp_path / "neurons")]) == 0
+    assert " neur " in capsys.readouterr().out  # the MLPs' widths
     assert main([*args[:-6], "--allocation", "auto", "--streaming", *common, "--out", str(tmp_path / "auto")]) == 2
     assert "without --streaming" in capsys.readouterr().err and not (tmp_path / "auto").exists()
     # A device torch cannot use is refused before any work, streaming or not.

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from compressor.cli.common import add_common, paths, resolve_config, show_defaults
 from compressor.config import CompressConfig, ConfigError
@@ -323,6 +324,7 @@ def _learn_blocks(args: argparse.Namespace, config: CompressConfig, tokenizer):
 
 
 def _compress_streaming(args: argparse.Namespace, config: CompressConfig) -> int:
+    from compressor.layers import LayerReport
     from compressor.streaming import check_streamable, compress_streaming
 
     check_streamable(config)  # before the data is read
@@ -332,6 +334,8 @@ def _compress_streaming(args: argparse.Namespace, config: CompressConfig) -> int
                                               config.calibration.source)}
     summary = compress_streaming(args.model, blocks, config, args.out, tokenizer, args.overwrite,
                                  progress=not args.quiet, record=record, device=args.device)
+    print(format_layers(SimpleNamespace(layers=[LayerReport(**layer) for layer in summary["layers"]],
+                                        summary=summary["summary"])))
     stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in summary["timings_s"].items())
     print(f"removed {summary['summary']['removed_fraction']:.1%} of decoder-linear parameters; {stages}; "
           f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
