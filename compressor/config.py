@@ -37,15 +37,23 @@ class CalibrationConfig:
     batch_size: int = 8
     sensitivity_samples: int = 2  # sequences for the measured-sensitivity pass (global, energy)
     sensitivity_dtype: str = "float32"  # float32 | bfloat16: the pass's matmuls (autocast)
+    # measured: each linear truncated alone, the rest of the network run (calibration/sensitivity.py);
+    # fisher: estimated from gradients, one forward and fisher_samples backward passes per sequence
+    # (calibration/fisher.py)
+    sensitivity_estimator: str = "measured"
+    fisher_samples: int = 16  # draws of the next tokens per sequence (fisher)
     gradient_samples: int = 8  # sequences whose loss gradients give the taylor scores
     selection_samples: int = 4  # quant auto, allocation auto: sequences whose loss ranks the candidates
 
     def validate(self) -> None:
         counts = (self.samples, self.batch_size, self.sensitivity_samples, self.gradient_samples,
-                  self.selection_samples)
+                  self.selection_samples, self.fisher_samples)
         if min(counts) < 1 or self.seq_len < 2:
             raise ConfigError("calibration samples, seq_len, batch_size, sensitivity_samples, "
-                              "gradient_samples and selection_samples must be positive.")
+                              "gradient_samples, selection_samples and fisher_samples must be positive.")
+        if self.sensitivity_estimator not in ("measured", "fisher"):
+            raise ConfigError("calibration.sensitivity_estimator must be measured or fisher; "
+                              f"got {self.sensitivity_estimator!r}.")
         if self.sensitivity_dtype not in ("float32", "bfloat16"):
             raise ConfigError("calibration.sensitivity_dtype must be float32 or bfloat16; "
                               f"got {self.sensitivity_dtype!r}.")
@@ -180,6 +188,9 @@ class CompressConfig:
             raise ConfigError(f"neuron_rule must be one of {', '.join(NEURON_RULES)}; got {self.neuron_rule!r}.")
         if self.mlp == "bases":
             return
+        if self.calibration.sensitivity_estimator != "measured":
+            raise ConfigError("--mlp neurons measures its widths' sensitivities; --sensitivity-estimator fisher "
+                              "prices bases only: drop it.")
         if self.allocation not in ("uniform", "global"):
             raise ConfigError("--mlp neurons allocates its widths uniform or global; auto is for bases.")
         if (self.score != "energy" or self.ranks_from or self.quant.scheme != "none"

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from calibration.cache import StatsCache, other_corpus_entries, stats_key
 from calibration.capture import iterate_layers
 from calibration.data import blocks_fingerprint, corpus_sha256, token_blocks
+from calibration.fisher import fisher_sensitivity
 from calibration.gradients import coefficient_gradients
 from calibration.sensitivity import truncation_sensitivity
 from calibration.stats import InputStats
@@ -118,10 +119,12 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
                   bases: Bases, config: CompressConfig, progress: bool = True,
                   device: torch.device | None = None) -> dict[str, float]:
     """Measured KL of truncating each linear alone to its probe rank (cached per method)."""
-    n, dtype = config.calibration.sensitivity_samples, config.calibration.sensitivity_dtype
+    cal = config.calibration
+    n, dtype = cal.sensitivity_samples, cal.sensitivity_dtype
     precision = "" if dtype == "float32" else f"_{dtype}"  # float32: keys as before the option
+    estimator = "" if cal.sensitivity_estimator == "measured" else f"_fisher{cal.fisher_samples}"
     key = (f"sensitivity_{config.method}_probe{config.probe_ratio:g}_align{config.align}_n{n}"
-           f"{_bases_key(config)}{precision}")
+           f"{_bases_key(config)}{precision}{estimator}")
     cached = cache.load_json(key)
     if cached is not None:
         return cached
@@ -134,8 +137,12 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
         up, down = bases.factors[name].factors(ranks[name])
         return up.to(compute) @ down.to(compute)
 
-    measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress, device=device,
-                                      dtype=getattr(torch, dtype))
+    if cal.sensitivity_estimator == "fisher":  # where the model is (--offload refuses it)
+        measured = fisher_sensitivity(model, spec, blocks[:n], truncated, cal.fisher_samples, seed=cal.seed,
+                                      progress=progress, dtype=getattr(torch, dtype))
+    else:
+        measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress, device=device,
+                                          dtype=getattr(torch, dtype))
     cache.save_json(key, measured)
     return measured
 

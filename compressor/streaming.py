@@ -166,6 +166,9 @@ def check_streamable(config: CompressConfig) -> None:
     if config.score != "energy":
         raise ConfigError("Streaming scores bases by energy only (taylor and learned need gradients through the "
                           "whole model); compress without --streaming to use them.")
+    if config.calibration.sensitivity_estimator != "measured" and config.allocation == "global":
+        raise ConfigError("Streaming measures each linear's sensitivity (its backward would need every layer at "
+                          "once); drop --sensitivity-estimator fisher, or compress without --streaming.")
     if config.quant.scheme != "none":
         raise ConfigError("Streaming writes float factors; quantize its output afterwards with "
                           "`compressor quantize`, or compress without --streaming.")

@@ -26,6 +26,7 @@ FLAG_TO_CONFIG = {
     "batch_size": ("calibration", "batch_size"),
     "sensitivity_samples": ("calibration", "sensitivity_samples"),
     "sensitivity_dtype": ("calibration", "sensitivity_dtype"),
+    "sensitivity_estimator": ("calibration", "sensitivity_estimator"), "fisher_samples": ("calibration", "fisher_samples"),
     "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
     "symmetric": ("quant", "symmetric"), "bits_per_weight": ("quant", "bits_per_weight"),
     "export_dtype": (None, "export_dtype"), "on_failure": (None, "on_failure"),
@@ -119,6 +120,11 @@ def _add_run_options(compress: argparse.ArgumentParser) -> None:
     compress.add_argument("--sensitivity-dtype", choices=["float32", "bfloat16"],
                           help="the sensitivity pass's matrix products (bfloat16: autocast, faster where the CPU "
                                "or GPU has bfloat16 units)")
+    compress.add_argument("--sensitivity-estimator", choices=["measured", "fisher"],
+                          help="global allocation's price of each linear: measured (truncated alone, the rest of "
+                               "the network run) or fisher (estimated from gradients: one forward and "
+                               "--fisher-samples backward passes per sequence)")
+    compress.add_argument("--fisher-samples", type=int, help="fisher: draws of the next tokens per sequence")
     compress.add_argument("--gradient-samples", type=int, help="sequences for the taylor gradients")
     compress.add_argument("--ranks-from", help="an earlier export's folder: keep its ranks (its allocation and "
                                                "ratio; --allocation and --ratio are not used), with this "
@@ -283,9 +289,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.offload and (args.streaming or device.type == "cpu"):
         raise ConfigError("--offload is for the in-memory pipeline with a GPU --device (cuda, cuda:N); "
                           "--streaming already holds one layer at a time.")
-    if args.offload and (config.score == "learned" or config.sequential or config.mlp == "neurons"):
-        raise ConfigError("--score learned, --sequential and --mlp neurons run where the model is: drop "
-                          "--offload (or use a GPU that holds the model twice).")
+    if args.offload and (config.score == "learned" or config.sequential or config.mlp == "neurons"
+                         or config.calibration.sensitivity_estimator == "fisher"):
+        raise ConfigError("--score learned, --sequential, --mlp neurons and --sensitivity-estimator fisher run "
+                          "where the model is: drop --offload (or use a GPU that holds the model twice).")
     if args.streaming:
         return _compress_streaming(args, config)
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
