@@ -46,9 +46,11 @@ def _output_changes(modules: dict[str, nn.Module], truncated_weight: Callable[[s
                 if truncated is None:  # kept dense: not estimated
                     return
                 difference = module.weight.float() - truncated.to(module.weight.device).float()
-                changes[name] = args[0].detach().float() @ difference.T
+                # in the output's dtype: bfloat16 under bfloat16 autocast, half the memory, and its
+                # rounding far below the sampling noise
+                changes[name] = (args[0].detach().float() @ difference.T).to(output.dtype)
             output.register_hook(lambda grad: products.__setitem__(
-                name, (grad.float() * changes[name]).sum(dim=(1, 2))))
+                name, (grad.float() * changes[name].float()).sum(dim=(1, 2))))
         return forward_hook
 
     try:

@@ -21,6 +21,7 @@ whiten, global, energy, the default calibration), as a child process with an emp
 cache, against the eigh floor at its calibration tokens, measured in the same run:
 
     python scripts/bench_speed.py --main-command --out reports/speed-main
+    python scripts/bench_speed.py --main-command --variant "fisher=--sensitivity-estimator fisher" --out ...
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ def main() -> None:
     parser.add_argument("--skip-svd", action="store_true", help="leave out the svd32 floor and the in-memory svd run")
     parser.add_argument("--main-command", action="store_true",
                         help="time the README's main compress (default settings) against its floor")
-    parser.add_argument("--export", type=Path, help="--main-command: keep its export here (default: discarded)")
+    parser.add_argument("--export", type=Path, help="--main-command: keep the exports in DIR/0, DIR/1, ... in "
+                                                    "the order run (default: discarded)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="--main-command: also time the command with these flags added (repeatable)")
     args = parser.parse_args()
     home = default_home()
     model_dir = args.model or example_model_dir(home)
@@ -121,8 +125,9 @@ def main() -> None:
 
 
 def bench_main_command(model_dir: Path, home: Path, args: argparse.Namespace) -> None:
-    """The README's main compress as a user runs it (a child process, statistics computed anew)
-    against the floor at its calibration tokens: one forward, one eigh per matrix."""
+    """The README's main compress as a user runs it (a child process, statistics computed anew),
+    and each --variant (the same command with more flags), against the floor at its calibration
+    tokens: one forward, one eigh per matrix."""
     defaults = CompressConfig(calibration=CalibrationConfig(source=args.target))
     tokenizer = load_tokenizer(model_dir)
     blocks = calibration_blocks(tokenizer, defaults, data_dir(home))
@@ -131,23 +136,31 @@ def bench_main_command(model_dir: Path, home: Path, args: argparse.Namespace) ->
             "eigh per matrix (floor part)": decomposition_floor(model, spec, "eigh")}
     floor = sum(rows.values())
     del model
-    with tempfile.TemporaryDirectory(prefix="bench-main-") as scratch:
-        export = args.export or Path(scratch) / "out"
-        command = [sys.executable, "-m", "compressor.cli", "compress", "--model", str(model_dir), "--target",
-                   args.target, "--ratio", "0.2", "--method", "whiten", "--out", str(export),
-                   "--home", f"{scratch}/home", "--data-dir", str(data_dir(home)), "--quiet"]
-        seconds, rss = timed(lambda: run_sampling_rss(command))
-        summary = json.loads((export / "compression_summary.json").read_text())
-        # compress() ends where the export starts writing: its first file's time.
-        compress_end = min(path.stat().st_mtime for path in export.rglob("*") if path.is_file())
-    run = "compressor compress (README's main command)"
+    variants = {"compressor compress (README's main command)": []}
+    for variant in args.variant:
+        name, _, flags = variant.partition("=")
+        variants[f"{name}: + {flags}"] = flags.split()
     results = {"command": "python " + " ".join(sys.argv), "model": str(model_dir),
                "tokens": int(blocks.numel()), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "floor_parts_s": rows, "floors_s": {"eigh floor": floor}, "runs_s": {run: seconds},
-               "stages_s": {run: summary["timings_s"]}, "ratios": {run: {"eigh floor": seconds / floor}},
-               "peak_rss_bytes": summary["peak_rss_bytes"], "total_seconds_in_command": summary["total_seconds"],
-               "model_bytes": folder_bytes(model_dir),
-               "rss_by_stage_bytes": rss_by_stage(rss, summary["timings_s"], compress_end - summary["total_seconds"])}
+               "floor_parts_s": rows, "floors_s": {"eigh floor": floor}, "runs_s": {}, "stages_s": {}, "ratios": {},
+               "peak_rss_bytes": {}, "total_seconds_in_command": {}, "model_bytes": folder_bytes(model_dir),
+               "rss_by_stage_bytes": {}}
+    for index, (run, flags) in enumerate(variants.items()):
+        with tempfile.TemporaryDirectory(prefix="bench-main-") as scratch:
+            export = args.export / str(index) if args.export else Path(scratch) / "out"
+            command = [sys.executable, "-m", "compressor.cli", "compress", "--model", str(model_dir), "--target",
+                       args.target, "--ratio", "0.2", "--method", "whiten", "--out", str(export),
+                       "--home", f"{scratch}/home", "--data-dir", str(data_dir(home)), "--quiet", *flags]
+            seconds, rss = timed(lambda: run_sampling_rss(command))
+            summary = json.loads((export / "compression_summary.json").read_text())
+            # compress() ends where the export starts writing: its first file's time.
+            compress_end = min(path.stat().st_mtime for path in export.rglob("*") if path.is_file())
+        results["runs_s"][run], results["stages_s"][run] = seconds, summary["timings_s"]
+        results["ratios"][run] = {"eigh floor": seconds / floor}
+        results["peak_rss_bytes"][run] = summary["peak_rss_bytes"]
+        results["total_seconds_in_command"][run] = summary["total_seconds"]
+        results["rss_by_stage_bytes"][run] = rss_by_stage(rss, summary["timings_s"],
+                                                          compress_end - summary["total_seconds"])
     write_report(results, args.out)
     print(json.dumps(results["ratios"], indent=2))
 
@@ -197,16 +210,17 @@ def write_report(results: dict, out: Path) -> None:
         ratios = " | ".join(f"{results['ratios'][run][floor]:.2f}" for floor in floors)
         stages = ", ".join(f"{k} {v:.0f}" for k, v in results["stages_s"][run].items())
         lines.append(f"| {run} | {seconds:.1f} | {ratios} | {stages} |")
-    if "peak_rss_bytes" in results:
-        lines += ["", f"Inside the command (compress() after loading, before the export is written): "
-                      f"{results['total_seconds_in_command']:.1f} s; peak RSS {results['peak_rss_bytes'] / 2**30:.2f} GiB."]
     if "rss_by_stage_bytes" in results:
         model = results["model_bytes"]
         lines += ["", f"The model's safetensors: {model / 2**30:.2f} GiB. Peak RSS per stage (0.5 s samples; "
-                  "startup: the process's start, imports, model and data loading):", "",
-                  "| stage | GiB | x model |", "|---|---:|---:|"]
-        lines += [f"| {stage} | {peak / 2**30:.2f} | {peak / model:.2f} |"
-                  for stage, peak in results["rss_by_stage_bytes"].items()]
+                  "startup: the process's start, imports, model and data loading; compress() itself: after "
+                  "loading, before the export is written):", ""]
+        for run, peaks in results["rss_by_stage_bytes"].items():
+            lines += [f"{run}: compress() {results['total_seconds_in_command'][run]:.1f} s, peak RSS "
+                      f"{results['peak_rss_bytes'][run] / 2**30:.2f} GiB", "",
+                      "| stage | GiB | x model |", "|---|---:|---:|"]
+            lines += [f"| {stage} | {peak / 2**30:.2f} | {peak / model:.2f} |" for stage, peak in peaks.items()]
+            lines.append("")
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
