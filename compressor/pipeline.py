@@ -97,6 +97,9 @@ def check_inputs(model: nn.Module, spec: ArchSpec, config: CompressConfig, learn
         raise ValueError("score learned needs its training blocks and runs where the model is (no --offload).")
     if config.mlp == "neurons" and offload_to is not None:
         raise ValueError("--mlp neurons runs where the model is (no --offload).")
+    if config.calibration.sensitivity_estimator == "fisher" and offload_to is not None:
+        raise ValueError("--sensitivity-estimator fisher runs where the model is (no --offload): its backward "
+                         "needs every layer at once.")
 
 
 def learn_and_apply(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor, bases: Bases,

@@ -188,6 +188,8 @@ def _calibration_fields(config: CompressConfig) -> dict:
     fields = asdict(config.calibration)
     if fields["sensitivity_dtype"] == "float32":
         del fields["sensitivity_dtype"]
+    if fields["sensitivity_estimator"] == "measured":  # fisher_samples is unused then
+        del fields["sensitivity_estimator"], fields["fisher_samples"]
     return fields
 
 

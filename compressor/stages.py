@@ -118,7 +118,8 @@ def probe_ranks(shapes: dict[str, Shape], config: CompressConfig) -> dict[str, i
 def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
                   bases: Bases, config: CompressConfig, progress: bool = True,
                   device: torch.device | None = None) -> dict[str, float]:
-    """Measured KL of truncating each linear alone to its probe rank (cached per method)."""
+    """KL of truncating each linear alone to its probe rank, measured or (sensitivity_estimator
+    fisher) estimated from gradients; cached per method and estimator."""
     cal = config.calibration
     n, dtype = cal.sensitivity_samples, cal.sensitivity_dtype
     precision = "" if dtype == "float32" else f"_{dtype}"  # float32: keys as before the option
@@ -138,13 +139,13 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
         return up.to(compute) @ down.to(compute)
 
     if cal.sensitivity_estimator == "fisher":  # where the model is (--offload refuses it)
-        measured = fisher_sensitivity(model, spec, blocks[:n], truncated, cal.fisher_samples, seed=cal.seed,
-                                      progress=progress, dtype=getattr(torch, dtype))
+        values = fisher_sensitivity(model, spec, blocks[:n], truncated, cal.fisher_samples, seed=cal.seed,
+                                    progress=progress, dtype=getattr(torch, dtype))
     else:
-        measured = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress, device=device,
-                                          dtype=getattr(torch, dtype))
-    cache.save_json(key, measured)
-    return measured
+        values = truncation_sensitivity(model, spec, blocks[:n], truncated, progress=progress, device=device,
+                                        dtype=getattr(torch, dtype))
+    cache.save_json(key, values)
+    return values
 
 
 def _rule_key(config: CompressConfig) -> str:

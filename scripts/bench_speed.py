@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -82,8 +83,8 @@ def main() -> None:
     parser.add_argument("--skip-svd", action="store_true", help="leave out the svd32 floor and the in-memory svd run")
     parser.add_argument("--main-command", action="store_true",
                         help="time the README's main compress (default settings) against its floor")
-    parser.add_argument("--export", type=Path, help="--main-command: keep the exports in DIR/0, DIR/1, ... in "
-                                                    "the order run (default: discarded)")
+    parser.add_argument("--export", type=Path, help="--main-command: keep its export here, and each variant's "
+                                                    "at DIR-NAME (default: discarded)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="--main-command: also time the command with these flags added (repeatable)")
     args = parser.parse_args()
@@ -91,6 +92,8 @@ def main() -> None:
     model_dir = args.model or example_model_dir(home)
     if args.main_command:
         return bench_main_command(model_dir, home, args)
+    if args.variant:
+        parser.error("--variant is for --main-command")
 
     def config(solver: str) -> CompressConfig:
         return CompressConfig(ratio=0.2, method="whiten", solver=solver, allocation="uniform",
@@ -136,18 +139,22 @@ def bench_main_command(model_dir: Path, home: Path, args: argparse.Namespace) ->
             "eigh per matrix (floor part)": decomposition_floor(model, spec, "eigh")}
     floor = sum(rows.values())
     del model
-    variants = {"compressor compress (README's main command)": []}
+    variants = {"compressor compress (README's main command)": ("", [])}
     for variant in args.variant:
         name, _, flags = variant.partition("=")
-        variants[f"{name}: + {flags}"] = flags.split()
+        if not name or not flags.strip() or f"{name}: + {flags}" in variants:
+            raise SystemExit(f"--variant {variant!r}: give NAME=FLAGS, each once (e.g. fisher=--sensitivity-estimator fisher).")
+        variants[f"{name}: + {flags}"] = (name, shlex.split(flags))
     results = {"command": "python " + " ".join(sys.argv), "model": str(model_dir),
                "tokens": int(blocks.numel()), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "floor_parts_s": rows, "floors_s": {"eigh floor": floor}, "runs_s": {}, "stages_s": {}, "ratios": {},
                "peak_rss_bytes": {}, "total_seconds_in_command": {}, "model_bytes": folder_bytes(model_dir),
                "rss_by_stage_bytes": {}}
-    for index, (run, flags) in enumerate(variants.items()):
+    for run, (name, flags) in variants.items():
         with tempfile.TemporaryDirectory(prefix="bench-main-") as scratch:
-            export = args.export / str(index) if args.export else Path(scratch) / "out"
+            export = Path(scratch) / "out"
+            if args.export:  # the default's at --export, each variant's beside it
+                export = args.export.with_name(f"{args.export.name}-{name}") if name else args.export
             command = [sys.executable, "-m", "compressor.cli", "compress", "--model", str(model_dir), "--target",
                        args.target, "--ratio", "0.2", "--method", "whiten", "--out", str(export),
                        "--home", f"{scratch}/home", "--data-dir", str(data_dir(home)), "--quiet", *flags]
@@ -161,7 +168,7 @@ def bench_main_command(model_dir: Path, home: Path, args: argparse.Namespace) ->
         results["total_seconds_in_command"][run] = summary["total_seconds"]
         results["rss_by_stage_bytes"][run] = rss_by_stage(rss, summary["timings_s"],
                                                           compress_end - summary["total_seconds"])
-    write_report(results, args.out)
+        write_report(results, args.out)  # after each run: a later one that fails loses nothing
     print(json.dumps(results["ratios"], indent=2))
 
 

@@ -79,3 +79,15 @@ def test_example_dtype_picks_the_folder_and_an_old_copy_is_named(tmp_path):
         fetch.fetch_example(home)
     assert not (home / "data").exists()
     fetch.check_stored_dtype(old, "float32")  # asked for what it holds: no error
+
+
+def test_other_stored_dtypes_are_named_with_the_right_folder(tmp_path):
+    home = tmp_path / "home"
+    folder = fetch.example_model_dir(home, "float32")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    with pytest.raises(fetch.FetchError, match=r"in bfloat16, not float32.*to .*qwen2.5-coder-0.5b-llama \(where"):
+        fetch.fetch_example(home, dtype="float32")
+    (folder / "config.json").write_text(json.dumps({}))
+    with pytest.raises(fetch.FetchError, match="gives no dtype fetch-example writes.*delete that folder"):
+        fetch.fetch_example(home, dtype="float32")

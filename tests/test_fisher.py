@@ -90,10 +90,47 @@ def test_compress_with_the_fisher_estimator(tmp_path, corpus, model_dir, capsys)
     assert main(["compress", *common, *fisher, "--out", str(tmp_path / "fisher")]) == 0
     summary = json.loads((tmp_path / "fisher" / "compression_summary.json").read_text())
     assert abs(summary["summary"]["removed_fraction"] - 0.3) < 0.01
+    assert main(["compress", *common, "--out", str(tmp_path / "measured")]) == 0
     stats = next((tmp_path / "home" / "stats").iterdir())
-    assert [p.name for p in stats.glob("sensitivity_*")] == [
-        "sensitivity_whiten_probe0.4_align8_n2_damp0.0001_alpha0.5_eigh_fisher4.json"]
+    files = {p.name: json.loads(p.read_text()) for p in stats.glob("sensitivity_*")}
+    fisher_values = files.pop("sensitivity_whiten_probe0.4_align8_n2_damp0.0001_alpha0.5_eigh_fisher4.json")
+    measured_values = files.pop("sensitivity_whiten_probe0.4_align8_n2_damp0.0001_alpha0.5_eigh.json")
+    assert not files and fisher_values.keys() == measured_values.keys()
+    assert all(fisher_values[name] != measured_values[name] for name in fisher_values)  # each its own estimator
     for refused, words in ((["--streaming"], "Streaming measures"), (["--mlp", "neurons"], "prices bases only"),
                            (["--fisher-samples", "0"], "must be positive")):
         assert main(["compress", *common, *fisher, *refused, "--out", str(tmp_path / "refused")]) == 2
         assert words in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert main(["compress", *common, "--fisher-samples", "4", "--out", str(tmp_path / "refused")]) == 2
+    assert "is for --sensitivity-estimator fisher" in capsys.readouterr().err
+
+
+def test_bfloat16_autocast_estimates_about_what_float32_does(tiny_model, blocks):
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(30)  # peaked outputs: estimates far above bfloat16's rounding
+    names = ["model.layers.0.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
+    changes = _changes(tiny_model, names, 0.02)
+    truncated = lambda name: tiny_model.get_submodule(name).weight.detach() - changes[name] if name in changes else None
+    exact = fisher_sensitivity(tiny_model, SPEC, blocks[:2], truncated, samples=64, progress=False)
+    fast = fisher_sensitivity(tiny_model, SPEC, blocks[:2], truncated, samples=64, progress=False, dtype=torch.bfloat16)
+    for name in names:
+        assert exact[name] > 1e-4 and abs(fast[name] - exact[name]) < 0.1 * exact[name], (name, exact, fast)
+
+
+def test_frozen_parameters_stay_frozen_and_offload_is_refused(tiny_model, blocks):
+    import pytest
+
+    from compressor.config import CalibrationConfig, CompressConfig
+    from compressor.pipeline import compress
+    from compressor.selection import _calibration_fields
+
+    tiny_model.lm_head.weight.requires_grad_(False)
+    fisher_sensitivity(tiny_model, SPEC, blocks[:1], lambda name: None, samples=1, progress=False)
+    assert not tiny_model.lm_head.weight.requires_grad and tiny_model.model.norm.weight.requires_grad
+    config = CompressConfig(calibration=CalibrationConfig(samples=8, seq_len=32, sensitivity_estimator="fisher"))
+    with pytest.raises(ValueError, match="fisher runs where the model is"):
+        compress(tiny_model, SPEC, blocks, config, progress=False, offload_to=torch.device("cpu"))
+    # Learned selection's resume key is the one from before the option while it is not used.
+    fields = _calibration_fields(CompressConfig())
+    assert "sensitivity_estimator" not in fields and "fisher_samples" not in fields
+    assert _calibration_fields(config)["sensitivity_estimator"] == "fisher"

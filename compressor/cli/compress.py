@@ -26,7 +26,8 @@ FLAG_TO_CONFIG = {
     "batch_size": ("calibration", "batch_size"),
     "sensitivity_samples": ("calibration", "sensitivity_samples"),
     "sensitivity_dtype": ("calibration", "sensitivity_dtype"),
-    "sensitivity_estimator": ("calibration", "sensitivity_estimator"), "fisher_samples": ("calibration", "fisher_samples"),
+    "sensitivity_estimator": ("calibration", "sensitivity_estimator"),
+    "fisher_samples": ("calibration", "fisher_samples"),
     "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
     "symmetric": ("quant", "symmetric"), "bits_per_weight": ("quant", "bits_per_weight"),
     "export_dtype": (None, "export_dtype"), "on_failure": (None, "on_failure"),
@@ -280,6 +281,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from compressor.pipeline import compress
 
     config = resolve_config(args, CompressConfig, FLAG_TO_CONFIG)
+    if args.fisher_samples is not None and config.calibration.sensitivity_estimator != "fisher":
+        raise ConfigError("--fisher-samples is for --sensitivity-estimator fisher; add that, or drop it.")
     if args.neuron_rule and config.mlp != "neurons":
         raise ConfigError("--neuron-rule chooses the neurons --mlp neurons keeps; add --mlp neurons.")
     check_output(args.out, args.overwrite)  # refuse before hours of work, not after
