@@ -15,7 +15,9 @@ an elementwise product per linear, taken by a hook on the linear's output.
 
 What it does not see: effects beyond second order (a large truncation whose softmax saturates).
 On the example model its estimates are on the measured scale and rank the 168 linears as the
-measured KL does with Spearman 0.95 at 16 samples (reports/sensitivity-fisher/).
+measured KL does with Spearman 0.95 at 16 samples, the rest sampling noise; the allocation it
+gives was worse on dev than the measured one's, so it is an option, not the default
+(reports/sensitivity-fisher/).
 """
 
 from __future__ import annotations
