@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from calibration.gradients import frozen_parameters
 from calibration.sensitivity import autocast_to, probe_positions
 from compressor.arch import ArchSpec, decoder_layers
 
@@ -77,16 +78,10 @@ def fisher_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor,
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     squares: dict[str, torch.Tensor] = {}
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    try:
+    with frozen_parameters(model):  # the backward passes form no weight gradient
         for sequence in tqdm(blocks.split(1), desc="sensitivity (fisher)", disable=not progress):
             _one_sequence(model, modules, truncated_weight, sequence.to(device), positions, samples,
                           generator, squares, dtype)
-    finally:
-        for parameter in frozen:
-            parameter.requires_grad_(True)
     return {name: 0.5 * float(squares[name]) / (samples * len(blocks) * len(positions))
             for name in modules if name in squares}
 

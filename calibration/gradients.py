@@ -15,7 +15,9 @@ is formed: only the input embeddings require grad, so that the backward runs thr
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -27,6 +29,21 @@ class CoefficientGradients:
     mean: torch.Tensor  # (k,) mean over sequences of dL/dc_i
     fisher: torch.Tensor  # (k,) mean over sequences of the per-token empirical Fisher diagonal
     stderr: torch.Tensor  # (k,) standard error of `mean` across sequences (inf for one sequence)
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """While active, no parameter of `model` requires grad (a backward then forms no weight
+    gradient); after, each has its own flag back and no .grad."""
+    saved_flags = {param: param.requires_grad for param in model.parameters()}
+    try:
+        for param in saved_flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in saved_flags.items():
+            param.requires_grad_(flag)
+            param.grad = None
 
 
 def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
@@ -41,7 +58,6 @@ def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
     fisher_sums = {name: torch.zeros_like(total) for name, total in grad_sums.items()}
     square_sums = {name: torch.zeros_like(total) for name, total in grad_sums.items()}
     tokens = blocks.shape[1] - 1  # predicted tokens per sequence: the loss is their mean
-    saved_flags = {param: param.requires_grad for param in model.parameters()}
     handles = []
 
     def record(name: str):
@@ -65,25 +81,21 @@ def coefficient_gradients(model: nn.Module, blocks: torch.Tensor,
         return forward_hook
 
     was_training = model.training
-    try:
-        for param in model.parameters():
-            param.requires_grad_(False)
+    with frozen_parameters(model):
         model.get_input_embeddings().weight.requires_grad_(True)
-        handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in bases]
-        model.eval()
-        for sequence in tqdm(blocks, desc="basis gradients", disable=not progress):
-            ids = sequence[None]
-            loss = model(input_ids=ids, labels=ids).loss
-            if not torch.isfinite(loss):
-                raise ValueError("NaN/Inf loss on the scoring data; the model is broken.")
-            loss.backward()
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-        for param, flag in saved_flags.items():
-            param.requires_grad_(flag)
-            param.grad = None
+        try:
+            handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in bases]
+            model.eval()
+            for sequence in tqdm(blocks, desc="basis gradients", disable=not progress):
+                ids = sequence[None]
+                loss = model(input_ids=ids, labels=ids).loss
+                if not torch.isfinite(loss):
+                    raise ValueError("NaN/Inf loss on the scoring data; the model is broken.")
+                loss.backward()
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
     return {name: _per_sequence_mean(grad_sums[name], square_sums[name], fisher_sums[name], len(blocks))
             for name in bases}
 

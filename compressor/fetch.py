@@ -98,11 +98,12 @@ def fetch_example(home: Path, with_model: bool = True, dtype: str = "bfloat16") 
 def check_stored_dtype(model_dir: Path, dtype: str) -> None:
     """An example folder written by an earlier version in another dtype (float32 at the default
     path, before bfloat16 became the default) is not silently taken for the one asked for."""
+    from compressor.load import config_dtype  # torch and transformers: not at the CLI's start
+
     config_path = model_dir / "config.json"
     if not config_path.exists():
         return
-    config = json.loads(config_path.read_text())
-    stored = config.get("dtype") or config.get("torch_dtype")
+    stored = config_dtype(json.loads(config_path.read_text()), config_path)
     if stored == dtype:
         return
     if stored not in EXAMPLE_DTYPES:
