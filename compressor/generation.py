@@ -187,6 +187,7 @@ def generate_batches(model: nn.Module, tokenizer, prompts: list[str], max_new_to
     texts = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left")
+        batch = batch.to(next(model.parameters()).device)
         stop = StopOnStrings(tokenizer, stops, batch["input_ids"].shape[1])
         output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling, pad_token_id=tokenizer.pad_token_id,
                                 stopping_criteria=StoppingCriteriaList([stop]))

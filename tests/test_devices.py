@@ -177,3 +177,28 @@ def test_recovery_training_on_the_gpu(tmp_path, model_dir, corpus, adapter):
                  "--teacher", str(model_dir), "--out", str(tmp_path / "adapter"), "--home", str(tmp_path / "home"),
                  "--quiet"])
     assert code == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@needs_gpu
+def test_eval_on_the_gpu_gives_the_cpu_results(tmp_path, model_dir):
+    import json
+
+    from compressor.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"task_id": f"HumanEval/{i}", "prompt": f"def add_{i}(a, b):\n", "canonical_solution": "    return a + b\n",
+             "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n", "entry_point": f"add_{i}"}
+            for i in range(4)]
+    (data / "humaneval.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.json"
+        assert main(["eval", "--model", str(model_dir), "--tasks", "perplexity,humaneval", "--sets", "code",
+                     "--split", "all", "--limit", "0", "--allow-code-exec", "--engine", "own", "--max-new-tokens", "8",
+                     "--device", device, "--json", str(out), "--home", str(tmp_path / device), "--data-dir", str(data),
+                     "--quiet"]) == 0
+        results[device] = json.loads(out.read_text())
+    assert results["cuda"]["perplexity"]["code"]["perplexity"] == pytest.approx(
+        results["cpu"]["perplexity"]["code"]["perplexity"], rel=1e-3)
+    assert results["cuda"]["benchmarks"]["humaneval"]["n"] == 4

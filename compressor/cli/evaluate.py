@@ -40,6 +40,7 @@ def add_parsers(sub) -> None:
     evaluate.add_argument("--no-cache", action="store_true", help="recompute benchmark results")
     evaluate.add_argument("--max-length", type=int, default=512)
     evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1)")
     evaluate.add_argument("--json", type=Path, help="also write the results to this JSON file (-: print only the JSON to stdout)")
     show_defaults(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
@@ -109,14 +110,16 @@ def cmd_eval_payload(args: argparse.Namespace) -> dict:
 def _measure(args: argparse.Namespace) -> dict:
     """Every task of `compressor eval` on the model (and adapter) the flags name; tables are printed."""
     from compressor.evaluate import evaluate_perplexity, folder_bytes, format_table, parameter_count
-    from compressor.load import load_any, load_tokenizer
+    from compressor.load import check_device, load_any, load_tokenizer
 
     tasks = parse_tasks(args.tasks, args.allow_code_exec)
+    device = check_device(args.device)
     home, data = paths(args)
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
     adapter_record = (with_adapter(model, args.model, args.adapter, verify_base=not args.no_verify_base)
                       if args.adapter else None)
+    model.to(device)  # after the merge: an adapter is checked against the base on the host
     payload = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
                "adapter_trainable_parameters": (adapter_record or {}).get("trainable_parameters"),
                "parameters": parameter_count(model), "bytes_on_disk": folder_bytes(args.model),
