@@ -138,12 +138,12 @@ def _save_derived(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, 
 
 
 def save_merged(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, adapter_record: dict,
-                overwrite: bool = False) -> Path:
-    """A model with an adapter merged in."""
+                overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """A model with an adapter merged in; dtype: of its floating-point tensors (None: as held)."""
     compression = _carried_compression(model)
     compression["adapter"] = {key: adapter_record.get(key) for key in ("method", "rank", "num_basis", "seed")}
     return _save_derived(model, tokenizer, out_dir, source_dir, compression,
-                         {"merged_adapter_config.json": adapter_record}, overwrite)
+                         {"merged_adapter_config.json": adapter_record}, overwrite, dtype)
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: Path, source_dir: Path, summary: dict,

@@ -140,6 +140,11 @@ def source_dtype(model_dir: Path) -> torch.dtype:
     return SOURCE_DTYPES[name]
 
 
+def export_dtype(name: str, source_dir: Path) -> torch.dtype:
+    """An export's floating-point dtype: `auto` keeps the source checkpoint's."""
+    return source_dtype(source_dir) if name == "auto" else getattr(torch, name)
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, ArchSpec]:
     """A dense checkpoint converted to LlamaForCausalLM, with the spec of its source type."""
     model_type = read_model_type(model_dir)

@@ -26,7 +26,8 @@ if [ ! -d "$work/recipe-20-lora" ]; then
         --steps "$steps" --batch-size 8 --seq-len 512 --checkpoint-every 50 --device "$device" \
         --out "$work/lora" --quiet $([ -d "$work/lora" ] && echo --resume)
     cp "$work/lora/train_log.jsonl" "$results/recipe-20-lora.train_log.jsonl" 2>/dev/null || true
-    run merge --model "$work/recipe-20" --adapter "$work/lora" --out "$work/recipe-20-lora" --quiet
+    # float32: the update kept unrounded (the bfloat16 base plus the adapter file computes the same)
+    run merge --model "$work/recipe-20" --adapter "$work/lora" --export-dtype float32 --out "$work/recipe-20-lora" --quiet
 fi
 
 # Test first (what the README quotes), then dev; the adapted model first, dense last.

@@ -298,3 +298,32 @@ def test_python_api_runs_the_commands(tmp_path, corpus, model_dir):
     assert result["perplexity"]["code"]["perplexity"] > 1
     with pytest.raises(ValueError, match="ratio"):
         compress_model(model_dir, tmp_path / "bad", target=corpus, ratio=1.5, home=tmp_path / "home")
+
+
+def test_merge_keeps_the_base_dtype_unless_told(tmp_path, corpus, tiny_model, tokenizer):
+    """A bfloat16 base merges into a bfloat16 model of the base's size (auto); --export-dtype
+    float32 keeps the update unrounded; both measure the same within bfloat16's precision."""
+    base = tmp_path / "base"
+    tiny_model.to(torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    common = ["--home", str(tmp_path / "home"), "--data-dir", str(_data_dir(tmp_path)), "--quiet"]
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", str(base), "--adapter", "lora", "--rank", "2", "--target", str(corpus),
+                 "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2", "--out", str(adapter),
+                 *common]) == 0
+    results = {}
+    for dtype in ("auto", "float32"):
+        merged = tmp_path / f"merged-{dtype}"
+        assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--export-dtype", dtype,
+                     "--out", str(merged), *common]) == 0
+        config = json.loads((merged / "config.json").read_text())
+        assert config["dtype"] == {"auto": "bfloat16", "float32": "float32"}[dtype]
+        results[dtype] = merged
+        assert main(["eval", "--model", str(merged), "--limit", "4", "--sets", "code",
+                     "--json", str(tmp_path / f"{dtype}.json"), *common]) == 0
+    size = {name: sum(path.stat().st_size for path in folder.glob("*.safetensors")) for name, folder in
+            (("base", base), *results.items())}
+    assert size["auto"] == size["base"] and size["float32"] > 1.9 * size["base"]
+    ppl = {dtype: json.loads((tmp_path / f"{dtype}.json").read_text())["perplexity"]["code"]["perplexity"]
+           for dtype in results}
+    assert ppl["auto"] == pytest.approx(ppl["float32"], rel=1e-2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compressor.cli.common import (add_common, add_verify_base, base_identity, paths, resolve_config, show_defaults,
                                    with_adapter)
-from compressor.config import TrainConfig
+from compressor.config import EXPORT_DTYPES, TrainConfig
 from compressor.files import check_output
 
 # compressor train: flag -> (section, key) of TrainConfig.
@@ -62,6 +62,9 @@ def add_parsers(sub) -> None:
     merge.add_argument("--adapter", type=Path, required=True, help="adapter folder (compressor train --out)")
     add_verify_base(merge)
     merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--export-dtype", default="auto", choices=EXPORT_DTYPES,
+                       help="floating-point tensors of the merged model (auto: the base's; float32 keeps the "
+                            "adapter's update unrounded where it is added to a full matrix)")
     merge.add_argument("--overwrite", action="store_true")
     show_defaults(merge)
     merge.set_defaults(handler=cmd_merge)
@@ -131,13 +134,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from compressor.export import save_merged
-    from compressor.load import load_any, load_tokenizer
+    from compressor.load import export_dtype, load_any, load_tokenizer
 
     check_output(args.out, args.overwrite)
+    dtype = export_dtype(args.export_dtype, args.model)  # a base dtype an export cannot keep: refused now
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
     record = with_adapter(model, args.model, args.adapter, verify_base=not args.no_verify_base)
-    save_merged(model, tokenizer, args.out, args.model, record, args.overwrite)
+    save_merged(model, tokenizer, args.out, args.model, record, args.overwrite, dtype)
     print(f"saved: {args.out}")
     return 0
 

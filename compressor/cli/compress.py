@@ -277,7 +277,7 @@ def _reproduce_record(model_dir: Path, fingerprint: str | None, blocks, seed: in
 def cmd_compress(args: argparse.Namespace) -> int:
     from compressor.evaluate import peak_rss_bytes
     from compressor.export import save_compressed
-    from compressor.load import check_device, place_model, read_model_type
+    from compressor.load import check_device, export_dtype, place_model, read_model_type
     from compressor.pipeline import compress
 
     config = resolve_config(args, CompressConfig, FLAG_TO_CONFIG)
@@ -353,18 +353,10 @@ def _compress_streaming(args: argparse.Namespace, config: CompressConfig) -> int
     return 0
 
 
-def export_dtype(name: str, source_dir: Path):
-    import torch
-
-    from compressor.load import source_dtype
-
-    return source_dtype(source_dir) if name == "auto" else getattr(torch, name)
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from compressor.arch import get_spec
     from compressor.export import save_quantized
-    from compressor.load import load_as_llama, load_tokenizer
+    from compressor.load import export_dtype, load_as_llama, load_tokenizer
     from compressor.candidates import quantization_summary
 
     config = resolve_config(args, CompressConfig, FLAG_TO_CONFIG)  # only its quant section and export_dtype are used here
