@@ -23,6 +23,11 @@ U diag(c) W as their weight).
 
 Checkpoints (coefficients, masks, optimizer, trace) go under HOME/learn/KEY every
 `checkpoint_every` steps; the same command after a crash resumes from the last one.
+
+Under `accelerate launch` / `torchrun` each process runs its share of every step's sequences
+and the coefficients' gradients are summed, as recovery training does (train.py): the same
+steps as one process at the same batch. Every process takes the main process's bases and
+measurements first, so the pruning events decide the same everywhere.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -49,7 +56,7 @@ from compressor.config import CompressConfig, LearnConfig
 from compressor.decompose import Factorization, output_error
 from compressor.layers import LayerReport, group_of
 from compressor.modeling_basis_llama import LowRankLinear, replace_module
-from compressor.train import distillation_kl, lr_factor
+from compressor.train import distillation_kl, lr_factor, sum_over_processes
 
 log = logging.getLogger(__name__)
 STATE_FILE = "learn_state.pt"
@@ -217,6 +224,40 @@ def _load_state(work: Path, modules, optimizer) -> tuple[int, list[dict]]:
     return state["step"], state["trace"]
 
 
+def _share_main_process_inputs(modules: dict[str, BasisLinear], energy: dict[str, torch.Tensor],
+                               sensitivity: dict[str, float], state) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Several processes: the main process's bases, input energies and sensitivities for all
+    (a decomposition on another device may differ in its last bits; a pruning decision must not)."""
+    if state.num_processes == 1:
+        return energy, sensitivity
+    for name in sorted(modules):
+        for buffer in (modules[name].u, modules[name].w, modules[name].sigma):
+            torch.distributed.broadcast(buffer, src=0)
+    shared = [{name: value.cpu() for name, value in energy.items()}, sensitivity]  # CPU: unpickled anywhere
+    torch.distributed.broadcast_object_list(shared, src=0, device=state.device if state.device.type == "cuda" else None)
+    return {name: value.to(energy[name].device) for name, value in shared[0].items()}, shared[1]
+
+
+def _learn_step(model: nn.Module, modules: dict[str, BasisLinear], params: list[torch.Tensor], optimizer,
+                batch: torch.Tensor, learn: LearnConfig, step: int, processes: int) -> float:
+    """One optimizer step on this process's share of the step's sequences (the coefficients'
+    gradients summed over the processes); the step's KL, the same on every process."""
+    for group in optimizer.param_groups:
+        group["lr"] = learn.lr * lr_factor(step, learn)  # warm-up + cosine, as recovery training
+    with torch.no_grad(), as_teacher(modules):
+        teacher_logits = model(input_ids=batch).logits
+    kl = distillation_kl(model(input_ids=batch).logits, teacher_logits) / processes
+    del teacher_logits
+    kl.backward()
+    kl = sum_over_processes(params, {"kl": float(kl.detach())}, processes)["kl"]
+    if not math.isfinite(kl):
+        raise FloatingPointError(f"Learned selection: the loss became {kl} at step {step}; lower --learn-lr.")
+    torch.nn.utils.clip_grad_norm_(params, learn.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return kl
+
+
 def learn_selection(model: nn.Module, factors: dict[str, Factorization], shapes: dict[str, Shape],
                     energy: dict[str, torch.Tensor], probe: dict[str, int | None], sensitivity: dict[str, float],
                     blocks: torch.Tensor, config: CompressConfig, work: Path,
@@ -227,8 +268,12 @@ def learn_selection(model: nn.Module, factors: dict[str, Factorization], shapes:
     sorted by learned coefficient), the ranks, and a record (loss curve, pruning trace).
     The model is left with BasisLinear modules; the caller replaces them (apply_learned).
     """
-    learn = config.learn
+    learn, state = config.learn, PartialState()  # state: the processes a launcher started (or one)
+    if learn.batch_size % state.num_processes:
+        raise ValueError(f"--learn-batch-size ({learn.batch_size}) must be a multiple of the number of processes "
+                         f"({state.num_processes}): each process runs an equal share of every step's sequences.")
     modules = attach(model, factors)
+    energy, sensitivity = _share_main_process_inputs(modules, energy, sensitivity, state)
     input_energy = {name: (energy[name].double() / factors[name].sigma.double().square().clamp_min(1e-30))
                     for name in factors}
     params = [module.scale for module in modules.values()]
@@ -243,29 +288,20 @@ def learn_selection(model: nn.Module, factors: dict[str, Factorization], shapes:
                        for _ in range(-(-needed // len(blocks)))])[:needed].view(learn.steps, learn.batch_size)
     device = next(iter(modules.values())).u.device
     begin = time.perf_counter()
-    bar = tqdm(range(step, learn.steps), desc="learn bases", disable=not progress, initial=step, total=learn.steps)
+    bar = tqdm(range(step, learn.steps), desc="learn bases", disable=not progress or not state.is_main_process,
+               initial=step, total=learn.steps)
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learn.lr * lr_factor(step, learn)  # warm-up + cosine, as recovery training
-        batch = blocks[order[step]].to(device)
-        with torch.no_grad(), as_teacher(modules):
-            teacher_logits = model(input_ids=batch).logits
-        kl = distillation_kl(model(input_ids=batch).logits, teacher_logits)
-        del teacher_logits
-        if not torch.isfinite(kl):
-            raise FloatingPointError(f"Learned selection: the loss became {float(kl)} at step {step}; lower --learn-lr.")
-        kl.backward()
-        torch.nn.utils.clip_grad_norm_(params, learn.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "kl": float(kl.detach()), "seconds": time.perf_counter() - begin}
+        batch = blocks[order[step][state.process_index::state.num_processes]].to(device)
+        kl = _learn_step(model, modules, params, optimizer, batch, learn, step, state.num_processes)
+        record = {"step": step + 1, "kl": kl, "seconds": time.perf_counter() - begin}
         if step + 1 in events:
             ratio = targets[events.index(step + 1)]
             prune_event(modules, shapes, ratio, input_energy, energy, probe, sensitivity, config)
             record["pruned_to"] = ratio
         trace.append(record)
         bar.set_postfix(kl=f"{record['kl']:.4f}")
-        if learn.checkpoint_every and (step + 1) % learn.checkpoint_every == 0 and step + 1 < learn.steps:
+        if (learn.checkpoint_every and (step + 1) % learn.checkpoint_every == 0 and step + 1 < learn.steps
+                and state.is_main_process):
             _save_state(work, step + 1, modules, optimizer, trace)
     ranks = current_ranks(modules)
     learned = learned_factors(modules, input_energy)

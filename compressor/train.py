@@ -159,7 +159,7 @@ def _resume(adapters: AdapterSet, optimizer, work: Path) -> int:
     return state["step"]
 
 
-def _sum_over_processes(params: list[torch.Tensor], values: dict[str, float], processes: int) -> dict[str, float]:
+def sum_over_processes(params: list[torch.Tensor], values: dict[str, float], processes: int) -> dict[str, float]:
     """Add up every process's gradients (in place) and logged values: each process ran its
     share of the step's micro-batches, each scaled by 1 / grad_accum, so the sums are the
     single-process step's."""
@@ -189,7 +189,7 @@ def _train_step(model: nn.Module, batches: list[torch.Tensor], teacher: nn.Modul
         (loss / config.grad_accum).backward()
         for name, value in {"loss": float(loss.detach()), **loss_parts}.items():
             values[name] = values.get(name, 0.0) + value / config.grad_accum
-    values = _sum_over_processes(params, values, processes)
+    values = sum_over_processes(params, values, processes)
     total = values.pop("loss")
     parts = values
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))

@@ -82,3 +82,49 @@ def test_dropout_or_a_named_gpu_with_several_processes_is_refused(tmp_path, mode
     assert main([*args, "--dropout", "0.1"]) == 2 and "same dropout" in capsys.readouterr().err
     assert main([*args, "--device", "cpu:0"]) == 2 and "its own GPU" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_learned_selection_over_two_processes_gives_the_single_process_run(tmp_path, model_dir, corpus):
+    """compress --score learned under a launcher: each process trains on half of every step's
+    sequences; the KL curve, the pruning and the export are one process's at the same batch."""
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        argv = ["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3", "--method", "whiten",
+                "--score", "learned", "--samples", "4", "--seq-len", "32", "--learn-steps", "6",
+                "--learn-batch-size", "4", "--learn-seq-len", "32", "--learn-lr", "5e-2", "--quiet",
+                "--home", str(tmp_path / "home"), "--out", str(out)]
+        launched = _launch(processes, argv, tmp_path)
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        assert launched.stdout.count("saved:") == 1
+        runs[processes] = json.loads((out / "compression_summary.json").read_text())
+    traces = [runs[n]["summary"]["learned_selection"]["trace"] for n in (1, 2)]
+    assert traces[0][0]["kl"] == 0 and any(row.get("pruned_to") for row in traces[0])
+    assert [row["kl"] for row in traces[1]] == pytest.approx([row["kl"] for row in traces[0]], rel=1e-4, abs=1e-7)
+    assert [row.get("pruned_to") for row in traces[1]] == [row.get("pruned_to") for row in traces[0]]
+    assert [layer["rank"] for layer in runs[2]["layers"]] == [layer["rank"] for layer in runs[1]["layers"]]
+    # Adam moves every coefficient by about the lr whatever its gradient's size, so a process
+    # that stepped on its own half of the batch would be off by that much, not by 1e-3.
+    weights = [{**load_file(tmp_path / f"out{n}" / "model.safetensors"),
+                **load_file(tmp_path / f"out{n}" / "basis_scores.safetensors")} for n in (1, 2)]
+    assert any(name.endswith(".learned") for name in weights[0])
+    for name in weights[0]:
+        scale = float(weights[0][name].abs().max()) + 1e-12
+        assert float((weights[1][name] - weights[0][name]).abs().max()) <= 1e-3 * scale, name
+
+
+def test_several_processes_only_for_learned_selection(tmp_path, model_dir, corpus, capsys, monkeypatch):
+    import accelerate
+
+    class TwoProcesses:  # what the launcher's state reports to each of 2 processes
+        num_processes, process_index, is_main_process = 2, 0, True
+
+        def __init__(self, cpu: bool = False):
+            pass
+
+    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    argv = ["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3", "--quiet",
+            "--home", str(tmp_path / "home"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2 and "--score learned only" in capsys.readouterr().err
+    assert main([*argv, "--score", "learned", "--device", "cpu:0"]) == 2 and "its own GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -298,6 +298,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                           "where the model is: drop --offload (or use a GPU that holds the model twice).")
     if args.streaming:
         return _compress_streaming(args, config)
+    device, main_process = _processes(args, config, device)
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
     learn_blocks = _learn_blocks(args, config, tokenizer) if config.score == "learned" else None
     start = time.perf_counter()
@@ -305,6 +306,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         place_model(model, device)
     result = compress(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet,
                       offload_to=device if args.offload else None, learn_blocks=learn_blocks)
+    if not main_process:
+        return 0  # the main process writes the export
     model.to("cpu")  # the export is written from host memory
     summary = {**result.to_dict(), "source_model": str(args.model), "command": sys.argv,
                "reproduce": _reproduce_record(args.model, model_id, blocks, config.calibration.seed,
@@ -320,6 +323,24 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(format_layers(result))
     print(f"saved: {args.out}")
     return 0
+
+
+def _processes(args: argparse.Namespace, config: CompressConfig, device):
+    """Under `accelerate launch` / `torchrun` with several processes: only learned selection's
+    training is shared (every process computes the rest alike), one GPU per process. Returns
+    the device to use and whether this is the main process."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes == 1:
+        return device, True
+    if config.score != "learned":
+        raise ConfigError(f"{state.num_processes} processes: several processes share the training of --score "
+                          "learned only; run any other compression as one process.")
+    if args.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {args.device} with several processes: the launcher gives each process its own "
+                          "GPU; pass --device cuda (or cpu).")
+    return (state.device if device.type == "cuda" else device), state.is_main_process
 
 
 def _learn_blocks(args: argparse.Namespace, config: CompressConfig, tokenizer):
