@@ -7,12 +7,13 @@
 #
 #   scripts/task_recovery.sh DENSE_MODEL WORK_DIR RESULTS_DIR [DEVICE] [STEPS]
 #
-# The adapter's settings are fixed here, before any result (nothing is chosen on test): rank 1,
-# alpha 2 and lr 2e-3 are the LoRA row of reports/recovery; 8 x 512 tokens per step. Every step
+# The adapter's settings (recipes/train-lora-distilled.yaml) were fixed before any result
+# (nothing is chosen on test): rank 1, alpha 2 and lr 2e-3 are the LoRA row of reports/recovery;
+# 8 x 512 tokens per step; STEPS overrides the recipe's 200. Every step
 # is skipped when its output exists, so an interrupted run goes on where it stopped. $PYTHON: the
 # interpreter that has this package (default python3).
 set -euo pipefail
-dense=$1 work=$2 results=$3 device=${4:-cpu} steps=${5:-300}
+dense=$1 work=$2 results=$3 device=${4:-cpu} steps=${5:-200}
 mkdir -p "$work" "$results"
 run() { echo "== $(date +%T) $*" >&2; "${PYTHON:-python3}" -m compressor.cli "$@"; }
 
@@ -21,9 +22,8 @@ run() { echo "== $(date +%T) $*" >&2; "${PYTHON:-python3}" -m compressor.cli "$@
 cp "$work/recipe-20/compression_summary.json" "$results/recipe-20.compression_summary.json"
 
 if [ ! -d "$work/recipe-20-lora" ]; then
-    [ -f "$work/lora/adapter_model.safetensors" ] || run train --model "$work/recipe-20" --adapter lora \
-        --rank 1 --alpha 2 --lr 2e-3 --warmup-steps 10 --teacher "$dense" --distill-weight 1 --target functions \
-        --steps "$steps" --batch-size 8 --seq-len 512 --checkpoint-every 50 --device "$device" \
+    [ -f "$work/lora/adapter_model.safetensors" ] || run train --model "$work/recipe-20" \
+        --config recipes/train-lora-distilled.yaml --teacher "$dense" --steps "$steps" --device "$device" \
         --out "$work/lora" --quiet $([ -d "$work/lora" ] && echo --resume)
     cp "$work/lora/train_log.jsonl" "$results/recipe-20-lora.train_log.jsonl" 2>/dev/null || true
     # float32: the update kept unrounded (the bfloat16 base plus the adapter file computes the same)

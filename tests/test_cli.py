@@ -285,6 +285,8 @@ def test_recipes_validate():
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     assert load_config(recipes / "compress-code-20.yaml", CompressConfig).ratio == 0.2
     assert load_config(recipes / "train-nola-distilled.yaml", TrainConfig).adapter.num_basis == 1600
+    lora = load_config(recipes / "train-lora-distilled.yaml", TrainConfig)
+    assert (lora.adapter.method, lora.adapter.rank, lora.steps * lora.batch_size * lora.seq_len) == ("lora", 1, 819_200)
 
 
 def test_python_api_runs_the_commands(tmp_path, corpus, model_dir):
