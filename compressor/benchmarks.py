@@ -70,6 +70,9 @@ def run_benchmark(task: str, model: nn.Module, tokenizer, data_dir: Path, result
     if limit and limit >= len(split_items(read_jsonl(data_dir / FILES[task]), split, task)):
         limit = None  # the whole split, however it was asked for: one cache entry
     settings = {"limit": limit, "max_new_tokens": max_new_tokens, "split": split}
+    device = next(model.parameters()).device.type
+    if device != "cpu":  # another device's kernels may round a greedy choice otherwise (CPU keys unchanged)
+        settings["device"] = device
     if task == "gsm8k":
         gsm8k_exemplars(shots)  # a wrong --shots stops here, before any engine starts
         settings |= {"shots": shots, "exemplars": EXEMPLARS_VERSION}

@@ -210,11 +210,15 @@ def _save_state(work: Path, step: int, modules, optimizer, trace: list[dict]) ->
     tmp.replace(work / STATE_FILE)  # a crash mid-write leaves the previous checkpoint
 
 
-def _load_state(work: Path, modules, optimizer) -> tuple[int, list[dict]]:
+def _load_state(work: Path, modules, optimizer, processes) -> tuple[int, list[dict]]:
+    """The last checkpoint, if any, as the main process reads it (only it writes them)."""
     path = work / STATE_FILE
-    if not path.exists():
+    state = None
+    if processes.is_main_process and path.exists():
+        state = torch.load(path, weights_only=True, map_location="cpu")  # a GPU run resumes anywhere
+    state = _main_process_object(state, processes)
+    if state is None:
         return 0, []
-    state = torch.load(path, weights_only=True, map_location="cpu")  # a GPU run resumes anywhere
     with torch.no_grad():
         for name, module in modules.items():
             module.scale.copy_(state["scale"][name])
@@ -230,12 +234,26 @@ def _share_main_process_inputs(modules: dict[str, BasisLinear], energy: dict[str
     (a decomposition on another device may differ in its last bits; a pruning decision must not)."""
     if state.num_processes == 1:
         return energy, sensitivity
+    shapes = sorted((name, tuple(module.u.shape), tuple(module.w.shape)) for name, module in modules.items())
+    mismatch = torch.tensor([float(_main_process_object(shapes, state) != shapes)], device=state.device)
+    torch.distributed.all_reduce(mismatch)  # every process learns it, so none waits alone below
+    if mismatch.item():
+        raise ValueError("The processes decomposed different sets of matrices (a decomposition failed on some "
+                         "of them?): learned selection needs the same bases on every process; run one process.")
     for name in sorted(modules):
         for buffer in (modules[name].u, modules[name].w, modules[name].sigma):
             torch.distributed.broadcast(buffer, src=0)
-    shared = [{name: value.cpu() for name, value in energy.items()}, sensitivity]  # CPU: unpickled anywhere
-    torch.distributed.broadcast_object_list(shared, src=0, device=state.device if state.device.type == "cuda" else None)
+    shared = _main_process_object([{name: value.cpu() for name, value in energy.items()}, sensitivity], state)
     return {name: value.to(energy[name].device) for name, value in shared[0].items()}, shared[1]
+
+
+def _main_process_object(value, state):
+    """The main process's `value` (picklable; tensors on the CPU), on every process."""
+    if state.num_processes == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0, device=state.device if state.device.type == "cuda" else None)
+    return box[0]
 
 
 def _learn_step(model: nn.Module, modules: dict[str, BasisLinear], params: list[torch.Tensor], optimizer,
@@ -274,11 +292,11 @@ def learn_selection(model: nn.Module, factors: dict[str, Factorization], shapes:
                          f"({state.num_processes}): each process runs an equal share of every step's sequences.")
     modules = attach(model, factors)
     energy, sensitivity = _share_main_process_inputs(modules, energy, sensitivity, state)
-    input_energy = {name: (energy[name].double() / factors[name].sigma.double().square().clamp_min(1e-30))
-                    for name in factors}
+    input_energy = {name: (energy[name].double() / module.sigma.double().square().clamp_min(1e-30))
+                    for name, module in modules.items()}  # the modules' sigma: the main process's
     params = [module.scale for module in modules.values()]
     optimizer = torch.optim.AdamW(params, lr=learn.lr, weight_decay=0.0)
-    step, trace = _load_state(work, modules, optimizer)
+    step, trace = _load_state(work, modules, optimizer, state)
     resumed_from = step
     events = event_steps(learn)
     targets = pruning_targets(config.ratio, len(events))

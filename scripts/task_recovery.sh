@@ -13,7 +13,7 @@
 # is skipped when its output exists, so an interrupted run goes on where it stopped. $PYTHON: the
 # interpreter that has this package (default python3).
 set -euo pipefail
-dense=$1 work=$2 results=$3 device=${4:-cpu} steps=${5:-200}
+dense=$1 work=$2 results=$3 device=${4:-cpu} steps=${5:+--steps $5}
 mkdir -p "$work" "$results"
 run() { echo "== $(date +%T) $*" >&2; "${PYTHON:-python3}" -m compressor.cli "$@"; }
 
@@ -23,9 +23,9 @@ cp "$work/recipe-20/compression_summary.json" "$results/recipe-20.compression_su
 
 if [ ! -d "$work/recipe-20-lora" ]; then
     [ -f "$work/lora/adapter_model.safetensors" ] || run train --model "$work/recipe-20" \
-        --config recipes/train-lora-distilled.yaml --teacher "$dense" --steps "$steps" --device "$device" \
-        --out "$work/lora" --quiet $([ -d "$work/lora" ] && echo --resume)
-    cp "$work/lora/train_log.jsonl" "$results/recipe-20-lora.train_log.jsonl" 2>/dev/null || true
+        --config recipes/train-lora-distilled.yaml --teacher "$dense" $steps --device "$device" \
+        --out "$work/lora" --resume --quiet  # --resume: an interrupted run goes on, else a new one starts
+    cp "$work/lora/train_log.jsonl" "$results/recipe-20-lora.train_log.jsonl"
     # float32: the update kept unrounded (the bfloat16 base plus the adapter file computes the same)
     run merge --model "$work/recipe-20" --adapter "$work/lora" --export-dtype float32 --out "$work/recipe-20-lora" --quiet
 fi

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from calibration.data import blocks_fingerprint
 from compressor.cli import main
@@ -329,3 +330,12 @@ def test_merge_keeps_the_base_dtype_unless_told(tmp_path, corpus, tiny_model, to
     ppl = {dtype: json.loads((tmp_path / f"{dtype}.json").read_text())["perplexity"]["code"]["perplexity"]
            for dtype in results}
     assert ppl["auto"] == pytest.approx(ppl["float32"], rel=1e-2)
+    # The merge did something, and the bfloat16 one says how much of it the rounding disturbed.
+    weights = {name: load_file(folder / "model.safetensors") for name, folder in (("base", base), *results.items())}
+    key = "model.layers.0.mlp.down_proj.weight"
+    update = weights["float32"][key] - weights["base"][key].float()
+    assert float(update.abs().max()) > 0
+    rounded = (weights["auto"][key].float() - weights["float32"][key]).norm() / update.norm()
+    notes = {dtype: json.loads((folder / "merged_adapter_config.json").read_text()) for dtype, folder in results.items()}
+    assert notes["float32"]["update_rounding_error"] is None and notes["auto"]["export_dtype"] == "bfloat16"
+    assert 0 < notes["auto"]["update_rounding_error"] and float(rounded) <= 2 * notes["auto"]["update_rounding_error"]

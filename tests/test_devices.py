@@ -202,3 +202,16 @@ def test_eval_on_the_gpu_gives_the_cpu_results(tmp_path, model_dir):
     assert results["cuda"]["perplexity"]["code"]["perplexity"] == pytest.approx(
         results["cpu"]["perplexity"]["code"]["perplexity"], rel=1e-3)
     assert results["cuda"]["benchmarks"]["humaneval"]["n"] == 4
+    assert results["cuda"]["benchmarks"]["humaneval"]["metrics"] == results["cpu"]["benchmarks"]["humaneval"]["metrics"]
+
+
+@needs_gpu
+def test_sampled_generation_on_the_gpu(tiny_model, tokenizer):
+    """Sampling goes through model.generate in batches (generation.generate_batches): its
+    inputs follow the model to the GPU."""
+    from compressor.generation import generate
+
+    torch.manual_seed(0)
+    texts = generate(tiny_model.to("cuda"), tokenizer, ["def f(x):", "x = 1"], 4, ("\n\n",), batch_size=2,
+                     progress=False, temperature=0.7)
+    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)

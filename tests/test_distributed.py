@@ -93,7 +93,7 @@ def test_learned_selection_over_two_processes_gives_the_single_process_run(tmp_p
         argv = ["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3", "--method", "whiten",
                 "--score", "learned", "--samples", "4", "--seq-len", "32", "--learn-steps", "6",
                 "--learn-batch-size", "4", "--learn-seq-len", "32", "--learn-lr", "5e-2", "--quiet",
-                "--home", str(tmp_path / "home"), "--out", str(out)]
+                "--home", str(tmp_path / f"home{processes}"), "--out", str(out)]  # 2 processes calibrate at once
         launched = _launch(processes, argv, tmp_path)
         assert launched.returncode == 0, launched.stderr[-3000:]
         assert launched.stdout.count("saved:") == 1
@@ -125,6 +125,52 @@ def test_several_processes_only_for_learned_selection(tmp_path, model_dir, corpu
     monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
     argv = ["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3", "--quiet",
             "--home", str(tmp_path / "home"), "--out", str(tmp_path / "out")]
-    assert main(argv) == 2 and "--score learned only" in capsys.readouterr().err
+    assert main(argv) == 2 and "--score learned (in memory) only" in capsys.readouterr().err
+    assert main([*argv, "--streaming"]) == 2 and "--score learned (in memory) only" in capsys.readouterr().err
     assert main([*argv, "--score", "learned", "--device", "cpu:0"]) == 2 and "its own GPU" in capsys.readouterr().err
+    assert main([*argv, "--score", "learned", "--learn-batch-size", "3"]) == 2
+    assert "multiple of the number of processes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _share_worker(rank: int, init_file: str, results: dict, mismatch: bool) -> None:
+    """One of two gloo processes: bases and measurements that differ by process, then shared."""
+    import torch
+
+    from compressor.decompose import Factorization
+    from compressor.selection import _share_main_process_inputs, attach
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+
+    class State:
+        num_processes, process_index, is_main_process, device = 2, rank, rank == 0, torch.device("cpu")
+
+    linear = torch.nn.Linear(4, 3, bias=False)
+    model = torch.nn.Module()
+    model.add_module("a", linear)
+    if mismatch and rank == 1:
+        model.add_module("b", torch.nn.Linear(4, 3, bias=False))
+    factors = {name: Factorization(torch.full((3, 3), rank + 1.0), torch.full((3,), rank + 1.0),
+                                   torch.full((3, 4), rank + 1.0), "svd") for name, _ in model.named_children()}
+    try:
+        modules = attach(model, factors)
+        energy, sensitivity = _share_main_process_inputs(modules, {name: torch.full((3,), rank + 1.0) for name in factors},
+                                                         {name: rank + 1.0 for name in factors}, State())
+        results[rank] = (float(modules["a"].sigma[0]), float(modules["a"].u[0, 0]), float(energy["a"][0]),
+                         sensitivity["a"])
+    except ValueError as error:
+        results[rank] = str(error)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mismatch", [False, True])
+def test_every_process_learns_on_the_main_process_bases(tmp_path, mismatch):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_share_worker, args=(str(tmp_path / "init"), results, mismatch), nprocs=2, join=True)
+    if mismatch:  # refused on both processes, so neither waits alone in a collective
+        assert all("different sets of matrices" in results[rank] for rank in (0, 1))
+    else:
+        assert results[0] == results[1] == (1.0, 1.0, 1.0, 1.0)

@@ -14,6 +14,7 @@ and any parameters they share. This module holds what is common: attaching, savi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -124,6 +125,24 @@ class AdapterSet(nn.Module):
     def remove(self, model: nn.Module) -> nn.Module:
         """Put the original base linears back (the update is discarded)."""
         return self._unwrap(model, lambda module: module.base)
+
+    @torch.no_grad()
+    def merge_rounding(self, dtype: torch.dtype) -> float | None:
+        """How far saving the merged model in `dtype` moves its full matrices from base + update,
+        as a fraction of the updates' norm (None: no full matrix, or no rounding). A low-rank
+        base takes its update as extra rank: only those factors are rounded, not a sum."""
+        error = norm = 0.0
+        for name in self.names:
+            module = self.module(name)
+            if not isinstance(module.base, nn.Linear) or torch.finfo(dtype).bits >= 32:
+                continue
+            up, down = module.update_factors()
+            update = up.float() @ down.float()
+            merged = module.base.weight.float() + update
+            error += float((merged.to(dtype).float() - merged).square().sum())
+            norm += float(update.square().sum())
+        self.clear_caches()
+        return math.sqrt(error / norm) if norm else None
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> nn.Module:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from compressor.cli.common import (add_common, add_verify_base, base_identity, paths, resolve_config, show_defaults,
-                                   with_adapter)
+from compressor.cli.common import add_common, add_verify_base, base_identity, paths, resolve_config, show_defaults
 from compressor.config import EXPORT_DTYPES, TrainConfig
 from compressor.files import check_output
 
@@ -133,6 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from compressor.adapters import load_adapter, read_adapter_config
     from compressor.export import save_merged
     from compressor.load import export_dtype, load_any, load_tokenizer
 
@@ -140,7 +141,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     dtype = export_dtype(args.export_dtype, args.model)  # a base dtype an export cannot keep: refused now
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
-    record = with_adapter(model, args.model, args.adapter, verify_base=not args.no_verify_base)
+    adapters = load_adapter(model, args.adapter, base_identity(args.model), verify_base=not args.no_verify_base)
+    rounding = adapters.merge_rounding(dtype)
+    adapters.merge(model)
+    record = {**read_adapter_config(args.adapter)[1], "export_dtype": str(dtype).removeprefix("torch."),
+              "update_rounding_error": rounding}
+    if rounding is not None and rounding > 1:
+        print(f"warning: saved in {record['export_dtype']}, the merged full matrices differ from base + update by "
+              f"{rounding:.2f}x the update's own norm: the rounding swamps the adapter. Merge with --export-dtype "
+              "float32, or evaluate the adapter unmerged (eval --adapter).", file=sys.stderr)
     save_merged(model, tokenizer, args.out, args.model, record, args.overwrite, dtype)
     print(f"saved: {args.out}")
     return 0

@@ -296,9 +296,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
                          or config.calibration.sensitivity_estimator == "fisher"):
         raise ConfigError("--score learned, --sequential, --mlp neurons and --sensitivity-estimator fisher run "
                           "where the model is: drop --offload (or use a GPU that holds the model twice).")
+    device, main_process = _processes(args, config, device)
     if args.streaming:
         return _compress_streaming(args, config)
-    device, main_process = _processes(args, config, device)
     home, model, spec, tokenizer, blocks, model_id = _prepare(args, config)
     learn_blocks = _learn_blocks(args, config, tokenizer) if config.score == "learned" else None
     start = time.perf_counter()
@@ -334,9 +334,12 @@ def _processes(args: argparse.Namespace, config: CompressConfig, device):
     state = PartialState(cpu=device.type == "cpu")
     if state.num_processes == 1:
         return device, True
-    if config.score != "learned":
+    if config.score != "learned" or args.streaming:
         raise ConfigError(f"{state.num_processes} processes: several processes share the training of --score "
-                          "learned only; run any other compression as one process.")
+                          "learned (in memory) only; run any other compression as one process.")
+    if config.learn.batch_size % state.num_processes:
+        raise ConfigError(f"--learn-batch-size ({config.learn.batch_size}) must be a multiple of the number of "
+                          f"processes ({state.num_processes}): each runs an equal share of every step's sequences.")
     if args.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {args.device} with several processes: the launcher gives each process its own "
                           "GPU; pass --device cuda (or cpu).")
