@@ -38,6 +38,22 @@ def _launch(processes: int, argv: list[str], cwd) -> subprocess.CompletedProcess
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+class TwoProcesses:
+    """What accelerate's PartialState reports to each of 2 processes a launcher started."""
+    num_processes, process_index, is_main_process = 2, 0, True
+
+    def __init__(self, cpu: bool = False):
+        pass
+
+
+def _assert_close(weights: list[dict]) -> None:
+    """The second run's tensors are the first's within 1e-3 of each tensor's largest entry."""
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        scale = float(weights[0][name].abs().max()) + 1e-12
+        assert float((weights[1][name] - weights[0][name]).abs().max()) <= 1e-3 * scale, name
+
+
 def test_two_processes_give_the_single_process_run(tmp_path, model_dir, corpus):
     # A teacher that differs from the student, so every step has a real gradient to sum.
     teacher = save_tiny_model(tmp_path / "teacher", seed=1)
@@ -49,18 +65,11 @@ def test_two_processes_give_the_single_process_run(tmp_path, model_dir, corpus):
     logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] for run in (one, two)]
     assert logs[0][0]["kl"] > 0.01 and logs[0][0]["grad_norm"] > 1e-3  # not rounding noise
     assert [row["loss"] for row in logs[1]] == pytest.approx([row["loss"] for row in logs[0]], rel=1e-4)
-    weights = [load_file(run / "adapter_model.safetensors") for run in (one, two)]
-    assert weights[0].keys() == weights[1].keys()
-    for name in weights[0]:
-        scale = float(weights[0][name].abs().max()) + 1e-12
-        assert float((weights[1][name] - weights[0][name]).abs().max()) <= 1e-3 * scale, name
+    _assert_close([load_file(run / "adapter_model.safetensors") for run in (one, two)])
 
 
 def test_processes_must_divide_the_micro_batches(tmp_path, model_dir, corpus, monkeypatch):
     import compressor.train as train_module
-
-    class TwoProcesses:  # what PartialState reports under a launcher with 2 processes
-        num_processes, process_index, is_main_process = 2, 0, True
 
     monkeypatch.setattr(train_module, "PartialState", TwoProcesses)
     args = _train_args(model_dir, corpus, model_dir, tmp_path / "out", tmp_path / "home")
@@ -70,12 +79,6 @@ def test_processes_must_divide_the_micro_batches(tmp_path, model_dir, corpus, mo
 
 def test_dropout_or_a_named_gpu_with_several_processes_is_refused(tmp_path, model_dir, corpus, capsys, monkeypatch):
     import accelerate
-
-    class TwoProcesses:  # what the launcher's state reports to each of 2 processes
-        num_processes, process_index, is_main_process = 2, 0, True
-
-        def __init__(self, cpu: bool = False):
-            pass
 
     monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
     args = _train_args(model_dir, corpus, model_dir, tmp_path / "out", tmp_path / "home")
@@ -108,19 +111,11 @@ def test_learned_selection_over_two_processes_gives_the_single_process_run(tmp_p
     weights = [{**load_file(tmp_path / f"out{n}" / "model.safetensors"),
                 **load_file(tmp_path / f"out{n}" / "basis_scores.safetensors")} for n in (1, 2)]
     assert any(name.endswith(".learned") for name in weights[0])
-    for name in weights[0]:
-        scale = float(weights[0][name].abs().max()) + 1e-12
-        assert float((weights[1][name] - weights[0][name]).abs().max()) <= 1e-3 * scale, name
+    _assert_close(weights)
 
 
 def test_several_processes_only_for_learned_selection(tmp_path, model_dir, corpus, capsys, monkeypatch):
     import accelerate
-
-    class TwoProcesses:  # what the launcher's state reports to each of 2 processes
-        num_processes, process_index, is_main_process = 2, 0, True
-
-        def __init__(self, cpu: bool = False):
-            pass
 
     monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
     argv = ["compress", "--model", str(model_dir), "--target", str(corpus), "--ratio", "0.3", "--quiet",

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from compressor.cli.common import add_common, add_verify_base, base_identity, paths, resolve_config, show_defaults
+from compressor.cli.common import (add_common, add_verify_base, base_identity, check_launcher_device, paths,
+                                   resolve_config, show_defaults, with_adapter)
 from compressor.config import EXPORT_DTYPES, TrainConfig
 from compressor.files import check_output
 
@@ -85,9 +86,7 @@ def _check_processes(config: TrainConfig, device: str) -> None:
     if config.adapter.dropout > 0:
         raise ValueError("--dropout > 0 with several processes: every process would draw the same dropout "
                          "masks, so the run would not equal one process; train with --dropout 0 or one process.")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device} with several processes: the launcher gives each process its own "
-                         "GPU; pass --device cuda (or cpu).")
+    check_launcher_device(device)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -133,7 +132,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from compressor.adapters import load_adapter, read_adapter_config
     from compressor.export import save_merged
     from compressor.load import export_dtype, load_any, load_tokenizer
 
@@ -141,11 +139,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     dtype = export_dtype(args.export_dtype, args.model)  # a base dtype an export cannot keep: refused now
     model = load_any(args.model)
     tokenizer = load_tokenizer(args.model)
-    adapters = load_adapter(model, args.adapter, base_identity(args.model), verify_base=not args.no_verify_base)
-    rounding = adapters.merge_rounding(dtype)
-    adapters.merge(model)
-    record = {**read_adapter_config(args.adapter)[1], "export_dtype": str(dtype).removeprefix("torch."),
-              "update_rounding_error": rounding}
+    record = with_adapter(model, args.model, args.adapter, verify_base=not args.no_verify_base, save_dtype=dtype)
+    rounding = record["update_rounding_error"]
     if rounding is not None and rounding > 1:
         print(f"warning: saved in {record['export_dtype']}, the merged full matrices differ from base + update by "
               f"{rounding:.2f}x the update's own norm: the rounding swamps the adapter. Merge with --export-dtype "

@@ -77,10 +77,23 @@ def add_verify_base(parser: argparse.ArgumentParser) -> None:
                         help="load the adapter even where its base model's weight fingerprint cannot be checked")
 
 
-def with_adapter(model, model_dir: Path, adapter_dir: Path, verify_base: bool = True) -> dict:
-    """Merge the adapter of `adapter_dir` into `model`; returns the adapter's record."""
+def with_adapter(model, model_dir: Path, adapter_dir: Path, verify_base: bool = True, save_dtype=None) -> dict:
+    """Merge the adapter of `adapter_dir` into `model`; returns the adapter's record, with (for a
+    model to be saved in `save_dtype`) how far that cast moves the merged full matrices from
+    base + update, as a fraction of the update's norm (AdapterSet.merge_rounding)."""
     from compressor.adapters import load_adapter, read_adapter_config
 
     adapters = load_adapter(model, adapter_dir, base_identity(model_dir), verify_base=verify_base)
+    rounding = adapters.merge_rounding(save_dtype) if save_dtype is not None else None
     adapters.merge(model)
-    return read_adapter_config(adapter_dir)[1]
+    record = read_adapter_config(adapter_dir)[1]
+    if save_dtype is not None:
+        record |= {"export_dtype": str(save_dtype).removeprefix("torch."), "update_rounding_error": rounding}
+    return record
+
+
+def check_launcher_device(device: str) -> None:
+    """Under a launcher's several processes each process gets its own GPU: a named one is refused."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device} with several processes: the launcher gives each process its own "
+                         "GPU; pass --device cuda (or cpu).")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from compressor.cli.common import add_common, paths, resolve_config, show_defaults
+from compressor.cli.common import add_common, check_launcher_device, paths, resolve_config, show_defaults
 from compressor.config import CompressConfig, ConfigError
 from compressor.files import check_output
 
@@ -340,9 +340,7 @@ def _processes(args: argparse.Namespace, config: CompressConfig, device):
     if config.learn.batch_size % state.num_processes:
         raise ConfigError(f"--learn-batch-size ({config.learn.batch_size}) must be a multiple of the number of "
                           f"processes ({state.num_processes}): each runs an equal share of every step's sequences.")
-    if args.device not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {args.device} with several processes: the launcher gives each process its own "
-                          "GPU; pass --device cuda (or cpu).")
+    check_launcher_device(args.device)
     return (state.device if device.type == "cuda" else device), state.is_main_process
 
 
