@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib import metadata
 
@@ -13,6 +14,10 @@ from safetensors import SafetensorError
 
 from compressor.cli import adapters, compress, evaluate
 from compressor.cli.common import log_level
+
+# The commands whose work a launcher's processes share; any other would run as many copies of
+# itself, each writing the same output.
+SHARED_BY_PROCESSES = ("train", "compress")
 
 
 def _version() -> str:
@@ -33,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_processes(command: str) -> None:
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+    if processes > 1 and command not in SHARED_BY_PROCESSES:
+        raise ValueError(f"`{command}` runs as one process, not under a launcher's {processes}: only "
+                         f"{' and '.join(SHARED_BY_PROCESSES)} share work between processes; run "
+                         f"`compressor {command} ...` directly.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # A handler on stderr unless the host (pytest, an application) has its own; the level is set
@@ -41,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     for package in ("compressor", "calibration"):
         logging.getLogger(package).setLevel(log_level(args))
     try:
+        _check_processes(args.command)
         return args.handler(args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, FloatingPointError) as error:
         logging.getLogger("compressor").debug("the error's traceback (-v shows it):", exc_info=True)
