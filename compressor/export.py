@@ -97,14 +97,19 @@ def write_model(model: nn.Module, tokenizer, folder: Path, compression: dict, de
     """Weights, config and tokenizer into an existing folder: basis_llama with its modeling file
     when the model has low-rank or quantized linears and dense is False, else a stock LLaMA.
     dtype: of the floating-point tensors written (None: as they are); quantized codes and
-    scales keep their own types."""
+    scales keep their own types. The model is changed in place (cast, or made dense)."""
     compact = (bool(low_rank_ranks(model)) or quant_record(model) is not None
                or bool(mlp_widths(model, model.config.intermediate_size)))
     if dense and quant_record(model) is not None:
         raise ValueError("A quantized model cannot be exported dense; export the unquantized one.")
-    exported = to_basis_model(model, compression) if compact and not dense else to_dense_model(model)
-    if dtype is not None:
-        exported.to(dtype)  # a cast model is saved: save_pretrained records the dtype it sees
+    if compact and not dense:
+        if dtype is not None:  # cast in place first: the export shares the model's tensors, so no second copy
+            model.to(dtype)
+        exported = to_basis_model(model, compression)
+    else:
+        exported = to_dense_model(model)  # in place; the factors multiplied in the model's precision
+        if dtype is not None:
+            exported.to(dtype)  # a cast model is saved: save_pretrained records the dtype it sees
     exported.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if compact and not dense:

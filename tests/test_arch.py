@@ -1,6 +1,7 @@
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, GenerationConfig, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from compressor.arch import get_spec, to_llama
 from compressor.load import ModelFolderError, load_model
@@ -26,6 +27,26 @@ def test_conversion_to_llama_is_exact(tmp_path, config):
     ids = torch.randint(0, 96, (2, 20))
     with torch.no_grad():
         assert torch.allclose(llama(ids).logits, source(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("shard", [None, "100KB"], ids=["one-file", "sharded"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_narrower_checkpoint_loads_as_from_pretrained_loads_it(tmp_path, shard, tied):
+    # load_model reads the tensors itself (cast one at a time, for the memory); the model must be
+    # the one from_pretrained gives: weights, tying, config and generation config.
+    torch.manual_seed(0)
+    source = Qwen2ForCausalLM(Qwen2Config(**{**SIZES, "tie_word_embeddings": tied})).to(torch.bfloat16)
+    source.generation_config = GenerationConfig(eos_token_id=[3, 5], max_new_tokens=7)
+    source.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard)
+    llama, _ = load_model(tmp_path)
+    expected = to_llama(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32), get_spec("qwen2"))
+    loaded, wanted = llama.state_dict(), expected.state_dict()
+    assert loaded.keys() == wanted.keys() and all(torch.equal(loaded[k], wanted[k]) for k in wanted)
+    assert all(tensor.dtype == torch.float32 for tensor in loaded.values())
+    assert (llama.lm_head.weight is llama.model.embed_tokens.weight) == tied
+    assert llama.config.to_dict() == expected.config.to_dict()
+    assert llama.generation_config == expected.generation_config
 
 
 def test_unsupported_architecture_lists_supported():
