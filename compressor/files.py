@@ -30,6 +30,13 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
                                 "pass --overwrite to replace it.")
 
 
+def check_free_space(folder: Path, needed: int, what: str, remedy: str = "give --home on a larger disk") -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{what} need {needed / 1e9:.1f} GB on disk and {folder.parent} has "
+                                    f"{free / 1e9:.1f} GB free; free space, or {remedy}", folder)
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -9,6 +9,7 @@ dense layer's (one forward per layer for the statistics, one for the compressed 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -116,9 +117,10 @@ def low_rank_linear(dense: nn.Linear, up: torch.Tensor, down: torch.Tensor) -> L
     return low_rank
 
 
-def cut_layer(layer: nn.Module, spec: ArchSpec, index: int, stats: dict, ranks: dict[str, int | None],
-              config: CompressConfig) -> list[LayerReport]:
-    """Decompose every linear of one layer with a rank on `stats` and cut it, in place."""
+def cut_layer(layer: nn.Module, spec: ArchSpec, index: int, stats: dict | None, ranks: dict[str, int | None],
+              config: CompressConfig, store: Mapping[str, Factorization] | None = None) -> list[LayerReport]:
+    """Decompose every linear of one layer with a rank on `stats` and cut it, in place; or
+    (stats None) cut it with the whitened bases in `store` (streaming_global)."""
     groups = group_of(spec)
     reports = []
     for name in spec.linear_names:
@@ -130,7 +132,12 @@ def cut_layer(layer: nn.Module, spec: ArchSpec, index: int, stats: dict, ranks: 
         reports.append(report)
         if rank is None:
             continue
-        factor, gram = decompose_linear(dense.weight.detach(), stats[groups[name]], config, full_name)
+        if stats is None:
+            factor, gram = store[full_name], None  # whitened: the error is the dropped singular energy
+        else:
+            factor, gram = decompose_linear(dense.weight.detach(), stats[groups[name]], config, full_name)
+        if rank > factor.u.shape[1]:
+            raise RuntimeError(f"{full_name}: rank {rank} is above its {factor.u.shape[1]} bases.")
         report.output_error = kept_output_error(dense.weight.detach(), factor, rank, gram)
         replace_module(layer, name, low_rank_linear(dense, *factor.factors(rank)))
     return reports

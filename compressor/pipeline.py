@@ -5,7 +5,6 @@ and the `auto` candidate choice (candidates.py), timed, summarised.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from compressor.allocate import Shape, given_ranks, summarize
 from compressor.arch import ArchSpec, decoder_layers, linear_modules
 from compressor.config import CompressConfig
 from compressor.decompose import check_finite
-from compressor.files import process_alive
+from compressor.files import check_free_space, process_alive
 from compressor.layers import LayerReport, sequential_cut
 from compressor.load import read_rank_map
 from compressor.neurons import cut_mlp, uniform_width
@@ -73,13 +72,6 @@ def bases_bytes(model: nn.Module, spec: ArchSpec) -> int:
     """What factorize's store holds: u (out, k), sigma (k) and w (k, in) in float32 per linear."""
     return sum(4 * min(module.out_features, module.in_features) * (module.out_features + module.in_features + 1)
                for module in linear_modules(model, spec).values())
-
-
-def check_free_space(folder: Path, needed: int, what: str) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise OSError(errno.ENOSPC, f"{what} need {needed / 1e9:.1f} GB on disk and {folder.parent} has "
-                                    f"{free / 1e9:.1f} GB free; free space, or give --home on a larger disk", folder)
 
 
 def check_inputs(model: nn.Module, spec: ArchSpec, config: CompressConfig, learn_blocks: torch.Tensor | None,

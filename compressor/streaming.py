@@ -13,7 +13,9 @@
                                              output_gram_linears); its (dense) outputs feed the
                                              next layer, as in the in-memory pipeline
         decompose + cut to the ranks         LowRankLinear in place of its linears (--mlp
-                                             neurons: its MLP cut to its width, refit)
+                                             neurons: its MLP cut to its width, refit); global
+                                             under whiten: the bases the first pass stored, no
+                                             statistics (no calibration in this pass)
         write its shard, back to meta        nothing of it stays in memory
 
 Peak memory is one layer (in float32) with its statistics and the calibration activations,
@@ -50,16 +52,18 @@ from compressor.card import TOKENIZER_FOLDER, write_card
 from compressor.config import CompressConfig, ConfigError, save_config
 from compressor.evaluate import peak_rss_bytes, rss_bytes
 from compressor.export import basis_config, compression_record
-from compressor.files import atomic_folder
+from compressor.factor_store import FactorStore
+from compressor.files import atomic_folder, check_free_space
 from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
 from compressor.layers import LayerReport, cut_layer, output_gram_linears
 from compressor.neurons import check_mlp, cut_mlp, uniform_width
-from compressor.streaming_global import streamed_global_ranks
+from compressor.streaming_global import stored_bases_bytes, streamed_global_ranks
 from compressor.streaming_neurons import streamed_neuron_widths
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
+BASES_FOLDER = ".bases"  # inside the export's temporary folder, removed before it is renamed
 
 
 class LazyCheckpoint:
@@ -236,26 +240,26 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
     check_weights(model_dir)
     checkpoint = LazyCheckpoint(model_dir)
     dtype = source_dtype(model_dir) if config.export_dtype == "auto" else getattr(torch, config.export_dtype)
-    start = time.perf_counter()
-    device = torch.device(device)
+    start, device = time.perf_counter(), torch.device(device)
     model = skeleton(model_dir, source, checkpoint, device)
     spec = get_spec("llama")
     shapes = {name: Shape(module.out_features, module.in_features)
               for name, module in linear_modules(model, spec).items()}
     params_before = sum(p.numel() for p in model.parameters())
-    layers = decoder_layers(model, spec)
     weight_map, reports, timings = {}, [], []
     with atomic_folder(out_dir, overwrite) as tmp:
         plan = _neuron_plan if config.mlp == "neurons" else _rank_plan
-        cut, totals, allocation_pass = plan(model, source, spec, checkpoint, blocks.to(device), shapes, config, device,
-                                            progress, on_layer)
-        inputs = capture_first_layer_inputs(model, spec, blocks.to(device), config.calibration.batch_size)
+        cut, totals, allocation_pass, calibrates = plan(model, source, spec, checkpoint, blocks.to(device), shapes,
+                                                        config, device, progress, on_layer, tmp / BASES_FOLDER)
+        inputs = (capture_first_layer_inputs(model, spec, blocks.to(device), config.calibration.batch_size)
+                  if calibrates else None)
         rss_before_layers = rss_bytes()  # embeddings and the first layer's inputs
-        for index in tqdm(range(len(layers)), desc="streaming compress", disable=not progress):
+        for index in tqdm(range(len(decoder_layers(model, spec))), desc="streaming compress", disable=not progress):
             inputs = _stream_layer(model, source, spec, checkpoint, index, inputs, cut, config, tmp, dtype, device,
                                    weight_map, reports, timings)
             if on_layer is not None:
                 on_layer("cut", index, model)
+        shutil.rmtree(tmp / BASES_FOLDER, ignore_errors=True)
         _write_export(tmp, model, spec, checkpoint, config, dtype, weight_map, model_dir, tokenizer)
         save_config(config, tmp / "compression.yaml")
         cut_totals = totals(model) | {
@@ -280,27 +284,33 @@ def compress_streaming(model_dir: Path, blocks: torch.Tensor, config: CompressCo
 
 def _rank_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint,
                blocks: torch.Tensor, shapes: dict[str, Shape], config: CompressConfig, device: torch.device,
-               progress: bool, on_layer: Callable | None) -> tuple[Callable, Callable, dict]:
+               progress: bool, on_layer: Callable | None, scratch: Path) -> tuple[Callable, Callable, dict, bool]:
     """Bases: each layer's cut (uniform ranks, or global ones from a first pass over the layers,
-    streaming_global), the summary's totals once cut, and the first pass's record."""
+    streaming_global), the summary's totals once cut, the first pass's record, and whether the
+    cut needs each layer's statistics (not when that pass stored whitened bases in `scratch`)."""
+    store = None
     if config.allocation == "uniform":
         ranks, allocation_pass = uniform_ranks(shapes, config.ratio, config.align, config.tolerance,
                                                config.max_kept_fraction), {}
     else:
+        if config.method == "whiten":
+            check_free_space(scratch.parent, stored_bases_bytes(shapes, config), "the bases the cut takes",
+                             "choose an --out on a larger disk")
+            store = FactorStore(scratch)
         ranks, allocation_pass = streamed_global_ranks(
             model, spec, partial(materialize_layer, model, source, checkpoint, device=device),
             _head(model, checkpoint, device), blocks, shapes, config, progress,
-            on_layer=None if on_layer is None else partial(on_layer, "allocation"))
+            on_layer=None if on_layer is None else partial(on_layer, "allocation"), store=store)
 
-    def cut(layer: torch.nn.Module, index: int, stats: dict) -> list[LayerReport]:
-        return cut_layer(layer, spec, index, stats, ranks, config)
+    def cut(layer: torch.nn.Module, index: int, stats: dict | None) -> list[LayerReport]:
+        return cut_layer(layer, spec, index, stats, ranks, config, store)
 
-    return cut, lambda model: summarize(shapes, ranks), allocation_pass
+    return cut, lambda model: summarize(shapes, ranks), allocation_pass, store is None
 
 
 def _neuron_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint,
                  blocks: torch.Tensor, shapes: dict[str, Shape], config: CompressConfig, device: torch.device,
-                 progress: bool, on_layer: Callable | None) -> tuple[Callable, Callable, dict]:
+                 progress: bool, on_layer: Callable | None, scratch: Path) -> tuple[Callable, Callable, dict, bool]:
     """--mlp neurons: each layer's MLP cut (uniform widths, or global ones with the neuron orders
     from a first pass, streaming_neurons), the summary's totals once cut, the first pass's record."""
     layers = decoder_layers(model, spec)
@@ -328,7 +338,7 @@ def _neuron_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, chec
         return {"decoder_linear_params": total, "kept_params": kept, "removed_fraction": 1 - kept / total,
                 "mlp_widths": widths}
 
-    return cut, totals, allocation_pass
+    return cut, totals, allocation_pass, True
 
 
 def _head(model: LlamaForCausalLM, checkpoint: LazyCheckpoint, device: torch.device) -> Callable:
@@ -342,18 +352,20 @@ def _head(model: LlamaForCausalLM, checkpoint: LazyCheckpoint, device: torch.dev
 
 
 def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint, index: int,
-                  inputs: LayerInputs, cut: Callable, config: CompressConfig, folder: Path, dtype: torch.dtype,
+                  inputs: LayerInputs | None, cut: Callable, config: CompressConfig, folder: Path, dtype: torch.dtype,
                   device: torch.device, weight_map: dict, reports: list, timings: list) -> LayerInputs:
-    """Read, calibrate, cut (cut(layer, index, statistics) -> reports) and write one layer;
-    returns the next layer's inputs."""
+    """Read, calibrate (unless inputs is None), cut (cut(layer, index, statistics) -> reports)
+    and write one layer; returns the next layer's inputs."""
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     clock = _now(device)
     layer = materialize_layer(model, source, checkpoint, index, device)
     read_s, clock = _now(device) - clock, _now(device)
+    stats, outputs = None, None  # no inputs: the cut takes stored bases, no statistics
     try:
-        stats, outputs = collect_layer(layer, spec, inputs, output_gram_linears(layer, spec, config))
+        if inputs is not None:
+            stats, outputs = collect_layer(layer, spec, inputs, output_gram_linears(layer, spec, config))
     except FloatingPointError as error:
         raise FloatingPointError(f"Layer {index}, {error}: check the checkpoint's weights.") from None
     calibration_s, clock = _now(device) - clock, _now(device)

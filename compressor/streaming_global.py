@@ -11,9 +11,12 @@ layer at a time, so it measures both in a first pass over the layers, then cuts 
                                    a probe; the earlier probes run through it (ProbeFront)
     KL of every probe at the LM head -> costs -> global ranks, as in memory
 
-The cutting pass computes the statistics and bases again rather than keeping them (a 7B
-layer's Gram matrices are 1.4 GB): twice the calibration and decomposition, for memory that
-does not grow with depth beyond the probes' hidden states (ProbeFront).
+Under whiten the pass also writes each linear's bases, up to the largest rank the allocation
+can give it, to disk (FactorStore; for a 7B checkpoint about 0.8 GB a layer), and the cut takes
+them from there (layers.cut_layer with the store): it reads, cuts and writes each layer without calibrating or
+decomposing it again (a whitened cut's output error is its dropped singular energy, so no
+statistics are needed). svd / asvd bases measure their error against the input Gram matrix,
+so for them the cutting pass computes the statistics and bases again.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from calibration.sensitivity import ProbeFront
 from compressor.allocate import Shape, measured_costs
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
+from compressor.decompose import Factorization
 from compressor.evaluate import rss_bytes
+from compressor.factor_store import FactorStore
 from compressor.layers import decompose_linear, group_of, output_energies, output_gram_linears
 from compressor.stages import global_allocation, probe_ranks
 
@@ -40,9 +45,10 @@ def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: C
                           head: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor,
                           shapes: dict[str, Shape], config: CompressConfig, progress: bool = True,
                           on_layer: Callable[[int, nn.Module], None] | None = None,
-                          ) -> tuple[dict[str, int | None], dict]:
+                          store: FactorStore | None = None) -> tuple[dict[str, int | None], dict]:
     """The global ranks of the in-memory pipeline (score energy), from one pass over the
-    layers of a streamed checkpoint (probe_pass). Returns the ranks and the pass's record."""
+    layers of a streamed checkpoint (probe_pass). Returns the ranks and the pass's record.
+    store: where each linear's bases up to its largest useful rank are written, for the cut."""
     # A budget the shapes cannot meet (alignment, --max-kept-fraction) fails now, not after the pass.
     global_allocation(shapes, {name: torch.zeros(min(shape.out_features, shape.in_features), dtype=torch.float64)
                                for name, shape in shapes.items()}, config)
@@ -50,7 +56,7 @@ def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: C
     energy: dict[str, torch.Tensor] = {}
     sensitivity, record = probe_pass(
         model, spec, read_layer, head, blocks, config,
-        lambda index, layer, stats: _truncated(layer, spec, index, stats, probes, energy, config),
+        lambda index, layer, stats: _truncated(layer, spec, index, stats, probes, energy, config, store, shapes),
         "global allocation pass", progress, on_layer)
     ranks = global_allocation(shapes, measured_costs(energy, probes, sensitivity, config.cost_exponent), config)
     return ranks, record
@@ -93,10 +99,12 @@ def probe_pass(model: LlamaForCausalLM, spec: ArchSpec, read_layer: Callable[[in
 
 
 def _truncated(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict, probes: dict[str, int | None],
-               energy: dict[str, torch.Tensor], config: CompressConfig) -> dict:
-    """Decompose the layer's linears (their energies go into `energy`); the probe weights."""
+               energy: dict[str, torch.Tensor], config: CompressConfig, store: FactorStore | None,
+               shapes: dict[str, Shape]) -> dict:
+    """Decompose the layer's linears (their energies go into `energy`, their bases the
+    allocation can keep into `store`); the probe weights."""
     groups = group_of(spec)
-    truncated = {}
+    truncated, kept = {}, {}
     for name in spec.linear_names:
         full_name = spec.full_name(index, name)
         module = layer.get_submodule(name)
@@ -105,5 +113,16 @@ def _truncated(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict, 
         if probes[full_name] is not None:
             up, down = factor.factors(probes[full_name])
             truncated[full_name] = (module, up @ down)
+        if store is not None:  # every singular value is kept: the cut's output error is the energy it drops
+            top = shapes[full_name].max_useful_rank(config.align, config.max_kept_fraction)
+            kept[full_name] = Factorization(factor.u[:, :top], factor.sigma, factor.w[:top], factor.method)
+    if store is not None:
+        store.write_layer(index, kept)
     return truncated
+
+
+def stored_bases_bytes(shapes: dict[str, Shape], config: CompressConfig) -> int:
+    """Disk for the bases the allocation pass writes (float32)."""
+    return sum(4 * (shape.low_rank(shape.max_useful_rank(config.align, config.max_kept_fraction))
+                    + min(shape.out_features, shape.in_features)) for shape in shapes.values())
 

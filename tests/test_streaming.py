@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import compressor.streaming
 from compressor.arch import decoder_layers, get_spec
 from compressor.config import CalibrationConfig, CompressConfig, ConfigError
 from compressor.load import ModelFolderError, load_model
@@ -75,18 +76,24 @@ def test_streaming_a_qwen2_checkpoint(tmp_path, blocks):
         torch.testing.assert_close(streamed(blocks).logits, model(blocks).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tied,dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")])
-def test_streaming_global_allocation_equals_the_in_memory_pipeline(tmp_path, tokenizer, blocks, tied, dtype):
+@pytest.mark.parametrize("tied,dtype,method", [(False, "float32", "whiten"), (True, "float32", "whiten"),
+                                               (False, "bfloat16", "whiten"), (False, "float32", "asvd")])
+def test_streaming_global_allocation_equals_the_in_memory_pipeline(tmp_path, tokenizer, blocks, tied, dtype, method,
+                                                                   monkeypatch):
     """The allocation pass measures what in-memory global allocation does (energies, the
     sensitivities of every linear at its probe rank), so the ranks and the model are the same;
-    an untied LM head is read from the checkpoint for it."""
+    an untied LM head is read from the checkpoint for it. Under whiten the cut takes the bases
+    that pass stored (no second calibration); asvd calibrates and decomposes again."""
     from compressor.stages import calibrate, factorize, sensitivities
 
     torch.manual_seed(0)
     source = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=tied)).eval()
     source.save_pretrained(tmp_path / "dense")
-    config = _config(solver="eigh", allocation="global")
+    config = _config(method, solver="eigh", allocation="global")
     config.calibration.sensitivity_dtype = dtype
+    cut_pass_calibrations, collect_layer = [], compressor.streaming.collect_layer
+    monkeypatch.setattr(compressor.streaming, "collect_layer",
+                        lambda *args: cut_pass_calibrations.append(1) or collect_layer(*args))
     alive = []
     summary = compress_streaming(tmp_path / "dense", blocks, config, tmp_path / "streamed", tokenizer, progress=False,
                                  on_layer=lambda stage, index, model: alive.append((stage, _materialized_layers(model))))
@@ -99,6 +106,10 @@ def test_streaming_global_allocation_equals_the_in_memory_pipeline(tmp_path, tok
     result = compress(model, spec, blocks, config, progress=False)
     ranks = {layer["name"]: layer["rank"] for layer in summary["layers"]}
     assert ranks == result.ranks and len(set(ranks.values())) > 2  # global: not one rank per shape
+    errors = {report.name: report.output_error for report in result.layers}
+    assert all(abs(layer["output_error"] - errors[layer["name"]]) < 1e-4 for layer in summary["layers"])
+    assert (cut_pass_calibrations == []) == (method == "whiten")
+    assert sorted(path.name for path in (tmp_path / "streamed").iterdir() if path.name.startswith(".")) == []
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
     with torch.no_grad():
         torch.testing.assert_close(streamed(blocks).logits, model(blocks).logits, rtol=1e-4, atol=1e-4)
@@ -142,6 +153,19 @@ def test_streaming_global_refuses_an_impossible_budget_before_its_first_pass(tmp
         compress_streaming(model_dir, blocks, config, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
+
+def test_streaming_global_without_disk_for_its_bases_stops_before_its_first_pass(tmp_path, model_dir, blocks,
+                                                                                  monkeypatch):
+    import shutil
+
+    import compressor.streaming_global as streaming_global
+
+    monkeypatch.setattr(streaming_global, "ProbeFront", lambda *args, **kwargs: pytest.fail("the pass started"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    before = set(tmp_path.iterdir())
+    with pytest.raises(OSError, match=r"the bases the cut takes need 0\.0 GB on disk .* choose an --out on a larger"):
+        compress_streaming(model_dir, blocks, _config(allocation="global"), tmp_path / "out", progress=False)
+    assert set(tmp_path.iterdir()) == before  # no output, no temporary folder
 
 @pytest.mark.parametrize("allocation,rule", [("uniform", "obs"), ("uniform", "energy"), ("global", "obs"),
                                              ("global", "energy")])
