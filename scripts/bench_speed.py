@@ -138,6 +138,8 @@ def bench_main_command(model_dir: Path, home: Path, args: argparse.Namespace) ->
     rows = {"forward (floor part)": forward_floor(model, blocks, defaults.calibration.batch_size),
             "eigh per matrix (floor part)": decomposition_floor(model, spec, "eigh")}
     floor = sum(rows.values())
+    held_bytes = sum({tensor.data_ptr(): tensor.numel() * tensor.element_size()  # a tied weight once
+                      for tensor in model.state_dict().values()}.values())
     del model
     variants = {"compressor compress (README's main command)": ("", [])}
     for variant in args.variant:
@@ -148,7 +150,8 @@ def bench_main_command(model_dir: Path, home: Path, args: argparse.Namespace) ->
     results = {"command": "python " + " ".join(sys.argv), "model": str(model_dir),
                "tokens": int(blocks.numel()), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "floor_parts_s": rows, "floors_s": {"eigh floor": floor}, "runs_s": {}, "stages_s": {}, "ratios": {},
-               "peak_rss_bytes": {}, "total_seconds_in_command": {}, "model_bytes": folder_bytes(model_dir),
+               "peak_rss_bytes": {}, "total_seconds_in_command": {}, "model_bytes": held_bytes,
+               "checkpoint_bytes": folder_bytes(model_dir),
                "rss_by_stage_bytes": {}}
     for run, (name, flags) in variants.items():
         with tempfile.TemporaryDirectory(prefix="bench-main-") as scratch:
@@ -219,7 +222,9 @@ def write_report(results: dict, out: Path) -> None:
         lines.append(f"| {run} | {seconds:.1f} | {ratios} | {stages} |")
     if "rss_by_stage_bytes" in results:
         model = results["model_bytes"]
-        lines += ["", f"The model's safetensors: {model / 2**30:.2f} GiB. Peak RSS per stage (0.5 s samples; "
+        checkpoint = results.get("checkpoint_bytes", model)
+        lines += ["", f"The model as the command holds it (float32): {model / 2**30:.2f} GiB (its safetensors: "
+                  f"{checkpoint / 2**30:.2f} GiB). Peak RSS per stage (0.5 s samples; "
                   "startup: the process's start, imports, model and data loading; compress() itself: after "
                   "loading, before the export is written):", ""]
         for run, peaks in results["rss_by_stage_bytes"].items():
