@@ -7,6 +7,7 @@ shape the rest of the pipeline works on.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -137,5 +138,7 @@ def to_llama(model: PreTrainedModel, spec: ArchSpec) -> LlamaForCausalLM:
     llama.model.rotary_emb = LlamaRotaryEmbedding(llama_config)
     if llama_config.tie_word_embeddings:
         llama.tie_weights()
+    # the source's, not one derived from the LLaMA config: an instruct model's stop tokens live there
+    llama.generation_config = copy.deepcopy(model.generation_config)
     llama.eval()
     return llama

@@ -43,6 +43,15 @@ class FactorStore(MutableMapping):
         if self._open_path == path:  # rewritten: what was read from it is stale
             self._open_path, self._open_tensors = None, {}
 
+    def drop_layer(self, index: int) -> None:
+        """A layer's bases are no longer needed: their file goes (its disk, and memory if read)."""
+        path = self.folder / f"layer-{index:05d}.safetensors"
+        for name in [name for name, file in self.file_of.items() if file == path]:
+            del self.file_of[name], self.method_of[name]
+        if self._open_path == path:
+            self._open_path, self._open_tensors = None, {}
+        path.unlink(missing_ok=True)
+
     def __getitem__(self, name: str) -> Factorization:
         if name in self.held:
             return self.held[name]

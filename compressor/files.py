@@ -34,7 +34,7 @@ def check_free_space(folder: Path, needed: int, what: str, remedy: str = "give -
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise OSError(errno.ENOSPC, f"{what} need {needed / 1e9:.1f} GB on disk and {folder.parent} has "
-                                    f"{free / 1e9:.1f} GB free; free space, or {remedy}", folder)
+                                    f"{free / 1e9:.1f} GB free; free space, or {remedy}", folder.parent)
 
 
 def process_alive(pid: int) -> bool:

@@ -303,7 +303,10 @@ def _rank_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, checkp
             on_layer=None if on_layer is None else partial(on_layer, "allocation"), store=store)
 
     def cut(layer: torch.nn.Module, index: int, stats: dict | None) -> list[LayerReport]:
-        return cut_layer(layer, spec, index, stats, ranks, config, store)
+        reports = cut_layer(layer, spec, index, stats, ranks, config, store)
+        if store is not None:
+            store.drop_layer(index)  # the disk the stored bases take shrinks as the export grows
+        return reports
 
     return cut, lambda model: summarize(shapes, ranks), allocation_pass, store is None
 
@@ -353,7 +356,7 @@ def _head(model: LlamaForCausalLM, checkpoint: LazyCheckpoint, device: torch.dev
 
 def _stream_layer(model, source: ArchSpec, spec: ArchSpec, checkpoint: LazyCheckpoint, index: int,
                   inputs: LayerInputs | None, cut: Callable, config: CompressConfig, folder: Path, dtype: torch.dtype,
-                  device: torch.device, weight_map: dict, reports: list, timings: list) -> LayerInputs:
+                  device: torch.device, weight_map: dict, reports: list, timings: list) -> LayerInputs | None:
     """Read, calibrate (unless inputs is None), cut (cut(layer, index, statistics) -> reports)
     and write one layer; returns the next layer's inputs."""
     on_gpu = device.type == "cuda"

@@ -128,7 +128,6 @@ def test_several_processes_only_for_learned_selection(tmp_path, model_dir, corpu
     assert not (tmp_path / "out").exists()
 
 
-
 def test_commands_that_do_not_share_work_refuse_a_launcher(tmp_path, model_dir, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun and accelerate launch set in each process
     for argv in (["eval", "--model", str(model_dir), "--tasks", "perplexity"],
@@ -137,6 +136,7 @@ def test_commands_that_do_not_share_work_refuse_a_launcher(tmp_path, model_dir, 
         assert main(argv) == 2
         assert f"`{argv[0]}` runs as one process, not under a launcher's 2" in capsys.readouterr().err
     assert not (tmp_path / "q").exists() and not (tmp_path / "m").exists()
+
 
 def _share_worker(rank: int, init_file: str, results: dict, mismatch: bool) -> None:
     """One of two gloo processes: bases and measurements that differ by process, then shared."""

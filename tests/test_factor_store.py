@@ -28,3 +28,14 @@ def test_the_store_gives_back_what_was_written_one_layer_in_memory(tmp_path):
     del store["l1.q"], store["l2.k"]
     assert "l1.q" not in store and "l2.k" not in store and len(store) == 4
     assert dict(store).keys() == {"l0.q", "l0.k", "l1.k", "l2.q"}
+
+
+def test_a_dropped_layer_leaves_the_disk_and_the_store(tmp_path):
+    store = FactorStore(tmp_path / "bases")
+    for index in range(2):
+        store.write_layer(index, {f"l{index}.q": _factor(index), f"l{index}.k": _factor(index + 5)})
+    store["l0.q"]  # layer 0's file read, held
+    store.drop_layer(0)
+    assert sorted(path.name for path in (tmp_path / "bases").iterdir()) == ["layer-00001.safetensors"]
+    assert list(store) == ["l1.q", "l1.k"] and store._open_tensors == {}
+    assert torch.equal(store["l1.k"].w, _factor(6).w)

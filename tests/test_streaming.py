@@ -167,6 +167,7 @@ def test_streaming_global_without_disk_for_its_bases_stops_before_its_first_pass
         compress_streaming(model_dir, blocks, _config(allocation="global"), tmp_path / "out", progress=False)
     assert set(tmp_path.iterdir()) == before  # no output, no temporary folder
 
+
 @pytest.mark.parametrize("allocation,rule", [("uniform", "obs"), ("uniform", "energy"), ("global", "obs"),
                                              ("global", "energy")])
 def test_streaming_mlp_neurons_equals_the_in_memory_pipeline(tmp_path, tokenizer, blocks, monkeypatch, allocation,

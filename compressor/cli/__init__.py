@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_processes(command: str) -> None:
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
-    if processes > 1 and command not in SHARED_BY_PROCESSES:
-        raise ValueError(f"`{command}` runs as one process, not under a launcher's {processes}: only "
+    world = os.environ.get("WORLD_SIZE", "1")  # set by torchrun and accelerate launch
+    if world.strip() not in ("", "0", "1") and command not in SHARED_BY_PROCESSES:
+        raise ValueError(f"`{command}` runs as one process, not under a launcher's {world}: only "
                          f"{' and '.join(SHARED_BY_PROCESSES)} share work between processes; run "
-                         f"`compressor {command} ...` directly.")
+                         f"`compressor {command} ...` directly (unset WORLD_SIZE if no launcher started it).")
 
 
 def main(argv: list[str] | None = None) -> int:
