@@ -33,8 +33,10 @@ class FactorStore(MutableMapping):
         self._open_path: Path | None = None
         self._open_tensors: dict[str, torch.Tensor] = {}
 
-    def write_layer(self, index: int, factors: dict[str, Factorization]) -> None:
-        path = self.folder / f"layer-{index:05d}.safetensors"
+    def write_layer(self, index: int, factors: dict[str, Factorization], part: str = "") -> None:
+        """One file for the layer's factors; or, with `part`, one of several (streaming_global
+        writes each linear's as soon as it is decomposed, so no layer's bases are held)."""
+        path = self.folder / f"layer-{index:05d}{part}.safetensors"
         save_file({f"{name}.{part}": getattr(factor, part).cpu().contiguous()
                    for name, factor in factors.items() for part in _PARTS}, path)
         for name, factor in factors.items():
@@ -44,13 +46,14 @@ class FactorStore(MutableMapping):
             self._open_path, self._open_tensors = None, {}
 
     def drop_layer(self, index: int) -> None:
-        """A layer's bases are no longer needed: their file goes (its disk, and memory if read)."""
-        path = self.folder / f"layer-{index:05d}.safetensors"
-        for name in [name for name, file in self.file_of.items() if file == path]:
+        """A layer's bases are no longer needed: their files go (the disk, and memory if read)."""
+        paths = set(self.folder.glob(f"layer-{index:05d}*.safetensors"))
+        for name in [name for name, file in self.file_of.items() if file in paths]:
             del self.file_of[name], self.method_of[name]
-        if self._open_path == path:
+        if self._open_path in paths:
             self._open_path, self._open_tensors = None, {}
-        path.unlink(missing_ok=True)
+        for path in paths:
+            path.unlink()
 
     def __getitem__(self, name: str) -> Factorization:
         if name in self.held:

@@ -104,7 +104,7 @@ def _truncated(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict, 
     """Decompose the layer's linears (their energies go into `energy`, their bases the
     allocation can keep into `store`); the probe weights."""
     groups = group_of(spec)
-    truncated, kept = {}, {}
+    truncated = {}
     for name in spec.linear_names:
         full_name = spec.full_name(index, name)
         module = layer.get_submodule(name)
@@ -115,9 +115,8 @@ def _truncated(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict, 
             truncated[full_name] = (module, up @ down)
         if store is not None:  # every singular value is kept: the cut's output error is the energy it drops
             top = shapes[full_name].max_useful_rank(config.align, config.max_kept_fraction)
-            kept[full_name] = Factorization(factor.u[:, :top], factor.sigma, factor.w[:top], factor.method)
-    if store is not None:
-        store.write_layer(index, kept)
+            store.write_layer(index, {full_name: Factorization(factor.u[:, :top], factor.sigma, factor.w[:top],
+                                                               factor.method)}, part=f"-{name}")
     return truncated
 
 

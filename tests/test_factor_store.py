@@ -32,10 +32,12 @@ def test_the_store_gives_back_what_was_written_one_layer_in_memory(tmp_path):
 
 def test_a_dropped_layer_leaves_the_disk_and_the_store(tmp_path):
     store = FactorStore(tmp_path / "bases")
-    for index in range(2):
-        store.write_layer(index, {f"l{index}.q": _factor(index), f"l{index}.k": _factor(index + 5)})
-    store["l0.q"]  # layer 0's file read, held
+    for index in range(2):  # a file per linear (as streaming_global writes them)
+        for name, seed in (("q", index), ("k", index + 5)):
+            store.write_layer(index, {f"l{index}.{name}": _factor(seed)}, part=f"-{name}")
+    store["l0.q"]  # a file of layer 0 read, held
     store.drop_layer(0)
-    assert sorted(path.name for path in (tmp_path / "bases").iterdir()) == ["layer-00001.safetensors"]
+    assert sorted(path.name for path in (tmp_path / "bases").iterdir()) == ["layer-00001-k.safetensors",
+                                                                           "layer-00001-q.safetensors"]
     assert list(store) == ["l1.q", "l1.k"] and store._open_tensors == {}
-    assert torch.equal(store["l1.k"].w, _factor(6).w)
+    assert torch.equal(store["l1.k"].w, _factor(6).w) and torch.equal(store["l1.q"].u, _factor(1).u)
