@@ -13,10 +13,10 @@ layer at a time, so it measures both in a first pass over the layers, then cuts 
 
 Under whiten the pass also writes each linear's bases, up to the largest rank the allocation
 can give it, to disk (FactorStore; for a 7B checkpoint about 0.8 GB a layer), and the cut takes
-them from there (layers.cut_layer with the store): it reads, cuts and writes each layer without calibrating or
-decomposing it again (a whitened cut's output error is its dropped singular energy, so no
-statistics are needed). svd / asvd bases measure their error against the input Gram matrix,
-so for them the cutting pass computes the statistics and bases again.
+them from there (layers.cut_layer with the store): it reads, cuts and writes each layer without
+calibrating or decomposing it again (a whitened cut's output error is its dropped singular
+energy, so no statistics are needed). svd / asvd bases measure their error against the input
+Gram matrix, so for them the cutting pass computes the statistics and bases again.
 """
 
 from __future__ import annotations
