@@ -58,7 +58,9 @@ def test_output_statistics_give_w_g_wt_without_the_bias(tiny_model, blocks):
 def test_in_memory_eigh_keeps_down_projs_output_statistics_and_the_svd_result(tmp_path, tiny_model, blocks):
     """Whiten with the eigen solver records down_proj's output Gram matrix (out^2 per token, not
     in^2) in the cached statistics, and compresses as the float64 SVD on input statistics does:
-    the same ranks, the same logits up to float32 rounding."""
+    the same logits up to float32 rounding at the same (uniform) ranks. Global ranks are not
+    compared: a near-tie between two matrices' costs flips with float32 rounding, which differs
+    between CPUs."""
     import copy
 
     from calibration.stats import OutputStats
@@ -68,8 +70,9 @@ def test_in_memory_eigh_keeps_down_projs_output_statistics_and_the_svd_result(tm
     results, models = {}, {}
     for solver in ("svd", "eigh"):
         models[solver] = copy.deepcopy(tiny_model)
-        config = CompressConfig(ratio=0.3, solver=solver, align=1, calibration=CalibrationConfig(
-            samples=len(blocks), seq_len=blocks.shape[1], batch_size=4, sensitivity_samples=2))
+        config = CompressConfig(ratio=0.3, solver=solver, align=1, allocation="uniform",
+                                calibration=CalibrationConfig(samples=len(blocks), seq_len=blocks.shape[1],
+                                                              batch_size=4))
         results[solver] = compress(models[solver], get_spec("llama"), blocks, config, tmp_path / solver, "tiny",
                                    progress=False)
     (entry,) = [path for path in (tmp_path / "eigh").iterdir() if (path / "COMPLETE").exists()]
