@@ -33,10 +33,10 @@ class FactorStore(MutableMapping):
         self._open_path: Path | None = None
         self._open_tensors: dict[str, torch.Tensor] = {}
 
-    def write_layer(self, index: int, factors: dict[str, Factorization], part: str = "") -> None:
-        """One file for the layer's factors; or, with `part`, one of several (streaming_global
+    def write_layer(self, index: int, factors: dict[str, Factorization], suffix: str = "") -> None:
+        """One file for the layer's factors; or, with `suffix`, one of several (streaming_global
         writes each linear's as soon as it is decomposed, so no layer's bases are held)."""
-        path = self.folder / f"layer-{index:05d}{part}.safetensors"
+        path = self.folder / f"layer-{index:05d}{suffix}.safetensors"
         save_file({f"{name}.{part}": getattr(factor, part).cpu().contiguous()
                    for name, factor in factors.items() for part in _PARTS}, path)
         for name, factor in factors.items():

@@ -116,7 +116,7 @@ def _truncated(layer: torch.nn.Module, spec: ArchSpec, index: int, stats: dict, 
         if store is not None:  # every singular value is kept: the cut's output error is the energy it drops
             top = shapes[full_name].max_useful_rank(config.align, config.max_kept_fraction)
             store.write_layer(index, {full_name: Factorization(factor.u[:, :top], factor.sigma, factor.w[:top],
-                                                               factor.method)}, part=f"-{name}")
+                                                               factor.method)}, suffix=f"-{name}")
     return truncated
 
 

@@ -34,7 +34,7 @@ def test_a_dropped_layer_leaves_the_disk_and_the_store(tmp_path):
     store = FactorStore(tmp_path / "bases")
     for index in range(2):  # a file per linear (as streaming_global writes them)
         for name, seed in (("q", index), ("k", index + 5)):
-            store.write_layer(index, {f"l{index}.{name}": _factor(seed)}, part=f"-{name}")
+            store.write_layer(index, {f"l{index}.{name}": _factor(seed)}, suffix=f"-{name}")
     store["l0.q"]  # a file of layer 0 read, held
     store.drop_layer(0)
     assert sorted(path.name for path in (tmp_path / "bases").iterdir()) == ["layer-00001-k.safetensors",

@@ -131,10 +131,12 @@ class AdapterSet(nn.Module):
         """How far saving the merged model in `dtype` moves its full matrices from base + update,
         as a fraction of the updates' norm (None: no full matrix, or no rounding). A low-rank
         base takes its update as extra rank: only those factors are rounded, not a sum."""
+        if torch.finfo(dtype).bits >= 32:
+            return None
         error = norm = 0.0
         for name in self.names:
             module = self.module(name)
-            if not isinstance(module.base, nn.Linear) or torch.finfo(dtype).bits >= 32:
+            if not isinstance(module.base, nn.Linear):
                 continue
             up, down = module.update_factors()
             update = up.float() @ down.float()
