@@ -11,6 +11,13 @@ linear from its own layer on, with logits on a subset of positions.
 `truncation_sensitivity` runs each probe to the end in turn (the model in memory);
 `ProbeFront` runs every probe so far through one layer at a time (a streamed checkpoint,
 whose layers are read once): the same arithmetic, so the same numbers.
+
+In bfloat16 (autocast) every linear's output is rounded, and a probe's changed inputs round
+differently from the dense run's from its layer on: that alone reads as a KL of 3-6e-4 on the
+example model, added to every probe's, above the true value of the matrices global allocation
+cuts deepest (1e-6 to 5e-5 in float32: reports/sensitivity-precision). So each layer also runs
+a null probe (rounding_null: the same function in exact arithmetic, rounded anew from that
+layer on) and its KL, the floor, is subtracted from the KLs of that layer's probes.
 """
 
 from __future__ import annotations
@@ -71,6 +78,29 @@ def autocast_to(dtype: torch.dtype, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
 
 
+# Not a power of two: scaled by it, every weight rounds anew to bfloat16.
+NULL_SCALE = 1.25
+
+
+@contextmanager
+def rounding_null(layer: nn.Module) -> Iterator[None]:
+    """The layer with up_proj's weight and bias scaled by NULL_SCALE and down_proj's weight by
+    its inverse: down(act(gate x) * s up(x)) / s is the dense MLP in exact arithmetic (down's bias
+    is added after the product), so a KL measured with it is rounding alone."""
+    up, down = layer.mlp.up_proj, layer.mlp.down_proj
+    parameters = [(parameter, factor) for parameter, factor in
+                  ((up.weight, NULL_SCALE), (up.bias, NULL_SCALE), (down.weight, 1 / NULL_SCALE))
+                  if parameter is not None]
+    originals = [parameter.data for parameter, _ in parameters]
+    for parameter, factor in parameters:
+        parameter.data = parameter.data * factor
+    try:
+        yield
+    finally:
+        for (parameter, _), original in zip(parameters, originals):
+            parameter.data = original
+
+
 @contextmanager
 def swapped_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
     original = module.weight.data
@@ -103,29 +133,42 @@ def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tenso
                 layer_inputs.append(run_layer(layer, layer_inputs[-1]))
         with (on_device(model.get_submodule(spec.norm_path), device),
               on_device(model.get_output_embeddings(), device)):
-            return _measure(model, spec, layers, layer_inputs, positions, truncated_weight, progress, device)
+            return _measure(model, spec, layers, layer_inputs, positions, truncated_weight, progress, device,
+                            null=dtype != torch.float32)
+
+
+def _run_from(layers, index: int, inputs: LayerInputs, device: torch.device | None) -> LayerInputs:
+    for layer in layers[index:]:
+        with on_device(layer, device):
+            inputs = run_layer(layer, inputs)
+    return inputs
 
 
 def _measure(model: nn.Module, spec: ArchSpec, layers, layer_inputs: list[LayerInputs], positions: torch.Tensor,
              truncated_weight: Callable[[str], torch.Tensor | None], progress: bool,
-             device: torch.device | None) -> dict[str, float]:
+             device: torch.device | None, null: bool) -> dict[str, float]:
+    """null: each layer's rounding floor (its null probe's KL) is subtracted from its probes'."""
     norm, head = model.get_submodule(spec.norm_path), model.get_output_embeddings()
     reference = _reference(norm, head, layer_inputs[-1], positions)
 
     sensitivity: dict[str, float] = {}
-    jobs = [(index, name) for index in range(len(layers)) for name in spec.linear_names]
+    floor = [0.0] * len(layers)
+    jobs = [(index, name) for index in range(len(layers)) for name in (None,) * null + spec.linear_names]
     for index, name in tqdm(jobs, desc="sensitivity", disable=not progress):
+        if name is None:
+            with on_device(layers[index], device), rounding_null(layers[index]):
+                hidden = _run_from(layers, index, layer_inputs[index], device)
+            floor[index] = _kl(norm, head, reference, hidden, positions, f"layer {index}'s null probe")
+            continue
         full_name = spec.full_name(index, name)
         with torch.autocast(reference.device.type, enabled=False):  # the weight in full precision, as streamed
             weight = truncated_weight(full_name)
         if weight is None:
             continue
         with swapped_weight(layers[index].get_submodule(name), weight):
-            hidden = layer_inputs[index]
-            for layer in layers[index:]:
-                with on_device(layer, device):
-                    hidden = run_layer(layer, hidden)
-        sensitivity[full_name] = _kl(norm, head, reference, hidden, positions, full_name)
+            hidden = _run_from(layers, index, layer_inputs[index], device)
+        kl = _kl(norm, head, reference, hidden, positions, full_name)
+        sensitivity[full_name] = max(kl - floor[index], 0.0)
     return sensitivity
 
 
@@ -141,6 +184,9 @@ class ProbeFront:
     def __init__(self, first_inputs: LayerInputs, n_positions: int = 128, dtype: torch.dtype = torch.float32):
         self.dense = first_inputs
         self.probes: dict[str, LayerInputs] = {}
+        self.layer_of: dict[str, int] = {}
+        self.nulls: dict[int, LayerInputs] = {}  # below float32: each layer's rounding floor (module doc)
+        self.null = dtype != torch.float32
         self.positions = probe_positions(first_inputs.hidden[0].shape[1], n_positions)
         self.autocast = autocast_to(dtype, first_inputs.hidden[0].device)
 
@@ -148,18 +194,28 @@ class ProbeFront:
     def advance(self, layer: nn.Module, truncated: dict[str, tuple[nn.Module, torch.Tensor]]) -> None:
         """Run the probes so far through `layer` (dense), and start one per entry of `truncated`
         (full name -> (the layer's linear, the weight to try))."""
+        index = len(self.nulls) if self.null else None
         with self.autocast:
             for full_name, inputs in self.probes.items():
                 self.probes[full_name] = run_layer(layer, inputs)
+            for earlier, inputs in self.nulls.items():
+                self.nulls[earlier] = run_layer(layer, inputs)
             for full_name, (module, weight) in truncated.items():
                 with swapped_weight(module, weight):
                     self.probes[full_name] = run_layer(layer, self.dense)
+                self.layer_of[full_name] = index
+            if self.null:
+                with rounding_null(layer):
+                    self.nulls[index] = run_layer(layer, self.dense)
             self.dense = run_layer(layer, self.dense)
 
     @torch.no_grad()
     def sensitivities(self, norm: nn.Module, head: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        """KL(dense || probe) per probe, after the last layer."""
+        """KL(dense || probe) per probe, after the last layer (less its layer's floor)."""
         with self.autocast:
             reference = _reference(norm, head, self.dense, self.positions)
-            return {full_name: _kl(norm, head, reference, inputs, self.positions, full_name)
+            floor = {index: _kl(norm, head, reference, inputs, self.positions, f"layer {index}'s null probe")
+                     for index, inputs in self.nulls.items()}
+            return {full_name: max(_kl(norm, head, reference, inputs, self.positions, full_name)
+                                   - floor.get(self.layer_of[full_name], 0.0), 0.0)
                     for full_name, inputs in self.probes.items()}

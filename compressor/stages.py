@@ -115,6 +115,12 @@ def probe_ranks(shapes: dict[str, Shape], config: CompressConfig) -> dict[str, i
     return uniform_ranks(shapes, config.probe_ratio, config.align, tolerance=0.05)
 
 
+def _precision_key(dtype: str) -> str:
+    """float32: the keys as before the option; below it the floor is subtracted (not in the
+    values cached before that)."""
+    return "" if dtype == "float32" else f"_{dtype}_floor"
+
+
 def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
                   bases: Bases, config: CompressConfig, progress: bool = True,
                   device: torch.device | None = None) -> dict[str, float]:
@@ -122,7 +128,7 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
     fisher) estimated from gradients; cached per method and estimator."""
     cal = config.calibration
     n, dtype = cal.sensitivity_samples, cal.sensitivity_dtype
-    precision = "" if dtype == "float32" else f"_{dtype}"  # float32: keys as before the option
+    precision = _precision_key(dtype)
     estimator = "" if cal.sensitivity_estimator == "measured" else f"_fisher{cal.fisher_samples}"
     key = (f"sensitivity_{config.method}_probe{config.probe_ratio:g}_align{config.align}_n{n}"
            f"{_bases_key(config)}{precision}{estimator}")
@@ -189,7 +195,7 @@ def neuron_allocation(model: nn.Module, spec: ArchSpec, cache: StatsCache, block
     n, dtype = config.calibration.sensitivity_samples, config.calibration.sensitivity_dtype
     rule = "" if config.neuron_rule == "energy" else f"_{_rule_key(config)}"
     key = (f"sensitivity_neurons{rule}_width{width}_n{n}_damp{config.damping:g}"
-           + ("" if dtype == "float32" else f"_{dtype}"))
+           + _precision_key(dtype))
     measured = cache.load_json(key)
     if measured is None:
         def truncated(name: str) -> torch.Tensor | None:

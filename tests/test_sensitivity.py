@@ -1,10 +1,12 @@
+import contextlib
 import copy
 
 import pytest
 import torch
 
 from calibration.capture import capture_first_layer_inputs
-from calibration.sensitivity import ProbeFront, truncation_sensitivity
+import calibration.sensitivity as sensitivity_module
+from calibration.sensitivity import ProbeFront, rounding_null, truncation_sensitivity
 from compressor.arch import decoder_layers, get_spec
 from compressor.config import CalibrationConfig, CompressConfig
 from compressor.pipeline import compress
@@ -61,6 +63,49 @@ def test_bfloat16_sensitivities_measure_the_swapped_weights(tiny_model, blocks):
     assert any(abs(fast[name] - value) > 1e-6 * value for name, value in exact.items())  # bfloat16 took effect
     for name, value in exact.items():
         assert value > 1e-3 and abs(fast[name] - value) <= 0.1 * value, (name, value, fast[name])
+
+
+def test_the_null_probe_is_the_dense_layer_in_exact_arithmetic(tiny_model, blocks):
+    spec = get_spec("llama")
+    layer = decoder_layers(tiny_model, spec)[1]
+    with torch.no_grad():
+        layer.mlp.up_proj.bias = torch.nn.Parameter(torch.randn(layer.mlp.up_proj.out_features))  # scaled with it
+    layer.double()
+    inputs = capture_first_layer_inputs(tiny_model.double(), spec, blocks[:2], 2)
+    before = {name: parameter.clone() for name, parameter in layer.named_parameters()}
+    with torch.no_grad():
+        dense = layer(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])[0]
+        with rounding_null(layer):
+            assert not torch.equal(layer.mlp.up_proj.weight, before["mlp.up_proj.weight"])
+            null = layer(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])[0]
+    assert torch.allclose(null, dense, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(parameter, before[name]) for name, parameter in layer.named_parameters())  # restored
+
+
+def _without_floor(monkeypatch):
+    """The pass as before the floor: a null probe that changes nothing measures 0."""
+    monkeypatch.setattr(sensitivity_module, "rounding_null", lambda layer: contextlib.nullcontext())
+
+
+def test_bfloat16_rounding_floor_is_subtracted(tiny_model, blocks, monkeypatch):
+    """Probes whose true KL is tiny measure bfloat16's rounding (the floor) unless it is
+    subtracted; subtracted, they come out well under it, and large KLs keep their float32 values."""
+    spec = get_spec("llama")
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(30)
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: module.weight.detach() * (1 + 0.01 * torch.randn(module.weight.shape, generator=generator))
+               for name, module in tiny_model.named_modules() if name.endswith(("q_proj", "gate_proj"))}
+    weights["model.layers.1.self_attn.o_proj"] = tiny_model.model.layers[1].self_attn.o_proj.weight.detach() * 0.5
+    exact = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False)
+    corrected = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False, dtype=torch.bfloat16)
+    _without_floor(monkeypatch)
+    raw = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False, dtype=torch.bfloat16)
+    small = [name for name in weights if "o_proj" not in name]
+    assert all(exact[name] < 2e-5 and raw[name] > 5 * exact[name] for name in small)  # the floor
+    assert sum(corrected[name] for name in small) < 0.3 * sum(raw[name] for name in small)
+    large = "model.layers.1.self_attn.o_proj"
+    assert exact[large] > 1e-2 and abs(corrected[large] - exact[large]) <= 0.05 * exact[large]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
