@@ -13,6 +13,8 @@ from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForC
 from compressor.arch import ArchSpec, get_spec, to_llama
 from compressor.modeling_basis_llama import BasisLlamaConfig
 
+INDEX_NAME = "model.safetensors.index.json"
+
 
 class ModelFolderError(ValueError):
     pass
@@ -157,7 +159,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Pre
         raise ModelFolderError(f"{model_dir} is a quantized checkpoint (its config has a quantization_config); "
                                "compress its float16 / bfloat16 / float32 original.")
     check_weights(model_dir)
-    files = _weight_files(Path(model_dir))
+    files = weight_files(Path(model_dir))
     model = (_from_weights(Path(model_dir), files, dtype) if files
              else AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype))  # e.g. pytorch_model.bin
     llama = to_llama(model, spec)
@@ -165,11 +167,12 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Pre
     return llama, get_spec("llama")
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's safetensors files, as from_pretrained picks them (none: another format)."""
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files, as from_pretrained picks them: model.safetensors,
+    else the shards its index names (none: another format). Loading and streaming both read these."""
     if (model_dir / "model.safetensors").is_file():
         return [model_dir / "model.safetensors"]
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / INDEX_NAME
     if index.is_file():
         return [model_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     return []

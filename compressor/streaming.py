@@ -54,7 +54,7 @@ from compressor.evaluate import peak_rss_bytes, rss_bytes
 from compressor.export import basis_config, compression_record
 from compressor.factor_store import FactorStore
 from compressor.files import atomic_folder, check_free_space
-from compressor.load import ModelFolderError, check_weights, read_model_type, source_dtype
+from compressor.load import INDEX_NAME, ModelFolderError, check_weights, read_model_type, source_dtype, weight_files
 from compressor.layers import LayerReport, cut_layer, output_gram_linears
 from compressor.neurons import check_mlp, cut_mlp, uniform_width
 from compressor.streaming_global import stored_bases_bytes, streamed_global_ranks
@@ -62,28 +62,24 @@ from compressor.streaming_neurons import streamed_neuron_widths
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
 BASES_FOLDER = ".bases"  # inside the export's temporary folder, removed before it is renamed
 
 
 class LazyCheckpoint:
-    """The tensors of a safetensors checkpoint (one file, or shards with an index), read on
+    """The tensors of a safetensors checkpoint (the files load_model would read), read on
     demand. Each file is opened (memory-mapped) only while tensors are read from it, so the
     pages of layers already done do not stay mapped into the process."""
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
-        index = self.model_dir / INDEX_NAME
-        if index.is_file():
-            self.file_of = dict(json.loads(index.read_text())["weight_map"])
-        else:
-            self.file_of = {}
-            for path in sorted(self.model_dir.glob("*.safetensors")):
-                with safe_open(path, framework="pt") as handle:
-                    self.file_of.update(dict.fromkeys(handle.keys(), path.name))
+        self.file_of = {}
+        for path in weight_files(self.model_dir):
+            with safe_open(path, framework="pt") as handle:  # the header only
+                self.file_of.update(dict.fromkeys(handle.keys(), path.name))
         if not self.file_of:
-            raise ModelFolderError(f"{self.model_dir} has no safetensors weights; streaming reads only "
-                                   "safetensors (convert *.bin checkpoints with save_pretrained first).")
+            raise ModelFolderError(f"{self.model_dir} has no safetensors weights (model.safetensors, or shards "
+                                   f"named by {INDEX_NAME}); streaming reads only safetensors (convert *.bin "
+                                   "checkpoints with save_pretrained first).")
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of

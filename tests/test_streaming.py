@@ -232,3 +232,24 @@ def test_streaming_mlp_neurons_refuses_a_biased_mlp_before_its_first_pass(tmp_pa
         compress_streaming(tmp_path / "dense", blocks, CompressConfig(ratio=0.2, mlp="neurons"), tmp_path / "out",
                            progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_streaming_reads_the_files_loading_reads(tmp_path, tiny_model, tokenizer):
+    """One rule for both (compressor.load.weight_files, from_pretrained's): model.safetensors
+    before a stale index beside it; shards without their index are no checkpoint."""
+    whole, stale = tmp_path / "whole", tmp_path / "stale-shards"
+    tiny_model.save_pretrained(whole)
+    with torch.no_grad():
+        tiny_model.model.norm.weight.add_(1.0)  # the shards hold other values
+    tiny_model.save_pretrained(stale, max_shard_size="60KB")
+    for name in [path.name for path in stale.iterdir() if "safetensors" in path.name]:
+        (whole / name).write_bytes((stale / name).read_bytes())  # a stale index and its shards
+    checkpoint = compressor.streaming.LazyCheckpoint(whole)
+    assert set(checkpoint.file_of.values()) == {"model.safetensors"}
+    loaded, _ = load_model(whole)
+    streamed = checkpoint.read(["model.norm.weight"], torch.float32)["model.norm.weight"]
+    assert torch.equal(streamed, loaded.model.norm.weight)
+
+    (stale / "model.safetensors.index.json").unlink()
+    with pytest.raises(ModelFolderError, match="no safetensors weights"):
+        compressor.streaming.LazyCheckpoint(stale)
