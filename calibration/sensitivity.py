@@ -178,7 +178,7 @@ class ProbeFront:
     Holds the dense inputs of the current layer and, for every linear probed so far, the
     inputs the current layer gets with that linear truncated: n x seq_len x hidden floats per
     probe; at the last layer, 0.57 GiB for the example model's 168 linears at 2 x 512 tokens,
-    3.5 GiB for 7B's 224.
+    3.5 GiB for 7B's 224 (below float32, one null probe per layer more: 24 and 32).
     """
 
     def __init__(self, first_inputs: LayerInputs, n_positions: int = 128, dtype: torch.dtype = torch.float32):
