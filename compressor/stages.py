@@ -115,10 +115,10 @@ def probe_ranks(shapes: dict[str, Shape], config: CompressConfig) -> dict[str, i
     return uniform_ranks(shapes, config.probe_ratio, config.align, tolerance=0.05)
 
 
-def _precision_key(dtype: str) -> str:
-    """float32: the keys as before the option; below it the floor is subtracted (not in the
-    values cached before that)."""
-    return "" if dtype == "float32" else f"_{dtype}_floor"
+def _precision_key(dtype: str, measured: bool = True) -> str:
+    """float32: the keys as before the option. Below it the measured pass subtracts its rounding
+    floor, which the values cached before that did not."""
+    return "" if dtype == "float32" else f"_{dtype}" + "_floor" * measured
 
 
 def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: torch.Tensor,
@@ -128,7 +128,7 @@ def sensitivities(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks: t
     fisher) estimated from gradients; cached per method and estimator."""
     cal = config.calibration
     n, dtype = cal.sensitivity_samples, cal.sensitivity_dtype
-    precision = _precision_key(dtype)
+    precision = _precision_key(dtype, measured=cal.sensitivity_estimator == "measured")
     estimator = "" if cal.sensitivity_estimator == "measured" else f"_fisher{cal.fisher_samples}"
     key = (f"sensitivity_{config.method}_probe{config.probe_ratio:g}_align{config.align}_n{n}"
            f"{_bases_key(config)}{precision}{estimator}")
