@@ -9,6 +9,8 @@ exp(total negative log-likelihood / total predicted tokens) over the first `limi
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import resource
 import time
@@ -112,6 +114,16 @@ def rss_bytes(pid: int | str = "self") -> int:
     """Resident memory of this process (or of process `pid`) now (Linux)."""
     with open(f"/proc/{pid}/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def release_freed_memory() -> None:
+    """Hand the free pages of the C heap back to the system (glibc's malloc_trim). A stage's
+    freed tensors otherwise stay resident, scattered between live ones, and the next stage's
+    peak comes on top of them. Not glibc (no malloc_trim): nothing to hand back this way."""
+    library = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None
+    if trim is not None:
+        trim(0)
 
 
 def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:

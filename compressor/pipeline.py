@@ -25,6 +25,7 @@ from compressor.allocate import Shape, given_ranks, summarize
 from compressor.arch import ArchSpec, decoder_layers, linear_modules
 from compressor.config import CompressConfig
 from compressor.decompose import check_finite
+from compressor.evaluate import release_freed_memory
 from compressor.files import check_free_space, process_alive
 from compressor.layers import LayerReport, sequential_cut
 from compressor.load import read_rank_map
@@ -55,6 +56,7 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[stage] = time.perf_counter() - start
+    release_freed_memory()  # what the stage freed, before the next one allocates its own
 
 
 SCRATCH_PREFIX = "basis-scratch-"
