@@ -340,13 +340,13 @@ def _neuron_plan(model: LlamaForCausalLM, source: ArchSpec, spec: ArchSpec, chec
     return cut, totals, allocation_pass, True
 
 
-def _head(model: LlamaForCausalLM, checkpoint: LazyCheckpoint, device: torch.device) -> Callable:
-    """The LM head as a function of the final hidden states (an untied one read now: the
-    skeleton leaves it on meta)."""
+def _head(model: LlamaForCausalLM, checkpoint: LazyCheckpoint, device: torch.device) -> torch.nn.Linear:
+    """The LM head (an untied one read now: the skeleton leaves it on meta)."""
     head = model.get_output_embeddings()
     if head.weight.is_meta:
         weight = checkpoint.read(["lm_head.weight"], torch.float32)["lm_head.weight"].to(device)
-        head = partial(torch.nn.functional.linear, weight=weight)
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        head.weight = torch.nn.Parameter(weight, requires_grad=False)
     return head
 
 

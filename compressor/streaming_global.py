@@ -42,7 +42,7 @@ from compressor.stages import global_allocation, probe_ranks
 
 
 def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: Callable[[int], nn.Module],
-                          head: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor,
+                          head: nn.Module, blocks: torch.Tensor,
                           shapes: dict[str, Shape], config: CompressConfig, progress: bool = True,
                           on_layer: Callable[[int, nn.Module], None] | None = None,
                           store: FactorStore | None = None) -> tuple[dict[str, int | None], dict]:
@@ -63,7 +63,7 @@ def streamed_global_ranks(model: LlamaForCausalLM, spec: ArchSpec, read_layer: C
 
 
 def probe_pass(model: LlamaForCausalLM, spec: ArchSpec, read_layer: Callable[[int], nn.Module],
-               head: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, config: CompressConfig,
+               head: nn.Module, blocks: torch.Tensor, config: CompressConfig,
                probes_of: Callable[[int, nn.Module, dict], dict], desc: str, progress: bool = True,
                on_layer: Callable[[int, nn.Module], None] | None = None) -> tuple[dict[str, float], dict]:
     """One pass over the layers of a streamed checkpoint: `model` is its skeleton,

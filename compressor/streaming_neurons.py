@@ -32,7 +32,7 @@ from compressor.streaming_global import probe_pass
 
 
 def streamed_neuron_widths(model: LlamaForCausalLM, spec: ArchSpec, read_layer: Callable[[int], nn.Module],
-                           head: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, width: int,
+                           head: nn.Module, blocks: torch.Tensor, width: int,
                            config: CompressConfig, progress: bool = True,
                            on_layer: Callable[[int, nn.Module], None] | None = None,
                            ) -> tuple[dict[str, int], dict[str, torch.Tensor], dict]:
