@@ -36,7 +36,7 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 8
     sensitivity_samples: int = 2  # sequences for the measured-sensitivity pass (global, energy)
-    sensitivity_dtype: str = "float32"  # float32 | bfloat16: the pass's matmuls (autocast)
+    sensitivity_dtype: str = "float32"  # float32 | bfloat16: the pass's matmuls (autocast, floor subtracted)
     # measured: each linear truncated alone, the rest of the network run (calibration/sensitivity.py);
     # fisher: estimated from gradients, one forward and fisher_samples backward passes per sequence
     # (calibration/fisher.py)

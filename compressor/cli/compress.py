@@ -120,7 +120,8 @@ def _add_run_options(compress: argparse.ArgumentParser) -> None:
     compress.add_argument("--sensitivity-samples", type=int, help="sequences for the sensitivity pass")
     compress.add_argument("--sensitivity-dtype", choices=["float32", "bfloat16"],
                           help="the sensitivity pass's matrix products (bfloat16: autocast, faster where the CPU "
-                               "or GPU has bfloat16 units)")
+                               "or GPU has bfloat16 units; each layer's rounding floor, measured by a null probe, "
+                               "is subtracted)")
     compress.add_argument("--sensitivity-estimator", choices=["measured", "fisher"],
                           help="global allocation's price of each linear: measured (truncated alone, the rest of "
                                "the network run) or fisher (estimated from gradients: one forward and "
