@@ -17,7 +17,7 @@ differently from the dense run's from its layer on: that alone reads as a KL of 
 example model, added to every probe's, above the true value of the matrices global allocation
 cuts deepest (1e-6 to 5e-5 in float32: reports/sensitivity-precision). So each layer also runs
 a null probe (rounding_null: the same function in exact arithmetic, rounded anew from that
-layer on) and its KL, the floor, is subtracted from the KLs of that layer's probes.
+layer on) and its KL, the floor, is subtracted from the KLs of that layer's probes (less_floor).
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ _ROWS = 64
 
 
 def cast_head(head: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The LM head as the pass computes it: below float32 with its weight cast once. Under
-    autocast (its cast cache off: autocast_to) every chunk would cast the vocabulary-wide weight
-    again, which cost more than the product (0.49 against 0.21 s per chunk, one core)."""
+    """The LM head as the pass computes it: below float32 with its weight cast once, a copy held
+    for the pass (272 MB of bfloat16 for the example model's 151,936 x 896). Under autocast (its
+    cast cache off: autocast_to) every chunk would cast the vocabulary-wide weight again, which
+    cost more than the product (0.49 against 0.21 s per chunk, one core)."""
     if dtype == torch.float32:
         return head
     weight = head.weight.detach().to(dtype)
@@ -93,6 +94,15 @@ def autocast_to(dtype: torch.dtype, device: torch.device) -> torch.autocast:
 
 # Not a power of two: scaled by it, every weight rounds anew to bfloat16.
 NULL_SCALE = 1.25
+# What the subtraction resolves: a probe's own floor is not its layer's null probe's (on the
+# example model the corrected KLs of the matrices under the floor exceed float32's by 0.16-0.37
+# of it), so a KL that comes out below a tenth of the floor is priced at that tenth, not at zero,
+# which the allocation takes for free (it cut layer 0's q_proj to rank 8: reports/sensitivity-precision).
+FLOOR_RESOLUTION = 0.1
+
+
+def less_floor(kl: float, floor: float) -> float:
+    return max(kl - floor, FLOOR_RESOLUTION * floor)
 
 
 @contextmanager
@@ -105,9 +115,9 @@ def rounding_null(layer: nn.Module) -> Iterator[None]:
                   ((up.weight, NULL_SCALE), (up.bias, NULL_SCALE), (down.weight, 1 / NULL_SCALE))
                   if parameter is not None]
     originals = [parameter.data for parameter, _ in parameters]
-    for parameter, factor in parameters:
-        parameter.data = parameter.data * factor
     try:
+        for parameter, factor in parameters:
+            parameter.data = parameter.data * factor
         yield
     finally:
         for (parameter, _), original in zip(parameters, originals):
@@ -166,23 +176,22 @@ def _measure(model: nn.Module, spec: ArchSpec, layers, layer_inputs: list[LayerI
     reference = _reference(norm, head, layer_inputs[-1], positions)
 
     sensitivity: dict[str, float] = {}
-    floor = [0.0] * len(layers)
-    jobs = [(index, name) for index in range(len(layers)) for name in (None,) * null + spec.linear_names]
+    floor: dict[int, float] = {}  # below float32, measured at the layer's first probe
+    jobs = [(index, name) for index in range(len(layers)) for name in spec.linear_names]
     for index, name in tqdm(jobs, desc="sensitivity", disable=not progress):
-        if name is None:
-            with on_device(layers[index], device), rounding_null(layers[index]):
-                hidden = _run_from(layers, index, layer_inputs[index], device)
-            floor[index] = _kl(norm, head, reference, hidden, positions, f"layer {index}'s null probe")
-            continue
         full_name = spec.full_name(index, name)
         with torch.autocast(reference.device.type, enabled=False):  # the weight in full precision, as streamed
             weight = truncated_weight(full_name)
         if weight is None:
             continue
+        if null and index not in floor:
+            with on_device(layers[index], device), rounding_null(layers[index]):
+                hidden = _run_from(layers, index, layer_inputs[index], device)
+            floor[index] = _kl(norm, head, reference, hidden, positions, f"layer {index}'s null probe")
         with swapped_weight(layers[index].get_submodule(name), weight):
             hidden = _run_from(layers, index, layer_inputs[index], device)
         kl = _kl(norm, head, reference, hidden, positions, full_name)
-        sensitivity[full_name] = max(kl - floor[index], 0.0)
+        sensitivity[full_name] = less_floor(kl, floor[index]) if null else kl
     return sensitivity
 
 
@@ -199,8 +208,9 @@ class ProbeFront:
         self.dense = first_inputs
         self.probes: dict[str, LayerInputs] = {}
         self.layer_of: dict[str, int] = {}
-        self.nulls: dict[int, LayerInputs] = {}  # below float32: each layer's rounding floor (module doc)
+        self.nulls: dict[int, LayerInputs] = {}  # below float32: the rounding floor of each probed layer
         self.dtype, self.null = dtype, dtype != torch.float32
+        self.layer = 0  # the index of the layer the next advance runs
         self.positions = probe_positions(first_inputs.hidden[0].shape[1], n_positions)
         self.autocast = autocast_to(dtype, first_inputs.hidden[0].device)
 
@@ -208,7 +218,6 @@ class ProbeFront:
     def advance(self, layer: nn.Module, truncated: dict[str, tuple[nn.Module, torch.Tensor]]) -> None:
         """Run the probes so far through `layer` (dense), and start one per entry of `truncated`
         (full name -> (the layer's linear, the weight to try))."""
-        index = len(self.nulls) if self.null else None
         with self.autocast:
             for full_name, inputs in self.probes.items():
                 self.probes[full_name] = run_layer(layer, inputs)
@@ -217,11 +226,12 @@ class ProbeFront:
             for full_name, (module, weight) in truncated.items():
                 with swapped_weight(module, weight):
                     self.probes[full_name] = run_layer(layer, self.dense)
-                self.layer_of[full_name] = index
-            if self.null:
+                self.layer_of[full_name] = self.layer
+            if self.null and truncated:
                 with rounding_null(layer):
-                    self.nulls[index] = run_layer(layer, self.dense)
+                    self.nulls[self.layer] = run_layer(layer, self.dense)
             self.dense = run_layer(layer, self.dense)
+        self.layer += 1
 
     @torch.no_grad()
     def sensitivities(self, norm: nn.Module, head: nn.Module) -> dict[str, float]:
@@ -231,6 +241,8 @@ class ProbeFront:
             reference = _reference(norm, head, self.dense, self.positions)
             floor = {index: _kl(norm, head, reference, inputs, self.positions, f"layer {index}'s null probe")
                      for index, inputs in self.nulls.items()}
-            return {full_name: max(_kl(norm, head, reference, inputs, self.positions, full_name)
-                                   - floor.get(self.layer_of[full_name], 0.0), 0.0)
-                    for full_name, inputs in self.probes.items()}
+            measured = {full_name: _kl(norm, head, reference, inputs, self.positions, full_name)
+                        for full_name, inputs in self.probes.items()}
+        if not self.null:
+            return measured
+        return {full_name: less_floor(kl, floor[self.layer_of[full_name]]) for full_name, kl in measured.items()}

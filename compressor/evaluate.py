@@ -10,9 +10,10 @@ exp(total negative log-likelihood / total predicted tokens) over the first `limi
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import math
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,12 +117,25 @@ def rss_bytes(pid: int | str = "self") -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (not Linux, or musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library
+    except OSError:
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
 def release_freed_memory() -> None:
-    """Hand the free pages of the C heap back to the system (glibc's malloc_trim). A stage's
-    freed tensors otherwise stay resident, scattered between live ones, and the next stage's
-    peak comes on top of them. Not glibc (no malloc_trim): nothing to hand back this way."""
-    library = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None
+    """Hand the free pages of the C heap back to the system. A stage's freed tensors otherwise
+    stay resident, scattered between live ones, and the next stage's peak comes on top of them.
+    Without malloc_trim there is nothing to hand back this way (memory is not lost: it is reused)."""
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 

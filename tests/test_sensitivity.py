@@ -70,7 +70,6 @@ def test_the_null_probe_is_the_dense_layer_in_exact_arithmetic(tiny_model, block
     layer = decoder_layers(tiny_model, spec)[1]
     with torch.no_grad():
         layer.mlp.up_proj.bias = torch.nn.Parameter(torch.randn(layer.mlp.up_proj.out_features))  # scaled with it
-    layer.double()
     inputs = capture_first_layer_inputs(tiny_model.double(), spec, blocks[:2], 2)
     before = {name: parameter.clone() for name, parameter in layer.named_parameters()}
     with torch.no_grad():
@@ -80,6 +79,9 @@ def test_the_null_probe_is_the_dense_layer_in_exact_arithmetic(tiny_model, block
             null = layer(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])[0]
     assert torch.allclose(null, dense, rtol=1e-12, atol=1e-12)
     assert all(torch.equal(parameter, before[name]) for name, parameter in layer.named_parameters())  # restored
+    with pytest.raises(RuntimeError), rounding_null(layer):
+        raise RuntimeError("a failed probe")
+    assert all(torch.equal(parameter, before[name]) for name, parameter in layer.named_parameters())
 
 
 def _without_floor(monkeypatch):
@@ -104,6 +106,7 @@ def test_bfloat16_rounding_floor_is_subtracted(tiny_model, blocks, monkeypatch):
     small = [name for name in weights if "o_proj" not in name]
     assert all(exact[name] < 2e-5 and raw[name] > 5 * exact[name] for name in small)  # the floor
     assert sum(corrected[name] for name in small) < 0.3 * sum(raw[name] for name in small)
+    assert min(corrected[name] for name in small) > 0  # below what it resolves, never free
     large = "model.layers.1.self_attn.o_proj"
     assert exact[large] > 1e-2 and abs(corrected[large] - exact[large]) <= 0.05 * exact[large]
 
@@ -111,9 +114,10 @@ def test_bfloat16_rounding_floor_is_subtracted(tiny_model, blocks, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_probes_run_layer_by_layer_measure_what_each_probe_run_alone_does(tiny_model, blocks, dtype):
     """ProbeFront (a streamed checkpoint's layers, each read once) gives truncation_sensitivity's
-    numbers: the same layers on the same inputs, in another order."""
+    numbers: the same layers on the same inputs, in another order (layer 1 probes nothing: no
+    null probe there, and layer 2's probes still subtract their own layer's floor)."""
     spec = get_spec("llama")
-    weights = _perturbed_weights(tiny_model)
+    weights = {name: weight for name, weight in _perturbed_weights(tiny_model).items() if ".1." not in name}
     alone = truncation_sensitivity(tiny_model, spec, blocks[:2], weights.get, progress=False, dtype=dtype)
 
     front = ProbeFront(capture_first_layer_inputs(tiny_model, spec, blocks[:2], 2), dtype=dtype)
@@ -122,6 +126,7 @@ def test_probes_run_layer_by_layer_measure_what_each_probe_run_alone_does(tiny_m
                               for full_name, weight in weights.items() if f".{index}." in full_name})
     together = front.sensitivities(tiny_model.model.norm, tiny_model.lm_head)
     assert together.keys() == alone.keys() == weights.keys()
+    assert sorted(front.nulls) == ([] if dtype == torch.float32 else [0, 2])
     assert all(value > 0 for value in alone.values())
     for name, value in alone.items():
         assert abs(together[name] - value) <= 1e-6 * value, name
