@@ -42,8 +42,8 @@ def probe_positions(seq_len: int, n_positions: int) -> torch.Tensor:
 # Positions per chunk of the vocabulary-wide log-probabilities: a few (rows, vocabulary) arrays
 # live at a time (64 x 151,936 floats = 39 MB on the example model) instead of all positions'
 # (0.9 GB at 2 x 128 positions, which set the peak memory of the whole compression). Each chunk
-# reads the head's whole weight: at 32 rows that read bound the product (2.2 against 1.6 s of
-# head per probe at 64 rows, float32, this machine's 2 cores).
+# reads the head's whole weight, which bound the product at 32 rows: the probes of the last 4
+# layers took 66.5 and 67.1 s at 32 rows, 59.2 and 52.7 s at 64 (float32, reports/speed-main-11).
 # (Sensitivities cached with other chunks may differ from today's in their last bits.)
 _ROWS = 64
 
@@ -52,7 +52,7 @@ def cast_head(head: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], t
     """The LM head as the pass computes it: below float32 with its weight cast once, a copy held
     for the pass (272 MB of bfloat16 for the example model's 151,936 x 896). Under autocast (its
     cast cache off: autocast_to) every chunk would cast the vocabulary-wide weight again, which
-    cost more than the product (0.49 against 0.21 s per chunk, one core)."""
+    cost more than the product (0.49 against 0.21 s per chunk of 32 in a one-core microbenchmark)."""
     if dtype == torch.float32:
         return head
     weight = head.weight.detach().to(dtype)
