@@ -185,7 +185,7 @@ def _measure(model: nn.Module, spec: ArchSpec, layers, layer_inputs: list[LayerI
         if weight is None:
             continue
         if null and index not in floor:
-            with on_device(layers[index], device), rounding_null(layers[index]):
+            with rounding_null(layers[index]):  # as swapped_weight: _run_from takes the layer to the device
                 hidden = _run_from(layers, index, layer_inputs[index], device)
             floor[index] = _kl(norm, head, reference, hidden, positions, f"layer {index}'s null probe")
         with swapped_weight(layers[index].get_submodule(name), weight):
