@@ -49,13 +49,12 @@ _ROWS = 64
 
 
 def cast_head(head: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The LM head as the pass computes it: below float32 with its weight cast once, a copy held
-    for the pass (272 MB of bfloat16 for the example model's 151,936 x 896). Under autocast (its
+    """The LM head as the pass computes it, in `dtype`: its weight cast once where it is held in
+    another (bfloat16 products: 272 MB of bfloat16 for the example model's 151,936 x 896; a model
+    held in bfloat16, float32 products: 545 MB), a copy held for the pass. Under autocast (its
     cast cache off: autocast_to) every chunk would cast the vocabulary-wide weight again, which
     cost more than the product (0.49 against 0.21 s per chunk of 32 in a one-core microbenchmark)."""
-    if dtype == torch.float32:
-        return head
-    weight = head.weight.detach().to(dtype)
+    weight = head.weight.detach().to(dtype)  # no copy where the head is held in `dtype`
     bias = None if head.bias is None else head.bias.detach().to(dtype)
     return lambda hidden: nn.functional.linear(hidden.to(dtype), weight, bias)
 
@@ -117,7 +116,7 @@ def rounding_null(layer: nn.Module) -> Iterator[None]:
     originals = [parameter.data for parameter, _ in parameters]
     try:
         for parameter, factor in parameters:
-            parameter.data = parameter.data * factor
+            parameter.data = parameter.data.float() * factor  # held in bfloat16: rounded by autocast alone
         yield
     finally:
         for (parameter, _), original in zip(parameters, originals):
@@ -127,7 +126,8 @@ def rounding_null(layer: nn.Module) -> Iterator[None]:
 @contextmanager
 def swapped_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
     original = module.weight.data
-    module.weight.data = weight.to(original.device, original.dtype)
+    # At least float32: a model held in bfloat16 computes in float32 (compressor/precision.py).
+    module.weight.data = weight.to(original.device, torch.promote_types(original.dtype, torch.float32))
     try:
         yield
     finally:

@@ -71,6 +71,7 @@ def decompose_linear(weight: torch.Tensor, stats: InputStats | OutputStats, conf
     or bases that are not finite) becomes a DecompositionError naming the linear. Anything else
     (out of memory, a device error, a bug) propagates as it is: --on-failure dense must not
     hide it behind a linear left dense."""
+    weight = weight.to(torch.promote_types(weight.dtype, torch.float32))  # held in bfloat16: precision.py
     from_outputs = isinstance(stats, OutputStats)
     if from_outputs and (config.method, config.solver) != ("whiten", "eigh"):
         raise ValueError(f"{full_name}: output statistics serve whiten with the eigh solver only")
@@ -104,12 +105,14 @@ def output_energies(factor: Factorization, gram: torch.Tensor | None) -> torch.T
 
 @torch.no_grad()
 def low_rank_linear(dense: nn.Linear, up: torch.Tensor, down: torch.Tensor) -> LowRankLinear:
-    """The factors (up (out, r), down (r, in)) as a LowRankLinear in the dense linear's dtype,
-    keeping its bias."""
+    """The factors (up (out, r), down (r, in)) as a LowRankLinear in the dense linear's dtype, at
+    least float32 (a model held in bfloat16 computes in float32: compressor/precision.py), keeping
+    its bias."""
     # skip_init: the factors overwrite every parameter, so no random initialisation is drawn
     # (it took 7% of a layer's decomposition time on the example model).
     low_rank = nn.utils.skip_init(LowRankLinear, dense.in_features, dense.out_features, down.shape[0],
-                                  bias=dense.bias is not None, device=dense.weight.device, dtype=dense.weight.dtype)
+                                  bias=dense.bias is not None, device=dense.weight.device,
+                                  dtype=torch.promote_types(dense.weight.dtype, torch.float32))
     low_rank.up.weight.copy_(up)
     low_rank.down.weight.copy_(down)
     if dense.bias is not None:
@@ -138,7 +141,7 @@ def cut_layer(layer: nn.Module, spec: ArchSpec, index: int, stats: dict | None, 
             factor, gram = decompose_linear(dense.weight.detach(), stats[groups[name]], config, full_name)
         if rank > factor.u.shape[1]:
             raise RuntimeError(f"{full_name}: rank {rank} is above its {factor.u.shape[1]} bases.")
-        report.output_error = kept_output_error(dense.weight.detach(), factor, rank, gram)
+        report.output_error = kept_output_error(dense.weight.detach().float(), factor, rank, gram)
         replace_module(layer, name, low_rank_linear(dense, *factor.factors(rank)))
     return reports
 

@@ -30,6 +30,7 @@ from compressor.files import check_free_space, process_alive
 from compressor.layers import LayerReport, sequential_cut
 from compressor.load import read_rank_map
 from compressor.neurons import cut_mlp, uniform_width
+from compressor.precision import computing_in_float32, holds_as_stored, low_precision
 from compressor.selection import fold_all, learn_key, learn_selection
 from compressor.candidates import quantization_summary, select_allocation, select_rank_and_bits
 from compressor.stages import (Bases, apply_ranks, allocate, calibrate, factorize, model_device,
@@ -91,6 +92,10 @@ def check_inputs(model: nn.Module, spec: ArchSpec, config: CompressConfig, learn
         raise ValueError("score learned needs its training blocks and runs where the model is (no --offload).")
     if config.mlp == "neurons" and offload_to is not None:
         raise ValueError("--mlp neurons runs where the model is (no --offload).")
+    if low_precision(model) and not holds_as_stored(config):
+        raise ValueError("This compression runs a backward, copies the model or writes weights in its dtype: "
+                         "load the model in float32 (load_model(folder, torch.float32)); held in bfloat16 or "
+                         "float16, only the forward-only stages run (precision.holds_as_stored).")
     if config.calibration.sensitivity_estimator == "fisher" and offload_to is not None:
         raise ValueError("--sensitivity-estimator fisher runs where the model is (no --offload): its backward "
                          "needs every layer at once.")
@@ -142,7 +147,8 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         clean_stale_scratch(Path(cache_root))
     if config.mlp == "neurons":
         return compress_neurons(model, spec, blocks, config, cache_root, model_id, progress)
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=cache_root) as scratch:
+    with (computing_in_float32(model, spec),  # a model held in bfloat16 / float16 computes as in float32
+          tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=cache_root) as scratch):
         check_free_space(Path(scratch), bases_bytes(model, spec), "the bases of every matrix")
         root = Path(cache_root) if keyed else Path(scratch)
         with timed(timings, "calibration"):

@@ -190,10 +190,13 @@ def cmd_fetch_example(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace, config: CompressConfig):
     from calibration.cache import model_fingerprint
-    from compressor.load import load_model
+    from compressor.load import load_model, source_dtype
+    from compressor.precision import held_dtype
 
     home, _ = paths(args)
-    model, spec = load_model(args.model)
+    # A bfloat16 checkpoint stays bfloat16 in memory where every stage runs forward only: each
+    # layer computes in float32 as it runs (precision.py), the same numbers at half the memory.
+    model, spec = load_model(args.model, held_dtype(config, source_dtype(args.model)))
     tokenizer, blocks = _calibration_data(args, config)
     model_id = None if getattr(args, "no_cache", False) else model_fingerprint(args.model)
     return home, model, spec, tokenizer, blocks, model_id
@@ -213,8 +216,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from compressor.stages import calibrate
 
     config = resolve_config(args, CompressConfig, FLAG_TO_CONFIG)
+    from compressor.precision import computing_in_float32
+
     home, model, spec, _, blocks, model_id = _prepare(args, config)
-    cache = calibrate(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
+    with computing_in_float32(model, spec):
+        cache = calibrate(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
     print(f"statistics: {cache.path}")
     return 0
 

@@ -1,0 +1,61 @@
+"""A checkpoint held in bfloat16 computes as the float32 model does (compressor/precision.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from helpers import tiny_llama_config
+from compressor.arch import get_spec, linear_modules
+from compressor.config import CompressConfig, config_from_dict
+from compressor.load import load_model
+from compressor.modeling_basis_llama import LowRankLinear
+from compressor.pipeline import compress
+from compressor.precision import computing_in_float32, held_dtype
+
+
+@pytest.fixture
+def bf16_dir(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    return tmp_path / "bf16"
+
+
+def test_a_forward_held_in_bfloat16_equals_the_float32_models(bf16_dir, blocks):
+    wide, spec = load_model(bf16_dir, torch.float32)
+    held, _ = load_model(bf16_dir, torch.bfloat16)
+    stored = {name: parameter.data_ptr() for name, parameter in held.named_parameters()}
+    with torch.no_grad(), computing_in_float32(held, spec):
+        logits = held(blocks).logits
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, wide(blocks).logits)
+    # Put back as stored (the same tensors, no rounding), the hooks removed.
+    assert all(parameter.data_ptr() == stored[name] and parameter.dtype == torch.bfloat16
+               for name, parameter in held.named_parameters())
+    assert held(blocks).logits.dtype == torch.bfloat16
+
+
+def test_compress_held_in_bfloat16_gives_the_float32_models_ranks_and_factors(bf16_dir, blocks):
+    config = config_from_dict({"ratio": 0.3, "method": "whiten", "allocation": "global", "tolerance": 0.02}, CompressConfig)
+    assert held_dtype(config, torch.bfloat16) == torch.bfloat16
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, spec = load_model(bf16_dir, dtype)
+        result = compress(model, spec, blocks, config, progress=False)
+        results[dtype] = (result.ranks, model)
+    assert results[torch.float32][0] == results[torch.bfloat16][0]
+    wide, held = (linear_modules(results[dtype][1], spec) for dtype in (torch.float32, torch.bfloat16))
+    assert any(isinstance(module, LowRankLinear) for module in held.values())
+    for name, module in held.items():
+        for (key, tensor), other in zip(module.state_dict().items(), wide[name].state_dict().values()):
+            expected = other if tensor.dtype == torch.float32 else other.to(tensor.dtype)  # kept dense: as stored
+            assert torch.equal(tensor, expected), (name, key)
+
+
+def test_stages_that_run_a_backward_refuse_a_model_held_in_bfloat16(bf16_dir, blocks):
+    config = config_from_dict({"ratio": 0.3, "score": "taylor", "tolerance": 0.02}, CompressConfig)
+    assert held_dtype(config, torch.bfloat16) == torch.float32
+    model, spec = load_model(bf16_dir, torch.bfloat16)
+    with pytest.raises(ValueError, match="load the model in float32"):
+        compress(model, spec, blocks, config, progress=False)
