@@ -138,8 +138,7 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     blocks = blocks.to(model_device(model))
     timings: dict[str, float] = {}
     params_before = sum(p.numel() for p in model.parameters())
-    # Without a model id (an in-memory model) statistics cannot be keyed: keep them scratch.
-    keyed = cache_root is not None and bool(model_id)
+    keyed = cache_root is not None and bool(model_id)  # else (an in-memory model) the statistics are scratch
     # The scratch (the bases of every matrix, and unkeyed statistics) goes beside the cache: the
     # disk the user chose for large files (--home), not the system's temporary folder.
     if cache_root is not None:
@@ -165,7 +164,8 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
                                                                        timings, progress, offload_to)
             scores = {} if costs is None else {f"{name}.score": cost.float() for name, cost in costs.items()}
     summary = {**summarize(bases.shapes, ranks), "model_params_before": params_before,
-               "model_params_after": sum(p.numel() for p in model.parameters())}
+               "model_params_after": sum(p.numel() for p in model.parameters()), 
+               "held_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")}
     if bases.failed:  # the budget was spent on the others
         summary["kept_dense_after_failure"] = bases.failed
     if config.ranks_from:

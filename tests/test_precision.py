@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from helpers import tiny_llama_config
+from helpers import make_tokenizer, tiny_llama_config
 from compressor.arch import get_spec, linear_modules
 from compressor.config import CompressConfig, config_from_dict
 from compressor.load import load_model
@@ -44,6 +46,7 @@ def test_compress_held_in_bfloat16_gives_the_float32_models_ranks_and_factors(bf
         model, spec = load_model(bf16_dir, dtype)
         result = compress(model, spec, blocks, config, progress=False)
         results[dtype] = (result.ranks, model)
+        assert result.summary["held_dtype"] == str(dtype).removeprefix("torch.")
     assert results[torch.float32][0] == results[torch.bfloat16][0]
     wide, held = (linear_modules(results[dtype][1], spec) for dtype in (torch.float32, torch.bfloat16))
     assert any(isinstance(module, LowRankLinear) for module in held.values())
@@ -59,3 +62,29 @@ def test_stages_that_run_a_backward_refuse_a_model_held_in_bfloat16(bf16_dir, bl
     model, spec = load_model(bf16_dir, torch.bfloat16)
     with pytest.raises(ValueError, match="load the model in float32"):
         compress(model, spec, blocks, config, progress=False)
+
+
+def test_the_cli_holds_a_bfloat16_checkpoint_as_stored_and_exports_what_float32_does(bf16_dir, tmp_path, corpus,
+                                                                                     monkeypatch):
+    import compressor.load
+    import compressor.precision
+    from safetensors.torch import load_file
+
+    from compressor.cli import main
+
+    loaded, load_model_as_is = [], compressor.load.load_model
+    monkeypatch.setattr(compressor.load, "load_model",
+                        lambda folder, dtype=torch.float32: loaded.append(dtype) or load_model_as_is(folder, dtype))
+    shutil.copytree(bf16_dir, tmp_path / "with-tokenizer")
+    make_tokenizer().save_pretrained(tmp_path / "with-tokenizer")
+    (tmp_path / "settings.yaml").write_text("tolerance: 0.02\n")
+    common = ["compress", "--model", str(tmp_path / "with-tokenizer"), "--target", str(corpus), "--ratio", "0.3",
+              "--config", str(tmp_path / "settings.yaml"), "--samples", "4", "--seq-len", "32", "--sensitivity-samples", "2", "--quiet"]
+    # Each with its own home: nothing the first computed is read back by the second.
+    assert main([*common, "--out", str(tmp_path / "held"), "--home", str(tmp_path / "home-held")]) == 0
+    monkeypatch.setattr(compressor.precision, "held_dtype", lambda config, stored: torch.float32)
+    assert main([*common, "--out", str(tmp_path / "wide"), "--home", str(tmp_path / "home-wide")]) == 0
+    assert loaded == [torch.bfloat16, torch.float32]
+    held, wide = (load_file(tmp_path / name / "model.safetensors") for name in ("held", "wide"))
+    assert held.keys() == wide.keys() and all(torch.equal(held[key], wide[key]) for key in held)
+    assert all(tensor.dtype == torch.bfloat16 for tensor in held.values() if tensor.is_floating_point())

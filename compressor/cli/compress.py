@@ -21,11 +21,9 @@ FLAG_TO_CONFIG = {
     "global_solver": (None, "global_solver"), "sequential": (None, "sequential"),
     "score": (None, "score"), "gradient_samples": ("calibration", "gradient_samples"),
     "align": (None, "align"), "dense": (None, "dense_export"),
-    "target": ("calibration", "source"), "samples": ("calibration", "samples"),
-    "seq_len": ("calibration", "seq_len"), "seed": ("calibration", "seed"),
-    "batch_size": ("calibration", "batch_size"),
-    "sensitivity_samples": ("calibration", "sensitivity_samples"),
-    "sensitivity_dtype": ("calibration", "sensitivity_dtype"),
+    "target": ("calibration", "source"), "samples": ("calibration", "samples"), "seed": ("calibration", "seed"),
+    "seq_len": ("calibration", "seq_len"), "batch_size": ("calibration", "batch_size"),
+    "sensitivity_samples": ("calibration", "sensitivity_samples"), "sensitivity_dtype": ("calibration", "sensitivity_dtype"),
     "sensitivity_estimator": ("calibration", "sensitivity_estimator"),
     "fisher_samples": ("calibration", "fisher_samples"),
     "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
@@ -194,8 +192,7 @@ def _prepare(args: argparse.Namespace, config: CompressConfig):
     from compressor.precision import held_dtype
 
     home, _ = paths(args)
-    # A bfloat16 checkpoint stays bfloat16 in memory where every stage runs forward only: each
-    # layer computes in float32 as it runs (precision.py), the same numbers at half the memory.
+    # held as stored (bfloat16) where every stage runs forward only, computed in float32: precision.py
     model, spec = load_model(args.model, held_dtype(config, source_dtype(args.model)))
     tokenizer, blocks = _calibration_data(args, config)
     model_id = None if getattr(args, "no_cache", False) else model_fingerprint(args.model)
@@ -213,11 +210,10 @@ def _calibration_data(args: argparse.Namespace, config: CompressConfig):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from compressor.precision import computing_in_float32
     from compressor.stages import calibrate
 
     config = resolve_config(args, CompressConfig, FLAG_TO_CONFIG)
-    from compressor.precision import computing_in_float32
-
     home, model, spec, _, blocks, model_id = _prepare(args, config)
     with computing_in_float32(model, spec):
         cache = calibrate(model, spec, blocks, config, home / "stats", model_id, progress=not args.quiet)
