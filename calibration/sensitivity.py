@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from calibration.capture import LayerInputs, capture_first_layer_inputs, on_device, run_layer
 from compressor.arch import ArchSpec, decoder_layers
+from compressor.precision import in_float32
 
 
 def probe_positions(seq_len: int, n_positions: int) -> torch.Tensor:
@@ -116,7 +117,8 @@ def rounding_null(layer: nn.Module) -> Iterator[None]:
     originals = [parameter.data for parameter, _ in parameters]
     try:
         for parameter, factor in parameters:
-            parameter.data = parameter.data.float() * factor  # held in bfloat16: rounded by autocast alone
+            # At least float32 (a model held in bfloat16): the scaled weight rounded by autocast alone.
+            parameter.data = parameter.data.to(torch.promote_types(parameter.dtype, torch.float32)) * factor
         yield
     finally:
         for (parameter, _), original in zip(parameters, originals):
@@ -160,38 +162,45 @@ def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tenso
                             dtype)
 
 
-def _run_from(layers, index: int, inputs: LayerInputs, device: torch.device | None) -> LayerInputs:
+def _run_from(layers, index: int, states: dict, device: torch.device | None) -> dict:
+    """Every state (a LayerInputs entering layer `index`) through the layers from `index` on,
+    layer by layer: a layer held below float32 is upcast once for all of them (precision.py)."""
     for layer in layers[index:]:
-        with on_device(layer, device):
-            inputs = run_layer(layer, inputs)
-    return inputs
+        with on_device(layer, device), in_float32(layer):
+            states = {key: run_layer(layer, inputs) for key, inputs in states.items()}
+    return states
 
 
 def _measure(model: nn.Module, spec: ArchSpec, layers, layer_inputs: list[LayerInputs], positions: torch.Tensor,
              truncated_weight: Callable[[str], torch.Tensor | None], progress: bool,
              device: torch.device | None, dtype: torch.dtype) -> dict[str, float]:
-    """Below float32 each layer's rounding floor (its null probe's KL) is subtracted from its probes'."""
+    """One layer's probes at a time, each through its own layer, then together through the rest
+    (a few hidden states at once). Below float32 each layer's rounding floor (its null probe's
+    KL) is subtracted from its probes'."""
     norm, head = model.get_submodule(spec.norm_path), cast_head(model.get_output_embeddings(), dtype)
     null = dtype != torch.float32
     reference = _reference(norm, head, layer_inputs[-1], positions)
 
     sensitivity: dict[str, float] = {}
-    floor: dict[int, float] = {}  # below float32, measured at the layer's first probe
-    jobs = [(index, name) for index in range(len(layers)) for name in spec.linear_names]
-    for index, name in tqdm(jobs, desc="sensitivity", disable=not progress):
-        full_name = spec.full_name(index, name)
-        with torch.autocast(reference.device.type, enabled=False):  # the weight in full precision, as streamed
-            weight = truncated_weight(full_name)
-        if weight is None:
-            continue
-        if null and index not in floor:
-            with rounding_null(layers[index]):  # as swapped_weight: _run_from takes the layer to the device
-                hidden = _run_from(layers, index, layer_inputs[index], device)
-            floor[index] = _kl(norm, head, reference, hidden, positions, f"layer {index}'s null probe")
-        with swapped_weight(layers[index].get_submodule(name), weight):
-            hidden = _run_from(layers, index, layer_inputs[index], device)
-        kl = _kl(norm, head, reference, hidden, positions, full_name)
-        sensitivity[full_name] = less_floor(kl, floor[index]) if null else kl
+    bar = tqdm(total=len(layers) * len(spec.linear_names), desc="sensitivity", disable=not progress)
+    for index, layer in enumerate(layers):
+        states = {}
+        for name in spec.linear_names:
+            full_name = spec.full_name(index, name)
+            with torch.autocast(reference.device.type, enabled=False):  # the weight in full precision, as streamed
+                weight = truncated_weight(full_name)
+            if weight is not None:
+                with swapped_weight(layer.get_submodule(name), weight):  # on_device keeps the swap
+                    states[full_name] = _run_from([layer], 0, {0: layer_inputs[index]}, device)[0]
+        if states and null:
+            with rounding_null(layer):
+                states[None] = _run_from([layer], 0, {0: layer_inputs[index]}, device)[0]
+        kls = {key: _kl(norm, head, reference, hidden, positions, key or f"layer {index}'s null probe")
+               for key, hidden in _run_from(layers, index + 1, states, device).items()}
+        floor = kls.pop(None, 0.0)
+        sensitivity.update({key: less_floor(kl, floor) if null else kl for key, kl in kls.items()})
+        bar.update(len(spec.linear_names))
+    bar.close()
     return sensitivity
 
 
