@@ -8,7 +8,7 @@ Local (gradient / Fisher) estimates under-price large truncations of attention p
 whose softmax saturates; a measured end-to-end effect does not. Cost: one partial forward per
 linear from its own layer on, with logits on a subset of positions.
 
-`truncation_sensitivity` runs each probe to the end in turn (the model in memory);
+`truncation_sensitivity` runs one layer's probes to the end together (the model in memory);
 `ProbeFront` runs every probe so far through one layer at a time (a streamed checkpoint,
 whose layers are read once): the same arithmetic, so the same numbers.
 
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from calibration.capture import LayerInputs, capture_first_layer_inputs, on_device, run_layer
 from compressor.arch import ArchSpec, decoder_layers
-from compressor.precision import in_float32
+from compressor.precision import Float32Copies, computing_in_float32
 
 
 def probe_positions(seq_len: int, n_positions: int) -> torch.Tensor:
@@ -74,12 +74,13 @@ def _reference(norm: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], in
     probes' are (the same products: an unchanged weight measures exactly 0). Written into one
     tensor as they come: a list then concatenated would hold them twice (0.15 GiB here)."""
     chunks = _chunks(inputs, positions)
-    reference = None
-    for start, rows in zip(range(0, sum(len(rows) for rows in chunks), _ROWS), chunks):
+    reference, start = None, 0
+    for rows in chunks:
         log_probs = _log_probs(norm, head, rows)
         if reference is None:
-            reference = log_probs.new_empty(sum(len(rows) for rows in chunks), log_probs.shape[-1])
+            reference = log_probs.new_empty(sum(len(chunk) for chunk in chunks), log_probs.shape[-1])
         reference[start:start + len(rows)] = log_probs
+        start += len(rows)
     return reference
 
 
@@ -159,7 +160,7 @@ def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tenso
     layers = decoder_layers(model, spec)
     positions = probe_positions(blocks.shape[1], n_positions)
     compute = device if device is not None else next(model.parameters()).device
-    with autocast_to(dtype, compute):
+    with computing_in_float32(model, spec), autocast_to(dtype, compute):  # a no-op where the caller did it
         layer_inputs = [capture_first_layer_inputs(model, spec, blocks, len(blocks)).to(device)]
         for layer in layers:
             with on_device(layer, device):
@@ -170,11 +171,11 @@ def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tenso
                             dtype)
 
 
-def _run_from(layers, index: int, states: dict, device: torch.device | None) -> dict:
-    """Every state (a LayerInputs entering layer `index`) through the layers from `index` on,
-    layer by layer: a layer held below float32 is upcast once for all of them (precision.py)."""
-    for layer in layers[index:]:
-        with on_device(layer, device), in_float32(layer):
+def _run_from(layers, states: dict, device: torch.device | None, copies: Float32Copies) -> dict:
+    """Every state (a LayerInputs entering layers[0]) through `layers`, layer by layer: a layer
+    held below float32 is upcast once for all of them (precision.py)."""
+    for layer in layers:
+        with on_device(layer, device), copies.held(layer):
             states = {key: run_layer(layer, inputs) for key, inputs in states.items()}
     return states
 
@@ -188,27 +189,29 @@ def _measure(model: nn.Module, spec: ArchSpec, layers, layer_inputs: list[LayerI
     norm, head = model.get_submodule(spec.norm_path), cast_head(model.get_output_embeddings(), dtype)
     null = dtype != torch.float32
     reference = _reference(norm, head, layer_inputs[-1], positions)
+    copies = Float32Copies(pooled=True)
 
     sensitivity: dict[str, float] = {}
-    bar = tqdm(total=len(layers) * len(spec.linear_names), desc="sensitivity", disable=not progress)
-    for index, layer in enumerate(layers):
-        states = {}
-        for name in spec.linear_names:
-            full_name = spec.full_name(index, name)
-            with torch.autocast(reference.device.type, enabled=False):  # the weight in full precision, as streamed
-                weight = truncated_weight(full_name)
-            if weight is not None:
-                with swapped_weight(layer.get_submodule(name), weight):  # on_device keeps the swap
-                    states[full_name] = _run_from([layer], 0, {0: layer_inputs[index]}, device)[0]
-        if states and null:
-            with rounding_null(layer):
-                states[None] = _run_from([layer], 0, {0: layer_inputs[index]}, device)[0]
-        kls = {key: _kl(norm, head, reference, hidden, positions, key or f"layer {index}'s null probe")
-               for key, hidden in _run_from(layers, index + 1, states, device).items()}
-        floor = kls.pop(None, 0.0)
-        sensitivity.update({key: less_floor(kl, floor) if null else kl for key, kl in kls.items()})
-        bar.update(len(spec.linear_names))
-    bar.close()
+    with tqdm(total=len(layers) * len(spec.linear_names), desc="sensitivity", disable=not progress) as bar:
+        for index, layer in enumerate(layers):
+            states = {}
+            with on_device(layer, device), copies.held(layer):  # the swaps below replace the device's copy
+                for name in spec.linear_names:
+                    full_name = spec.full_name(index, name)
+                    with torch.autocast(reference.device.type, enabled=False):  # full precision, as streamed
+                        weight = truncated_weight(full_name)
+                    if weight is not None:
+                        with swapped_weight(layer.get_submodule(name), weight):
+                            states[full_name] = run_layer(layer, layer_inputs[index])
+                if states and null:
+                    with rounding_null(layer):
+                        states[None] = run_layer(layer, layer_inputs[index])
+            if states:
+                kls = {key: _kl(norm, head, reference, hidden, positions, key or f"layer {index}'s null probe")
+                       for key, hidden in _run_from(layers[index + 1:], states, device, copies).items()}
+                floor = kls.pop(None, 0.0)
+                sensitivity.update({key: less_floor(kl, floor) if null else kl for key, kl in kls.items()})
+            bar.update(len(spec.linear_names))
     return sensitivity
 
 

@@ -141,7 +141,7 @@ def cut_layer(layer: nn.Module, spec: ArchSpec, index: int, stats: dict | None, 
             factor, gram = decompose_linear(dense.weight.detach(), stats[groups[name]], config, full_name)
         if rank > factor.u.shape[1]:
             raise RuntimeError(f"{full_name}: rank {rank} is above its {factor.u.shape[1]} bases.")
-        report.output_error = kept_output_error(dense.weight.detach().float(), factor, rank, gram)
+        report.output_error = kept_output_error(dense.weight.detach(), factor, rank, gram)
         replace_module(layer, name, low_rank_linear(dense, *factor.factors(rank)))
     return reports
 

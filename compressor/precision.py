@@ -16,7 +16,9 @@ refit, quantization) or copy the model (--allocation auto's candidates) get it i
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -24,14 +26,18 @@ from torch import nn
 
 from compressor.arch import ArchSpec, decoder_layers
 from compressor.config import CompressConfig
+from compressor.load import config_dtype
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def held_dtype(config: CompressConfig, stored: torch.dtype) -> torch.dtype:
-    """The dtype `compress` can hold a checkpoint saved in `stored` in: its own where every
-    stage only runs forward and writes float32 factors, else float32."""
-    return stored if stored in LOW_PRECISION and holds_as_stored(config) else torch.float32
+def held_dtype(config: CompressConfig, model_dir: Path) -> torch.dtype:
+    """The dtype `compress` holds a checkpoint in: its own (bfloat16, float16) where every stage
+    only runs forward and writes float32 factors, else float32."""
+    config_path = Path(model_dir) / "config.json"
+    stored = config_dtype(json.loads(config_path.read_text()), config_path)
+    return getattr(torch, stored) if stored in ("bfloat16", "float16") and holds_as_stored(config) \
+        else torch.float32
 
 
 def holds_as_stored(config: CompressConfig) -> bool:
@@ -43,37 +49,52 @@ def low_precision(model: nn.Module) -> bool:
     return any(parameter.dtype in LOW_PRECISION for parameter in model.parameters())
 
 
-class _Upcast:
-    """Forward hooks: the module's low-precision parameters as float32 copies while it runs,
-    the stored tensors put back after (not cast back: no rounding, no second copy).
+class Float32Copies:
+    """A module's low-precision parameters as float32 copies while it runs, the stored tensors
+    put back after (not cast back: no rounding, no second copy). Used as forward hooks
+    (before / after) or around several forwards (held).
 
-    pooled: the copies go into float32 buffers kept between calls, one per parameter position
-    and shape, which every decoder layer (the same shapes) reuses: a fresh copy costs its pages
-    anew at every call, and the sensitivity pass runs each layer once per probe (0.1-0.2 s per
-    call on the example model, 11-23% of the pass; measured in reports/precision/)."""
+    pooled: the copies go into float32 buffers kept between calls, one per parameter name and
+    shape, which every decoder layer (the same names and shapes) reuses: a fresh 60 MB copy on
+    the example model costs its pages anew at each call (reports/precision/)."""
 
     def __init__(self, pooled: bool) -> None:
         self.stored: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
-        self.pool: dict[tuple[int, torch.Size], torch.Tensor] | None = {} if pooled else None
+        self.pool: dict[tuple[str, torch.Size], torch.Tensor] | None = {} if pooled else None
 
-    def before(self, module: nn.Module, args) -> None:
-        held = []
-        for position, parameter in enumerate(module.parameters()):
+    def before(self, module: nn.Module, args=()) -> None:
+        held = self.stored.setdefault(id(module), [])  # filled as it goes: a failure restores what was done
+        for name, parameter in module.named_parameters():
             if parameter.dtype not in LOW_PRECISION:
                 continue
             held.append((parameter, parameter.data))
             if self.pool is None:
                 parameter.data = parameter.data.float()
                 continue
-            key = (position, parameter.shape)
+            key = (name, parameter.shape)
             if key not in self.pool or self.pool[key].device != parameter.device:
                 self.pool[key] = torch.empty(parameter.shape, dtype=torch.float32, device=parameter.device)
             parameter.data = self.pool[key].copy_(parameter.data)
-        self.stored[id(module)] = held
 
-    def after(self, module: nn.Module, args, output) -> None:
+    def after(self, module: nn.Module, args=(), output=None) -> None:
         for parameter, data in self.stored.pop(id(module), []):
             parameter.data = data
+
+    def restore_all(self) -> None:
+        """What an interrupt left upcast (Ctrl-C skips the always-called hooks)."""
+        for held in self.stored.values():
+            for parameter, data in held:
+                parameter.data = data
+        self.stored.clear()
+
+    @contextmanager
+    def held(self, module: nn.Module) -> Iterator[None]:
+        """Upcast once for several forwards (a layer several inputs go through in turn)."""
+        try:
+            self.before(module)
+            yield
+        finally:
+            self.after(module)
 
 
 def _float_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
@@ -83,31 +104,23 @@ def _float_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor
 @contextmanager
 def computing_in_float32(model: nn.Module, spec: ArchSpec) -> Iterator[None]:
     """While active, every forward of `model` computes in float32 whatever dtype its weights are
-    held in; a float32 model is left as it is. The hooks are removed on exit."""
+    held in; a float32 model is left as it is. The hooks are removed on exit. Nested, the inner
+    one finds float32 copies and leaves them. After compress() a held model mixes bfloat16
+    (embeddings, norms, dense linears) and float32 factors: run it under this, or export it."""
     if not low_precision(model):
         yield
         return
-    layers, ends = _Upcast(pooled=True), _Upcast(pooled=False)  # no pool for the head: vocabulary-wide
+    layers, ends = Float32Copies(pooled=True), Float32Copies(pooled=False)  # the head is vocabulary-wide
     handles = [model.get_input_embeddings().register_forward_hook(_float_output)]
     hooked = [(layers, layer) for layer in decoder_layers(model, spec)]
     hooked += [(ends, model.get_submodule(spec.norm_path)), (ends, model.get_output_embeddings())]
-    for upcast, module in hooked:
-        handles.append(module.register_forward_pre_hook(upcast.before))
-        handles.append(module.register_forward_hook(upcast.after, always_call=True))  # on an exception too
+    for copies, module in hooked:
+        handles.append(module.register_forward_pre_hook(copies.before))
+        handles.append(module.register_forward_hook(copies.after, always_call=True))  # on an exception too
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def in_float32(module: nn.Module) -> Iterator[None]:
-    """`module`'s low-precision parameters as float32 copies while active (a layer that several
-    inputs in turn go through: cast once, not at each forward); float32 modules as they are."""
-    upcast = _Upcast(pooled=False)
-    upcast.before(module, ())
-    try:
-        yield
-    finally:
-        upcast.after(module, (), None)
+        layers.restore_all()
+        ends.restore_all()

@@ -23,7 +23,8 @@ FLAG_TO_CONFIG = {
     "align": (None, "align"), "dense": (None, "dense_export"),
     "target": ("calibration", "source"), "samples": ("calibration", "samples"), "seed": ("calibration", "seed"),
     "seq_len": ("calibration", "seq_len"), "batch_size": ("calibration", "batch_size"),
-    "sensitivity_samples": ("calibration", "sensitivity_samples"), "sensitivity_dtype": ("calibration", "sensitivity_dtype"),
+    "sensitivity_samples": ("calibration", "sensitivity_samples"),
+    "sensitivity_dtype": ("calibration", "sensitivity_dtype"),
     "sensitivity_estimator": ("calibration", "sensitivity_estimator"),
     "fisher_samples": ("calibration", "fisher_samples"),
     "quant": ("quant", "scheme"), "group_size": ("quant", "group_size"),
@@ -188,12 +189,12 @@ def cmd_fetch_example(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace, config: CompressConfig):
     from calibration.cache import model_fingerprint
-    from compressor.load import load_model, source_dtype
+    from compressor.load import load_model
     from compressor.precision import held_dtype
 
     home, _ = paths(args)
     # held as stored (bfloat16) where every stage runs forward only, computed in float32: precision.py
-    model, spec = load_model(args.model, held_dtype(config, source_dtype(args.model)))
+    model, spec = load_model(args.model, held_dtype(config, args.model))
     tokenizer, blocks = _calibration_data(args, config)
     model_id = None if getattr(args, "no_cache", False) else model_fingerprint(args.model)
     return home, model, spec, tokenizer, blocks, model_id
