@@ -22,7 +22,7 @@ layer on) and its KL, the floor, is subtracted from the KLs of that layer's prob
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from calibration.capture import LayerInputs, capture_first_layer_inputs, on_device, run_layer
 from compressor.arch import ArchSpec, decoder_layers
-from compressor.precision import Float32Copies, computing_in_float32
+from compressor.precision import Float32Copies, computing_in_float32, upcast_in_place
 
 
 def probe_positions(seq_len: int, n_positions: int) -> torch.Tensor:
@@ -51,8 +51,9 @@ _ROWS = 64
 
 def cast_head(head: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """The LM head as the pass computes it, in `dtype`: its weight cast once where it is held in
-    another (bfloat16 products: 272 MB of bfloat16 for the example model's 151,936 x 896; a model
-    held in bfloat16, float32 products: 545 MB), a copy held for the pass. Under autocast (its
+    another (bfloat16 products: 272 MB of bfloat16 for the example model's 151,936 x 896), a copy
+    held for the pass (a head held in bfloat16 is upcast in place for float32 products: no copy,
+    truncation_sensitivity). Under autocast (its
     cast cache off: autocast_to) every chunk would cast the vocabulary-wide weight again, which
     cost more than the product (0.49 against 0.21 s per chunk of 32 in a one-core microbenchmark)."""
     weight = head.weight.detach().to(dtype)  # no copy where the head is held in `dtype`
@@ -165,8 +166,9 @@ def truncation_sensitivity(model: nn.Module, spec: ArchSpec, blocks: torch.Tenso
         for layer in layers:
             with on_device(layer, device):
                 layer_inputs.append(run_layer(layer, layer_inputs[-1]))
-        with (on_device(model.get_submodule(spec.norm_path), device),
-              on_device(model.get_output_embeddings(), device)):
+        head = model.get_output_embeddings()
+        with (on_device(model.get_submodule(spec.norm_path), device), on_device(head, device),
+              upcast_in_place(head) if dtype == torch.float32 else nullcontext()):  # cast_head then copies nothing
             return _measure(model, spec, layers, layer_inputs, positions, truncated_weight, progress, device,
                             dtype)
 

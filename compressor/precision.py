@@ -124,3 +124,19 @@ def computing_in_float32(model: nn.Module, spec: ArchSpec) -> Iterator[None]:
             handle.remove()
         layers.restore_all()
         ends.restore_all()
+
+
+@contextmanager
+def upcast_in_place(module: nn.Module) -> Iterator[None]:
+    """`module`'s low-precision parameters replaced by float32 ones while active, cast back after
+    (exact: the values came from that dtype). For a module used many times that is too large to
+    hold twice (the LM head in the sensitivity pass: 0.54 GB in float32 beside its 0.27 GB of
+    bfloat16 on the example model, a fifth of the pass's peak)."""
+    stored = [(parameter, parameter.dtype) for parameter in module.parameters() if parameter.dtype in LOW_PRECISION]
+    try:
+        for parameter, _ in stored:
+            parameter.data = parameter.data.float()
+        yield
+    finally:
+        for parameter, dtype in stored:
+            parameter.data = parameter.data.to(dtype)
