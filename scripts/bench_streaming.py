@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sensitivity-samples", type=int, default=2,
+                        help="sequences of the global pass's sensitivity probes (the default's 2; 1 halves the probes' time and memory)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--report", type=Path, default=Path("reports/streaming"))
     args = parser.parse_args()
@@ -144,7 +146,8 @@ def main() -> None:
         parser.error("give --make DIR, or --model and --out")
     config = CompressConfig(ratio=args.ratio, method="whiten", solver=args.solver, allocation=args.allocation,
                             calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len,
-                                                          batch_size=args.batch_size))
+                                                          batch_size=args.batch_size,
+                                                          sensitivity_samples=args.sensitivity_samples))
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     blocks = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     peaks = {"allocation": [], "cut": []}
@@ -167,7 +170,8 @@ def main() -> None:
                    + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "settings": f"device {args.device}, whiten, solver {args.solver}, {args.allocation} ratio {args.ratio}, "
                     f"{args.samples} x {args.seq_len} "
-                    f"calibration tokens (random ids), batch {args.batch_size}",
+                    f"calibration tokens (random ids), batch {args.batch_size}"
+                    + (f", sensitivity probes on {args.sensitivity_samples} sequences" if args.allocation == "global" else ""),
         "removed_fraction": summary["summary"]["removed_fraction"],
         "params_before": summary["summary"]["model_params_before"],
         "params_after": summary["summary"]["model_params_after"],
