@@ -121,7 +121,7 @@ def write_report(results: dict, report_dir: Path) -> None:
     (report_dir / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make", type=Path, help="write a 7B-shaped checkpoint here and stop")
     parser.add_argument("--layers", type=int, default=32)
@@ -139,11 +139,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--report", type=Path, default=Path("reports/streaming"))
     args = parser.parse_args()
+    if not args.make and not (args.model and args.out):
+        parser.error("give --make DIR, or --model and --out")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.make:
         make_checkpoint(args.make, args.layers, args.seed)
         return
-    if not (args.model and args.out):
-        parser.error("give --make DIR, or --model and --out")
     config = CompressConfig(ratio=args.ratio, method="whiten", solver=args.solver, allocation=args.allocation,
                             calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len,
                                                           batch_size=args.batch_size,
