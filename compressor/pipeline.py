@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -113,8 +114,10 @@ def learn_and_apply(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks:
     factors, ranks, record = learn_selection(model, bases.factors, bases.shapes, bases.energy,
                                              probe_ranks(bases.shapes, config), sensitivity, learn_blocks, config,
                                              work, progress)
-    reports = fold_all(model, spec, cache, factors, bases.shapes, ranks)
     record["work"] = str(work)  # the checkpoints, removed once the export is written
+    if not PartialState().is_main_process:  # several processes: only the main one folds and exports
+        return ranks, [], {"learned_selection": record}, {}
+    reports = fold_all(model, spec, cache, factors, bases.shapes, ranks)
     learned = {f"{name}.learned": factor.sigma for name, factor in factors.items()}
     return ranks, reports, {"learned_selection": record}, learned
 

@@ -110,6 +110,23 @@ def test_learned_compression_meets_the_budget(tiny_model, blocks, tmp_path, solv
     assert all(0 <= layer.output_error < 1 for layer in result.layers)
 
 
+def test_a_non_main_process_does_not_fold(tiny_model, blocks, tmp_path, monkeypatch):
+    """Under a launcher only the main process exports: the others stop after training (the
+    budget's ranks are theirs too) instead of folding a model nobody writes."""
+    class NotMain:
+        is_main_process = False
+
+    def fold_all(*args):
+        raise AssertionError("a non-main process folded")
+
+    monkeypatch.setattr("compressor.pipeline.PartialState", NotMain)
+    monkeypatch.setattr("compressor.pipeline.fold_all", fold_all)
+    learn_blocks = torch.randint(3, 96, (8, 32), generator=torch.Generator().manual_seed(2))
+    result = compress(tiny_model, get_spec("llama"), blocks, _learned_config(), tmp_path / "stats", "tiny",
+                      progress=False, learn_blocks=learn_blocks)
+    assert result.layers == [] and abs(result.summary["removed_fraction"] - 0.3) <= 0.3 * 0.02
+
+
 def test_cli_learned_run_meets_the_budget_and_removes_its_checkpoints(tmp_path, corpus, model_dir):
     config = tmp_path / "learn.yaml"
     config.write_text(yaml.safe_dump({"calibration": {"samples": 8, "seq_len": 32, "sensitivity_samples": 2},
