@@ -9,8 +9,8 @@ first (the attention sink's norm is ~100x the others'),
     rel[j] = sum ||h_probe - h_dense||^2 / sum ||h_dense||^2
 and the same at the 256 probe positions only (rel_at_probes).
 
-    HOME=/work/runs/cli-peaks-home-user python record_deviations.py --home /work/runs/cli-peaks-home \
-        --out deviations.json
+    PYTHONPATH=. python reports/sensitivity-depth/record_deviations.py --home HOME_OF_A_README_COMPRESS \
+        --out runs/deviations.json
 """
 
 from __future__ import annotations
