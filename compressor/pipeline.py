@@ -115,7 +115,7 @@ def learn_and_apply(model: nn.Module, spec: ArchSpec, cache: StatsCache, blocks:
                                              probe_ranks(bases.shapes, config), sensitivity, learn_blocks, config,
                                              work, progress)
     record["work"] = str(work)  # the checkpoints, removed once the export is written
-    if not PartialState().is_main_process:  # several processes: only the main one folds and exports
+    if not PartialState().is_main_process:  # several processes: only the main one folds, quantizes, exports
         return ranks, [], {"learned_selection": record}, {}
     reports = fold_all(model, spec, cache, factors, bases.shapes, ranks)
     learned = {f"{name}.learned": factor.sigma for name, factor in factors.items()}
@@ -176,7 +176,7 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
         config = replace(config, ratio=round(summary["removed_fraction"], 4))  # as run, like quant auto's
     else:
         summary["ratio_asked"] = config.ratio
-    if config.quant.scheme != "none":
+    if config.quant.scheme != "none" and (config.score != "learned" or PartialState().is_main_process):
         with timed(timings, "quantization"):
             summary["quantization"] = quantization_summary(model, spec, config)
     summary.update(extras)

@@ -16,6 +16,7 @@ from compressor.decompose import decompose
 from compressor.export import save_compressed
 from compressor.load import load_any
 from compressor.pipeline import compress
+from compressor.quantize import QuantConfig
 from compressor.selection import BasisLinear, as_teacher, attach, event_steps, prune_event
 from compressor.splits import split_items
 
@@ -122,9 +123,11 @@ def test_a_non_main_process_does_not_fold(tiny_model, blocks, tmp_path, monkeypa
     monkeypatch.setattr("compressor.pipeline.PartialState", NotMain)
     monkeypatch.setattr("compressor.pipeline.fold_all", fold_all)
     learn_blocks = torch.randint(3, 96, (8, 32), generator=torch.Generator().manual_seed(2))
-    result = compress(tiny_model, get_spec("llama"), blocks, _learned_config(), tmp_path / "stats", "tiny",
+    config = replace(_learned_config(), quant=QuantConfig(scheme="int8"))  # nor quantizes the unfolded model
+    result = compress(tiny_model, get_spec("llama"), blocks, config, tmp_path / "stats", "tiny",
                       progress=False, learn_blocks=learn_blocks)
     assert result.layers == [] and abs(result.summary["removed_fraction"] - 0.3) <= 0.3 * 0.02
+    assert "quantization" not in result.summary
 
 
 def test_cli_learned_run_meets_the_budget_and_removes_its_checkpoints(tmp_path, corpus, model_dir):
