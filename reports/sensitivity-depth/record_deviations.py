@@ -44,6 +44,32 @@ def relative(probe: torch.Tensor, dense: torch.Tensor, positions: torch.Tensor |
     return float((probe - dense).pow(2).sum() / dense.pow(2).sum())
 
 
+def probe_states(layer, index: int, spec, bases, ranks: dict, inputs, copies: Float32Copies) -> dict:
+    """Each probed linear of the layer truncated alone to its probe rank: the layer's outputs."""
+    states = {}
+    with copies.held(layer):
+        for name in spec.linear_names:
+            full = spec.full_name(index, name)
+            if ranks.get(full) is not None:
+                up, down = bases.factors[full].factors(ranks[full])
+                with swapped_weight(layer.get_submodule(name), up @ down):
+                    states[full] = run_layer(layer, inputs)
+    return states
+
+
+def follow(states: dict, layers, index: int, dense: list, positions, copies: Float32Copies):
+    """The probe states run to the end; the deviation (all positions, probe positions) after each layer."""
+    rel, at_probes = {key: [] for key in states}, {key: [] for key in states}
+    for later in range(index + 1, len(layers) + 1):  # dense[later]: after layer later - 1
+        for key, state in states.items():
+            rel[key].append(relative(state.hidden[0], dense[later].hidden[0], None))
+            at_probes[key].append(relative(state.hidden[0], dense[later].hidden[0], positions))
+        if later < len(layers):
+            with copies.held(layers[later]):
+                states = {key: run_layer(layers[later], state) for key, state in states.items()}
+    return states, rel, at_probes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--home", required=True)
@@ -74,32 +100,12 @@ def main() -> None:
             reference = _reference(norm, head, dense[-1], positions)
             copies = Float32Copies(pooled=True)
             records = {}
-            for index, layer in enumerate(layers):
-                if index < cli.from_layer:
-                    continue
-                states = {}
-                with copies.held(layer):
-                    for name in spec.linear_names:
-                        full = spec.full_name(index, name)
-                        if ranks.get(full) is None:
-                            continue
-                        up, down = bases.factors[full].factors(ranks[full])
-                        with swapped_weight(layer.get_submodule(name), up @ down):
-                            states[full] = run_layer(layer, dense[index])
-                rel = {key: [] for key in states}
-                at_probes = {key: [] for key in states}
-                for later, following in enumerate(layers[index + 1:], start=index + 1):
-                    for key, state in states.items():
-                        rel[key].append(relative(state.hidden[0], dense[later].hidden[0], None))
-                        at_probes[key].append(relative(state.hidden[0], dense[later].hidden[0], positions))
-                    with copies.held(following):
-                        states = {key: run_layer(following, state) for key, state in states.items()}
+            for index, layer in enumerate(layers[cli.from_layer:], start=cli.from_layer):
+                states = probe_states(layer, index, spec, bases, ranks, dense[index], copies)
+                states, rel, at_probes = follow(states, layers, index, dense, positions, copies)
                 for key, state in states.items():
-                    rel[key].append(relative(state.hidden[0], dense[-1].hidden[0], None))
-                    at_probes[key].append(relative(state.hidden[0], dense[-1].hidden[0], positions))
-                    kl = _kl(norm, head, reference, state, positions, key)
-                    records[key] = {"layer": index, "kl": kl, "measured": measured[key], "rel": rel[key],
-                                    "rel_at_probes": at_probes[key]}
+                    records[key] = {"layer": index, "kl": _kl(norm, head, reference, state, positions, key),
+                                    "measured": measured[key], "rel": rel[key], "rel_at_probes": at_probes[key]}
                 print(f"layer {index}: {time.perf_counter() - start:.0f} s", flush=True)
         energy = {name: values.tolist() for name, values in bases.energy.items()}
         shapes = {name: [shape.out_features, shape.in_features] for name, shape in bases.shapes.items()}
