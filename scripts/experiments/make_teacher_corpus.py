@@ -2,20 +2,26 @@
 
 LLM-QAT (Liu et al. 2023, arXiv 2305.17888) distils a compressed model on text its
 full-precision teacher generates: the student then learns the teacher's own distribution
-instead of a corpus the teacher only partly agrees with. Here each sample starts from the first
-line (the signature) of one function of --prompts, a JSONL file of {"text": ...} rows such as
-`--target functions` gives (standard-library functions; nothing of HumanEval), and
-the teacher continues it by sampling (temperature 1 and top-p 0.95 by default) until its end
-of text or --new-tokens tokens. Rows are {"text": signature + continuation}, for
+instead of a corpus the teacher only partly agrees with. Here each sample starts from one
+function of --prompts, a JSONL file of {"text": ...} rows such as `--target functions` gives
+(standard-library functions; nothing of HumanEval): its first line (the signature, --upto
+signature) or everything up to the end of its docstring (--upto docstring: HumanEval's prompt
+shape). The teacher continues it by sampling (temperature 1 and top-p 0.95 by default) until
+its end of text or --new-tokens tokens, or at --temperature 0 greedily, cut at HumanEval's stop
+strings (sequence-level distillation, Kim and Rush 2016: the student then sees the states the
+teacher's own greedy decoding visits). Rows are {"text": prompt + continuation}, for
 `--target FILE.jsonl`.
 
     python scripts/experiments/make_teacher_corpus.py --prompts runs/stdlib-functions.jsonl \\
         --out runs/teacher-functions.jsonl
+    python scripts/experiments/make_teacher_corpus.py --prompts runs/stdlib-functions.jsonl \\
+        --upto docstring --temperature 0 --samples 384 --new-tokens 256 --out runs/teacher-greedy.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import random
 import sys
 import time
@@ -25,6 +31,7 @@ import torch
 
 from calibration.data import file_texts, write_text_rows
 from compressor.fetch import default_home, example_model_dir
+from compressor.answers import HUMANEVAL_STOPS
 from compressor.generation import generate
 from compressor.load import load_any, load_tokenizer
 
@@ -36,11 +43,35 @@ def signatures(texts: list[str], count: int, seed: int) -> list[str]:
     return lines[:count]
 
 
+def docstring_prompt(text: str) -> str | None:
+    """`text` (one function) up to the end of its docstring, or None where it is not one
+    function with a docstring followed by code."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    body = tree.body[0].body
+    if ast.get_docstring(tree.body[0]) is None or len(body) < 2:
+        return None
+    return "".join(text.splitlines(keepends=True)[:body[0].end_lineno]).rstrip() + "\n"
+
+
+def docstring_prompts(texts: list[str], count: int, seed: int) -> list[str]:
+    """The docstring prompts of `count` texts drawn without replacement (all of them if fewer)."""
+    prompts = [prompt for prompt in map(docstring_prompt, texts) if prompt]
+    random.Random(seed).shuffle(prompts)
+    return prompts[:count]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=Path, required=True, help="JSONL of {\"text\": ...} rows")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=example_model_dir(default_home()), help="the teacher")
+    parser.add_argument("--upto", choices=("signature", "docstring"), default="signature",
+                        help="the prompt: a function's first line, or all of it up to its docstring's end")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -50,15 +81,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         sys.exit(f"{args.out} exists; remove it or pick another --out.")
-    if args.temperature <= 0:
-        sys.exit("--temperature must be > 0: the point is the teacher's distribution, not its greedy path.")
+    if args.temperature < 0:
+        sys.exit(f"--temperature must be >= 0 (0: greedy); got {args.temperature}.")
     if not 0 < args.top_p <= 1:
         sys.exit(f"--top-p must be in (0, 1]; got {args.top_p}.")
-    prompts = signatures(file_texts(args.prompts), args.samples, args.seed)
+    choose = docstring_prompts if args.upto == "docstring" else signatures
+    prompts = choose(file_texts(args.prompts), args.samples, args.seed)
+    # Greedy decoding stops where HumanEval's does; sampling runs to the end of text, as before.
+    stops = () if args.temperature else HUMANEVAL_STOPS
     tokenizer, model = load_tokenizer(args.model), load_any(args.model)
     torch.manual_seed(args.seed)  # generate() samples from the global RNG
     start = time.perf_counter()
-    completions = generate(model, tokenizer, prompts, args.new_tokens, (), args.batch_size, desc="sample",
+    completions = generate(model, tokenizer, prompts, args.new_tokens, stops, args.batch_size, desc="sample",
                            temperature=args.temperature, top_p=args.top_p)
     seconds = time.perf_counter() - start
     texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
