@@ -134,8 +134,8 @@ def compress(model: nn.Module, spec: ArchSpec, blocks: torch.Tensor, config: Com
     (CPU or one GPU), or with `offload_to` on that device while the model stays in host
     memory: one layer at a time where the stages go layer by layer, and through accelerate's
     CPU offload for the passes through the whole model (gradients, candidate losses). The
-    bases of every matrix are kept on disk, in files beside the statistics, one layer read at a
-    time (FactorStore).
+    bases of every matrix are kept on disk, one layer read at a time (FactorStore). Learned under
+    a launcher: a process other than the main one returns after training, its model unfolded.
     """
     check_inputs(model, spec, config, learn_blocks, offload_to)
     blocks = blocks.to(model_device(model))

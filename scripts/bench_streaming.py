@@ -141,6 +141,9 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if not args.make and not (args.model and args.out):
         parser.error("give --make DIR, or --model and --out")
+    if not 1 <= args.sensitivity_samples <= args.samples:
+        parser.error(f"--sensitivity-samples must be between 1 and --samples ({args.samples}); "
+                     f"got {args.sensitivity_samples}")
     return args
 
 
@@ -176,7 +179,7 @@ def main() -> None:
         "settings": f"device {args.device}, whiten, solver {args.solver}, {args.allocation} ratio {args.ratio}, "
                     f"{args.samples} x {args.seq_len} "
                     f"calibration tokens (random ids), batch {args.batch_size}"
-                    + (f", sensitivity probes on {args.sensitivity_samples} sequences" if args.allocation == "global" else ""),
+                    + (f", sensitivity probes on {args.sensitivity_samples} sequence(s)" if args.allocation == "global" else ""),
         "removed_fraction": summary["summary"]["removed_fraction"],
         "params_before": summary["summary"]["model_params_before"],
         "params_after": summary["summary"]["model_params_after"],

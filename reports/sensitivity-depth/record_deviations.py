@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,7 +88,11 @@ def main() -> None:
         cache = calibrate(model, spec, blocks, config, home / "stats", model_id, progress=False)
         bases = factorize(model, spec, cache, config, progress=False, store=Path(scratch) / "bases")
         ranks = probe_ranks(bases.shapes, config)
-        measured = cache.load_json(next(p.stem for p in cache.path.glob("sensitivity_*.json")))
+        cached = [path.stem for path in cache.path.glob("sensitivity_*.json")]
+        if len(cached) != 1:  # the KLs compared against must be the default's, and only they
+            sys.exit(f"{cache.path} holds {len(cached)} cached sensitivities; run the default compress with "
+                     f"a --home of its own first, so that exactly one is there.")
+        measured = cache.load_json(cached[0])
         layers = decoder_layers(model, spec)
         sample = blocks[:n]
         positions = probe_positions(sample.shape[1], 128)

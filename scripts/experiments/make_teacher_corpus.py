@@ -15,7 +15,8 @@ teacher's own greedy decoding visits). Rows are {"text": prompt + continuation},
     python scripts/experiments/make_teacher_corpus.py --prompts runs/stdlib-functions.jsonl \\
         --out runs/teacher-functions.jsonl
     python scripts/experiments/make_teacher_corpus.py --prompts runs/stdlib-functions.jsonl \\
-        --upto docstring --temperature 0 --samples 384 --new-tokens 256 --out runs/teacher-greedy.jsonl
+        --upto docstring --temperature 0 --samples 384 --new-tokens 256 --batch-size 16 \\
+        --out runs/teacher-greedy.jsonl
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the teacher generates (cpu, cuda)")
     args = parser.parse_args()
     if args.out.exists():
         sys.exit(f"{args.out} exists; remove it or pick another --out.")
@@ -89,7 +91,7 @@ def main() -> None:
     prompts = choose(file_texts(args.prompts), args.samples, args.seed)
     # Greedy decoding stops where HumanEval's does; sampling runs to the end of text, as before.
     stops = () if args.temperature else HUMANEVAL_STOPS
-    tokenizer, model = load_tokenizer(args.model), load_any(args.model)
+    tokenizer, model = load_tokenizer(args.model), load_any(args.model).to(args.device)
     torch.manual_seed(args.seed)  # generate() samples from the global RNG
     start = time.perf_counter()
     completions = generate(model, tokenizer, prompts, args.new_tokens, stops, args.batch_size, desc="sample",
