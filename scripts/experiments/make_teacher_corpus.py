@@ -37,11 +37,9 @@ from compressor.generation import generate
 from compressor.load import load_any, load_tokenizer
 
 
-def signatures(texts: list[str], count: int, seed: int) -> list[str]:
-    """The first line of `count` texts drawn without replacement (all of them if fewer)."""
-    lines = [text.split("\n", 1)[0] + "\n" for text in texts if text.strip()]
-    random.Random(seed).shuffle(lines)
-    return lines[:count]
+def signature_prompt(text: str) -> str | None:
+    """The first line of `text` (its signature), or None for a blank text."""
+    return text.split("\n", 1)[0] + "\n" if text.strip() else None
 
 
 def docstring_prompt(text: str) -> str | None:
@@ -59,9 +57,10 @@ def docstring_prompt(text: str) -> str | None:
     return "".join(text.splitlines(keepends=True)[:body[0].end_lineno]).rstrip() + "\n"
 
 
-def docstring_prompts(texts: list[str], count: int, seed: int) -> list[str]:
-    """The docstring prompts of `count` texts drawn without replacement (all of them if fewer)."""
-    prompts = [prompt for prompt in map(docstring_prompt, texts) if prompt]
+def draw_prompts(texts: list[str], prompt_of, count: int, seed: int) -> list[str]:
+    """The prompts (prompt_of: text -> prompt or None) of `count` texts drawn without
+    replacement (all of them if fewer)."""
+    prompts = [prompt for prompt in map(prompt_of, texts) if prompt]
     random.Random(seed).shuffle(prompts)
     return prompts[:count]
 
@@ -87,8 +86,8 @@ def main() -> None:
         sys.exit(f"--temperature must be >= 0 (0: greedy); got {args.temperature}.")
     if not 0 < args.top_p <= 1:
         sys.exit(f"--top-p must be in (0, 1]; got {args.top_p}.")
-    choose = docstring_prompts if args.upto == "docstring" else signatures
-    prompts = choose(file_texts(args.prompts), args.samples, args.seed)
+    prompt_of = docstring_prompt if args.upto == "docstring" else signature_prompt
+    prompts = draw_prompts(file_texts(args.prompts), prompt_of, args.samples, args.seed)
     # Greedy decoding stops where HumanEval's does; sampling runs to the end of text, as before.
     stops = () if args.temperature else HUMANEVAL_STOPS
     tokenizer, model = load_tokenizer(args.model), load_any(args.model).to(args.device)
